@@ -1,0 +1,259 @@
+"""Frozen CLIP backbones: the bundled ``fedlit-toy`` model or any open_clip CLIP architecture.
+
+``load_backbone(name, pretrained)`` builds the architecture with open_clip (random init, seeded), then loads weights
+that *we* read from a file: ``.safetensors`` (no pickle), ``.pt/.pth/.bin`` state dicts (``torch.load(...,
+weights_only=True)``) or OpenAI's TorchScript archives (``torch.jit.load`` then ``state_dict()``; no Python pickle is
+executed). An open_clip tag (``openai``, ``laion2b_s34b_b88k``, ...) is first downloaded by open_clip into its cache;
+without network this fails fast with a one-line :class:`~fedlit.errors.FedlitError`.
+
+``pretrained`` values: ``"default"`` (the bundled weights for ``fedlit-toy``, the ``openai`` tag otherwise), ``None``
+or ``"none"`` (random init, deterministic), a tag, or a path. One instance per (name, pretrained, device, precision)
+per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import warnings
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from fedlit.backbones.frozen_clip import FrozenCLIP
+from fedlit.errors import FedlitError, unknown_name
+
+__all__ = ["FrozenCLIP", "load_backbone", "list_backbones", "register_toy_config", "read_state_dict"]
+
+TOY = "fedlit-toy"
+TOY_CONFIG = Path(__file__).with_name("fedlit-toy.json")
+TOY_WEIGHTS = Path(__file__).parent / "weights" / "fedlit-toy.safetensors"
+_PRECISIONS = ("fp32", "fp16", "bf16")
+_DOWNLOAD_TIMEOUT_S = 30.0
+_CACHE: dict[tuple, FrozenCLIP] = {}
+
+
+def register_toy_config() -> str:
+    """Register ``fedlit-toy.json`` with open_clip (idempotent); returns the model name."""
+    import open_clip
+
+    if TOY not in open_clip.list_models():
+        open_clip.add_model_config(TOY_CONFIG)
+    return TOY
+
+
+def _is_plain_clip(cfg: dict) -> bool:
+    return not (cfg.get("custom_text") or "hf_model_name" in cfg["text_cfg"] or "multimodal_cfg" in cfg)
+
+
+def list_backbones() -> list[str]:
+    """Architectures ``load_backbone`` accepts: ``fedlit-toy`` and open_clip's plain-CLIP configs."""
+    import open_clip
+    from open_clip.factory import get_model_config
+
+    register_toy_config()
+    return [n for n in open_clip.list_models() if _is_plain_clip(get_model_config(n))]
+
+
+def _resolve_name(name: str) -> str:
+    valid = list_backbones()
+    arch = str(name).strip().replace("/", "-")  # CoOp / OpenAI spelling: ViT-B/16 -> ViT-B-16
+    if arch in valid:
+        return arch
+    lower = {v.lower(): v for v in valid}
+    if arch.lower() in lower:
+        return lower[arch.lower()]
+    raise unknown_name("backbone", name, valid)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence open_clip's root-logger chatter ("No pretrained weights loaded ...") while building."""
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(prev)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """A default socket timeout so that a download on a black-holed network fails instead of hanging."""
+    prev = socket.getdefaulttimeout()
+    if prev is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(prev)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a checkpoint file without executing pickled code -> (fp32 state dict, is_openai_torchscript)."""
+    path = Path(path).expanduser()
+    jit = False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):  # OpenAI's released ViT-B-16.pt etc.
+            jit = True
+            with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files still need it
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            for k in ("input_resolution", "context_length", "vocab_size"):
+                sd.pop(k, None)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad user file
+        raise FedlitError(
+            f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "use a .safetensors file, a plain state-dict .pt/.pth/.bin, or an OpenAI TorchScript archive") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise FedlitError(f"checkpoint {path} holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items()}
+    return sd, jit
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    if "logit_scale" in sd and sd["logit_scale"].shape != model.logit_scale.shape:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    persistent = model.state_dict().keys()
+    for k in [k for k, _ in model.named_buffers() if k not in persistent]:  # e.g. attn_mask in scripted models
+        sd.pop(k, None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise FedlitError(
+            f"checkpoint {source} does not fit backbone {arch}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def _download(arch: str, tag: str, cfg: dict) -> str:
+    """open_clip's download of a tag, made to fail fast offline.
+
+    huggingface_hub retries a failed request with back-off (about a minute per file), so: 1) look in the local
+    cache only (HF offline mode, scoped to this call); 2) if that misses, one connect probe to the hub (5 s);
+    3) only then the real download, under a default socket timeout.
+    """
+    import open_clip
+    from huggingface_hub import constants as hf_constants
+
+    failed = FedlitError(
+        f"could not download '{tag}' weights for {arch} (no network?); download them elsewhere and pass "
+        "`backbone.pretrained=/path/to/file`")
+    user_offline = bool(hf_constants.HF_HUB_OFFLINE)
+    if cfg.get("hf_hub"):
+        hf_constants.HF_HUB_OFFLINE = True
+        try:
+            with _quiet():
+                return open_clip.download_pretrained(cfg)
+        except Exception:  # noqa: BLE001 - not in the cache
+            if user_offline:
+                raise failed from None
+        finally:
+            hf_constants.HF_HUB_OFFLINE = user_offline
+        url = urlparse(hf_constants.ENDPOINT)
+    else:
+        url = urlparse(cfg.get("url", ""))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5.0).close()
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S), _quiet():
+            path = open_clip.download_pretrained(cfg)
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, hub errors of every kind
+        raise failed from e
+    if not path:
+        raise failed
+    return path
+
+
+def _weights_source(arch: str, pretrained: str | None) -> tuple[str, str | None]:
+    """-> (kind, value) with kind in {"random", "file", "tag"}."""
+    import open_clip
+
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return "random", None
+    p = str(pretrained).strip()
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if p == "default":
+        if arch == TOY:
+            if not TOY_WEIGHTS.is_file():
+                raise FedlitError(
+                    f"the fedlit-toy weights are missing ({TOY_WEIGHTS}); run `fedlit pretrain-toy` first, "
+                    "or pass `backbone.pretrained=none` for a random-init model")
+            return "file", str(TOY_WEIGHTS)
+        if not tags:
+            raise FedlitError(f"backbone {arch} has no open_clip weights; pass `backbone.pretrained=/path/to/file`")
+        return "tag", "openai" if "openai" in tags else tags[0]
+    if os.path.isfile(os.path.expanduser(p)):
+        return "file", os.path.expanduser(p)
+    if p in tags:
+        return "tag", p
+    raise FedlitError(
+        f"pretrained '{p}' for backbone {arch} is neither an existing file nor an open_clip tag; "
+        f"valid tags: {', '.join(tags) or '(none)'}, or 'none' for random init")
+
+
+def load_backbone(
+    name: str,
+    pretrained: str | None = "default",
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> FrozenCLIP:
+    """Build (once per process) a frozen CLIP backbone.
+
+    Args:
+        name: ``fedlit-toy`` or an open_clip architecture (``ViT-B-16``, CoOp's ``ViT-B/16``, ``RN50``, ...).
+        pretrained: ``"default"``, ``None``/``"none"`` (random init, seed 0), an open_clip tag or a checkpoint path.
+            OpenAI weights need QuickGELU: the ``openai`` tag and OpenAI TorchScript files switch it on
+            automatically; for an OpenAI state dict saved as ``.pt``/``.safetensors`` use ``ViT-B-16-quickgelu``.
+        device: where the model lives.
+        precision: ``fp32`` (default), ``fp16`` or ``bf16`` weights (open_clip's own casting).
+    """
+    import open_clip
+
+    arch = _resolve_name(name)
+    if precision not in _PRECISIONS:
+        raise unknown_name("precision", precision, _PRECISIONS)
+    key = (arch, None if pretrained is None else str(pretrained), str(torch.device(device)), precision)
+    if key in _CACHE:
+        return _CACHE[key]
+
+    kind, value = _weights_source(arch, pretrained)
+    sd, quick_gelu, tag_cfg = None, False, {}
+    if kind == "tag":
+        tag_cfg = open_clip.get_pretrained_cfg(arch, value)
+        sd, jit = read_state_dict(_download(arch, value, tag_cfg))
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or jit
+    elif kind == "file":
+        sd, quick_gelu = read_state_dict(value)
+
+    with torch.random.fork_rng(devices=[]), _quiet():
+        torch.manual_seed(0)
+        model = open_clip.create_model(
+            arch, pretrained=None, precision=precision, device="cpu", force_quick_gelu=quick_gelu)
+    if sd is not None:
+        _load_into(model, sd, arch, value)
+    model = model.to(device)
+    pre = dict(open_clip.get_model_preprocess_cfg(model))
+    pre.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
+    tokenizer = open_clip.get_tokenizer(arch)
+    backbone = FrozenCLIP(model, tokenizer, name=arch, preprocess_cfg=pre)
+    _CACHE[key] = backbone
+    return backbone

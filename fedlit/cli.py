@@ -1,0 +1,288 @@
+"""``fedlit`` command line (jsonargparse, LightningCLI conventions).
+
+    fedlit fit --config configs/quickstart.yaml                  # train a federation
+    fedlit fit --config configs/quickstart.yaml --method zeroshot --trainer.rounds 5
+    fedlit fit --config configs/promptfl.yaml --print_config     # the full resolved config
+    fedlit pretrain-toy                                          # regenerate the embedded model
+    fedlit datasets | methods | backbones                        # list registered names
+
+``fit`` takes ``--config`` (several compose in order), dotted overrides (``--data.shots 8``),
+``class_path``/``init_args`` for the method (or ``--method NAME``), ``--seed``, ``--out_dir``. The
+resolved config is saved as ``config.yaml`` in the run directory, beside ``results.json`` and the
+TensorBoard files. User errors print one line, ``error: …``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import FedlitError
+
+
+class Backbone:
+    """The frozen backbone (the ``backbone:`` section).
+
+    Args:
+        name: ``fedlit-toy`` (embedded) or an open_clip architecture (``ViT-B-16``; CoOp's ``ViT-B/16`` works too).
+        pretrained: ``default`` (bundled weights for fedlit-toy, ``openai`` otherwise), an open_clip tag,
+            a local checkpoint file, or ``none`` for random init.
+    """
+
+    def __init__(self, name: str = "fedlit-toy", pretrained: str | None = "default"):
+        self.name = name
+        self.pretrained = pretrained
+
+
+# ----------------------------------------------------------------------------------------- parser
+def _fit_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .data.federation import FederatedData
+    from .federation import FedTrainer
+    from .methods import FedMethod
+
+    p = ArgumentParser(prog="fedlit fit", description="Train and evaluate a federation.", exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s), composed in order.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the run (partition, sampling, init).")
+    p.add_argument("--out_dir", type=str | None, default=None,
+                   help="Run directory (default: runs/<method>-<dataset>-seed<seed>[-N], never overwritten).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Allow replacing a finished run in --out_dir.")
+    p.add_class_arguments(Backbone, "backbone")
+    p.add_class_arguments(FederatedData, "data")
+    p.add_subclass_arguments(FedMethod, "method", required=True, help="Method (class_path/init_args or --method NAME).")
+    p.add_class_arguments(FedTrainer, "trainer")
+    return p
+
+
+def _rewrite_method_shortcut(argv: list[str]) -> list[str]:
+    """``--method promptfl`` → ``--method fedlit.methods.promptfl.PromptFL`` (short names from the registry)."""
+    from .methods import METHODS, class_path
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        name = None
+        if a == "--method" and i + 1 < len(out):
+            name, j = out[i + 1], i + 1
+        elif a.startswith("--method="):
+            name, j = a.split("=", 1)[1], i
+        if name is None or "." in name or name.strip().startswith("{"):
+            continue
+        if name in METHODS:
+            value = class_path(name)
+        elif name.lower() in METHODS:
+            value = class_path(name.lower())
+        elif name[:1].isupper():
+            continue  # a class name: jsonargparse resolves it
+        else:
+            from .errors import unknown_name
+
+            raise unknown_name("method", name, list(METHODS))
+        out[j] = value if j == i + 1 else f"--method={value}"
+    return out
+
+
+def _method_params(text: str) -> list[str]:
+    """Constructor arguments of the class named in a jsonargparse message (``class_path 'x.y.Z'``)."""
+    import importlib
+    import inspect
+
+    m = re.search(r"class_path '([\w.]+)'", text)
+    if not m:
+        return []
+    mod, _, name = m.group(1).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    except Exception:
+        return []
+
+
+def _friendly(parser, err: Exception) -> str:
+    """One line from a jsonargparse error: the offending key and the closest valid one, or the bad value."""
+    text = " ".join(str(err).split())
+    valid = sorted(a.dest for a in _all_actions(parser) if a.dest not in ("help", "print_config"))
+    unknown = (re.search(r"unrecognized arguments: --([\w.\-]+)", text)
+               or re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", text)
+               or re.search(r'Key "([\w.]+)" is not expected', text))
+    if unknown:
+        key = ".".join(g for g in unknown.groups() if g)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}; `fedlit fit --help` lists the valid keys"
+    opt = re.search(r"Option '(\w+)' is not accepted", text)
+    if opt:
+        params = _method_params(text)
+        close = difflib.get_close_matches(opt.group(1), params, n=1, cutoff=0.5)
+        hint = f" (did you mean 'method.init_args.{close[0]}'?)" if close else ""
+        return (f"unknown config key 'method.init_args.{opt.group(1)}'{hint}; "
+                f"this method takes: {', '.join(params)}")
+    bad = re.findall(r'Parser key "([\w.]+)": Expected a (.+?)\. Got value: (.+?)(?= - |$)', text)
+    if bad:
+        key, typ, val = bad[-1]
+        if key != "method" and "init_args" not in key and "class_path" in text:
+            key = f"method.init_args.{key}"
+        typ = re.sub(r"<class '(\w+)'>", r"\1", typ).replace("typing.", "")
+        return f"{key}: expected {typ}, got '{val}'"
+    if "File does not exist" in text or "Problems parsing config" in text:
+        return text.split(" Given value type")[0].replace('Parser key "config": ', "config file: ")[:300]
+    return text[:300]
+
+
+def _all_actions(parser):
+    for a in parser._actions:
+        yield a
+        sub = getattr(a, "_parser", None)
+        if sub is not None and sub is not parser:
+            yield from _all_actions(sub)
+
+
+# ----------------------------------------------------------------------------------------- fit
+def _run_dir(out_dir: str | None, method: str, dataset: str, seed: int, overwrite: bool) -> Path:
+    if out_dir is None:
+        base = Path("runs") / f"{method}-{dataset}-seed{seed}"
+        path, n = base, 1
+        while path.exists() and any(path.iterdir()):
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    else:
+        path = Path(out_dir)
+        if path.exists() and any(path.iterdir()):
+            if (path / "results.json").exists() and not overwrite:
+                raise FedlitError(f"{path} already holds a finished run; choose another --out_dir or pass --overwrite true")
+            if not (path / "results.json").exists() and not overwrite:
+                raise FedlitError(f"{path} holds an unfinished run; choose another --out_dir or pass --overwrite true")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FedlitError(f"cannot write to run directory {path} ({e.strerror}); choose another --out_dir") from None
+    if overwrite:
+        for stale in ("results.json", "config.yaml"):
+            (path / stale).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    return path
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    parser = _fit_parser()
+    try:
+        cfg = parser.parse_args(_rewrite_method_shortcut(argv))
+    except ArgumentError as e:
+        raise FedlitError(_friendly(parser, e)) from None
+    try:
+        init = parser.instantiate_classes(cfg)
+    except FedlitError:
+        raise
+    except Exception as e:  # jsonargparse wraps constructor errors
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, FedlitError):
+            raise cause from None
+        raise FedlitError(_friendly(parser, e)) from None
+    return fit(parser, cfg, init)
+
+
+def fit(parser, cfg, init) -> int:
+    import lightning as L
+
+    from .backbones import load_backbone
+    from .federation import Orchestrator, format_final
+
+    method, data, trainer = init.method, init.data, init.trainer
+    fabric = trainer.make_fabric()
+    fabric.launch()
+    L.seed_everything(cfg.seed, verbose=False)
+    # Everything a user can get wrong is checked before anything is written.
+    clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
+    federation = data.setup(cfg.seed)
+    run_dir = None
+    if fabric.global_rank == 0:
+        run_dir = _run_dir(cfg.out_dir, method.name, data.dataset, cfg.seed, cfg.overwrite)
+        parser.save(cfg, str(run_dir / "config.yaml"), skip_check=True, overwrite=True)
+        print(f"fedlit: {method.name} on {data.dataset} — {len(federation.clients)} clients, "
+              f"backbone {init.backbone.name}, run dir {run_dir}")
+        print(federation.summary())
+    run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
+    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "run_dir": str(run_dir)}
+    results = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, run_dir, meta).fit()
+    if fabric.global_rank == 0:
+        print(format_final(results))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- others
+def cmd_pretrain_toy(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from .backbones.pretrain import WEIGHTS, pretrain_toy
+
+    p = ArgumentParser(prog="fedlit pretrain-toy", description="Regenerate the embedded fedlit-toy weights.")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=str, default=str(WEIGHTS))
+    a = p.parse_args(argv)
+    m = pretrain_toy(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=a.out)
+    print(f"wrote {a.out} in {m['train_seconds']} s; zero-shot: {m['zero_shot']}")
+    return 0
+
+
+def cmd_list(what: str) -> int:
+    if what == "datasets":
+        from .data.registry import list_datasets
+
+        names = list_datasets()
+    elif what == "methods":
+        from .methods import METHODS
+
+        names = list(METHODS)
+    else:
+        from .backbones import list_backbones
+
+        names = list_backbones()
+    print("\n".join(names))
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy}
+USAGE = "usage: fedlit {fit,pretrain-toy,datasets,methods,backbones} [--help]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|No pretrained weights|TensorBoard).*")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(__doc__.split("\n\n")[1] if __doc__ else "")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd in COMMANDS:
+            return COMMANDS[cmd](rest)
+        if cmd in ("datasets", "methods", "backbones"):
+            return cmd_list(cmd)
+        from .errors import unknown_name
+
+        raise unknown_name("command", cmd, [*COMMANDS, "datasets", "methods", "backbones"])
+    except FedlitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

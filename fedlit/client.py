@@ -1,0 +1,73 @@
+"""The client: one LightningModule reused for every simulated client.
+
+``ClientModule`` wraps the process's single frozen backbone and the method's prompt component. A
+simulated client is *not* an object holding a model: it is its data indices plus its personal tensors,
+which the orchestrator loads into this module (:meth:`load_prompt_state`), trains, and exports again
+(:meth:`export`). Memory therefore grows with the number of clients only by their personal state.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from .backbones import FrozenCLIP
+from .methods.base import FedMethod
+from .prompts import Task
+
+
+class ClientModule(L.LightningModule):
+    """Frozen CLIP + a method's prompt component.
+
+    Args:
+        clip: the frozen backbone (shared, never copied).
+        method: the method; its :meth:`~FedMethod.build` gives the trainable component.
+    """
+
+    def __init__(self, clip: FrozenCLIP, method: FedMethod):
+        super().__init__()
+        self.clip = clip
+        self.method = method
+        self.prompt = method.build(clip)
+        self.task: Task | None = None  # the class list the current client trains among
+        self.global_state: dict[str, torch.Tensor] = {}  # snapshot received this round (FedProx & co.)
+
+    # ------------------------------------------------------------------ state in / out
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of every tensor of the prompt component."""
+        if self.prompt is None:
+            return {}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.prompt.state_dict().items()}
+
+    def split_state(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        shared = {k: v for k, v in state.items() if self.method.is_shared(k)}
+        personal = {k: v for k, v in state.items() if not self.method.is_shared(k)}
+        return shared, personal
+
+    def load_prompt_state(self, *states: dict[str, torch.Tensor]) -> None:
+        """Load the union of ``states`` (e.g. global shared + the client's personal) into the component."""
+        if self.prompt is None:
+            return
+        merged: dict[str, torch.Tensor] = {}
+        for s in states:
+            merged.update(s)
+        missing = set(self.prompt.state_dict()) - set(merged)
+        if missing:
+            raise RuntimeError(f"prompt state is missing {sorted(missing)}")
+        self.prompt.load_state_dict(merged, strict=True)
+
+    def export(self) -> tuple[dict, dict]:
+        """(shared, personal) tensors after local training."""
+        return self.split_state(self.prompt_state())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
+        return self.method.logits(self.prompt, self.clip, x, task)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.method.loss(self, x, y, self.task)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.prompt.parameters() if p.requires_grad]
+        return self.method.configure_optimizer(params)

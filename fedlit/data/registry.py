@@ -1,0 +1,222 @@
+"""Datasets registered by name.
+
+A dataset is built by a *factory* ``fn(root, seed, **kwargs) -> ClassificationData`` registered with
+:func:`register_dataset`; :func:`get_dataset` builds it once per ``(name, root, seed, kwargs)`` and caches it in
+memory. Every dataset exposes the same thing: class names in label order and train / val / test
+:class:`ImageSplit` objects (labels + a way to fetch images as float tensors in [0, 1]).
+
+Procedural datasets (the embedded "shapes world", one per rendering domain) keep their images in memory as
+uint8 tensors (:class:`TensorImageSplit`). Real datasets (CoOp ``$DATA`` layout) will be further factories that
+return a file-backed :class:`ImageSplit` subclass; nothing else has to change.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlit.data import shapes
+from fedlit.errors import FedlitError, unknown_name
+
+__all__ = [
+    "ImageSplit",
+    "TensorImageSplit",
+    "ClassificationData",
+    "register_dataset",
+    "get_dataset",
+    "list_datasets",
+    "clear_cache",
+]
+
+Indices = Sequence[int] | np.ndarray | torch.Tensor | slice | None
+Factory = Callable[..., "ClassificationData"]
+
+
+@dataclass
+class ImageSplit(abc.ABC):
+    """One split: labels, and a way to get images. Subclasses decide where images live.
+
+    Attributes:
+        labels: int64 class labels [N], in the dataset's full label space.
+    """
+
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def images(self, indices: Indices = None) -> torch.Tensor:
+        """Images at ``indices`` (all if None) as a float tensor [n, 3, H, W] in [0, 1], native size."""
+
+
+@dataclass
+class TensorImageSplit(ImageSplit):
+    """A split held in memory as a uint8 tensor [N, 3, H, W].
+
+    Attributes:
+        data: uint8 images [N, 3, H, W].
+        meta: Optional per-image attributes (e.g. ``size``, ``pos`` for shapes), arrays of length N.
+    """
+
+    data: torch.Tensor = field(repr=False)
+    meta: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8 or self.data.ndim != 4:
+            raise ValueError("TensorImageSplit.data must be a uint8 tensor [N, 3, H, W]")
+        if len(self.data) != len(self.labels):
+            raise ValueError(f"{len(self.data)} images but {len(self.labels)} labels")
+
+    def images(self, indices: Indices = None) -> torch.Tensor:
+        if indices is None:
+            batch = self.data
+        elif isinstance(indices, slice):
+            batch = self.data[indices]
+        else:
+            batch = self.data[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
+        return batch.float().div_(255.0)
+
+
+@dataclass
+class ClassificationData:
+    """A classification dataset: class names in label order and three splits.
+
+    Attributes:
+        name: Registered name.
+        classnames: Class names; ``classnames[i]`` is the name of label ``i``.
+        train: Training split.
+        val: Validation split.
+        test: Test split.
+        image_size: Native image side in pixels (images are square at this size).
+    """
+
+    name: str
+    classnames: list[str]
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classnames)
+
+    def split(self, name: str) -> ImageSplit:
+        """The split called ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in ("train", "val", "test"):
+            raise unknown_name("split", name, ["train", "val", "test"])
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        """One line: name, #classes, split sizes, image size."""
+        return (
+            f"{self.name}: {self.num_classes} classes, train {len(self.train)} / val {len(self.val)} / "
+            f"test {len(self.test)} images, {self.image_size}px"
+        )
+
+
+_FACTORIES: dict[str, Factory] = {}
+_CACHE: dict[tuple, ClassificationData] = {}
+
+
+def register_dataset(name: str) -> Callable[[Factory], Factory]:
+    """Decorator registering ``fn(root, seed, **kwargs) -> ClassificationData`` under ``name``.
+
+    Raises:
+        ValueError: If ``name`` is already registered (a programming error, not a user error).
+    """
+
+    def decorator(fn: Factory) -> Factory:
+        if name in _FACTORIES:
+            raise ValueError(f"dataset '{name}' is already registered")
+        _FACTORIES[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def _cache_key(name: str, root: str | None, seed: int, kwargs: dict[str, Any]) -> tuple:
+    frozen_kwargs = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    return (name, None if root is None else str(root), int(seed), frozen_kwargs)
+
+
+def get_dataset(name: str, root: str | None = None, seed: int = 0, **kwargs: Any) -> ClassificationData:
+    """Build (or fetch from the in-memory cache) the dataset registered as ``name``.
+
+    Args:
+        name: Registered name (see :func:`list_datasets`).
+        root: Data root for file-backed datasets; ignored by procedural ones.
+        seed: Seed of the dataset's own randomness (procedural rendering, random splits).
+        **kwargs: Passed to the factory (e.g. ``train_per_class`` for shapes).
+
+    Raises:
+        FedlitError: If ``name`` is not registered (the message lists the valid names).
+    """
+    if name not in _FACTORIES:
+        raise unknown_name("dataset", name, list_datasets())
+    key = _cache_key(name, root, seed, kwargs)
+    if key not in _CACHE:
+        _CACHE[key] = _FACTORIES[name](root, seed, **kwargs)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop every cached dataset."""
+    _CACHE.clear()
+
+
+# --- procedural shapes datasets ------------------------------------------------------------------------------
+
+_SPLITS = ("train", "val", "test")
+
+
+def _shapes_factory(domain: str) -> Factory:
+    def build(
+        root: str | None,
+        seed: int,
+        train_per_class: int = 64,
+        val_per_class: int = 8,
+        test_per_class: int = 32,
+        image_size: int = 32,
+    ) -> ClassificationData:
+        """Shapes world in one domain; all 48 classes (held-out combinations included), sorted by label."""
+        del root  # procedural: nothing on disk
+        per_class = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+        for split, count in per_class.items():
+            if int(count) < 1:
+                raise FedlitError(f"{split}_per_class must be >= 1 for the shapes datasets; got {count}")
+        domain_id = list(shapes.DOMAINS).index(domain)
+        splits = {}
+        for split_id, split in enumerate(_SPLITS):
+            labels = np.repeat(np.arange(shapes.NUM_CLASSES, dtype=np.int64), per_class[split])
+            # Independent streams per (seed, domain, split): no image is shared between splits or domains.
+            stream = int(np.random.SeedSequence([int(seed), domain_id, split_id]).generate_state(1, np.uint64)[0])
+            data, attrs = shapes.render(
+                labels // len(shapes.SHAPES), labels % len(shapes.SHAPES), domain, seed=stream, size=image_size
+            )
+            splits[split] = TensorImageSplit(labels, data=data, meta={"size": attrs["size"], "pos": attrs["pos"]})
+        name = "shapes" if domain == "clean" else f"shapes-{domain}"
+        return ClassificationData(name, shapes.class_names(), **splits, image_size=image_size)
+
+    return build
+
+
+for _domain in shapes.DOMAINS:
+    register_dataset("shapes" if _domain == "clean" else f"shapes-{_domain}")(_shapes_factory(_domain))
+del _domain

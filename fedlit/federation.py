@@ -1,0 +1,333 @@
+"""The round loop, on Lightning Fabric. Reads top to bottom:
+
+    sample clients (a pure function of seed and round) → shard them over processes
+    for each client of my shard: load global + personal state → local steps (autocast) → export update
+    gather updates → method.aggregate() → new global state; personal state back to its client
+    evaluate (Local / Base / Novel / HM per client and overall) → TensorBoard → results.json
+
+One backbone per process; one :class:`~fedlit.client.ClientModule` per process reused for every client;
+a client is its data indices plus its personal tensors. Client modules are never DDP-wrapped: different
+processes train different clients, and results do not depend on the number of processes (every random
+draw is a function of ``(seed, round, client)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.loggers import TensorBoardLogger
+
+from .backbones import FrozenCLIP
+from .client import ClientModule
+from .data.federation import Federation
+from .errors import FedlitError
+from .features import FeatureBank
+from .methods.base import FedMethod, Update
+from .metrics import accuracy, summarize
+
+
+def sample_clients(seed: int, rnd: int, num_clients: int, participation: float, first_round_all: bool = True) -> list[int]:
+    """Clients of round ``rnd``: ``max(int(participation·K), 1)`` drawn without replacement, sorted.
+
+    With ``first_round_all`` every client trains in round 0 (FedPGP/FedOTP), so each has personal state.
+    """
+    if participation >= 1.0 or (first_round_all and rnd == 0):
+        return list(range(num_clients))
+    m = max(int(participation * num_clients), 1)
+    rng = np.random.default_rng([seed, rnd, 0x5A])
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+def shard(items: list[int], rank: int, world_size: int) -> list[int]:
+    """The items a process handles: round-robin, so every rank gets a near-equal share."""
+    return items[rank::world_size]
+
+
+class FedTrainer:
+    """Federation settings (the ``trainer:`` section of a config).
+
+    Args:
+        rounds: communication rounds.
+        participation: fraction of clients sampled per round (``--frac`` in the official code).
+        local_epochs: passes over its data a client makes per round.
+        batch_size: local training batch size (FedPGP uses ``shots``).
+        eval_every: evaluate every N rounds (the last round is always evaluated).
+        first_round_all: all clients train in round 0 (FedPGP/FedOTP).
+        eval_batch_size: batch size of evaluation and feature encoding.
+        precision: Fabric precision; ``auto`` = ``bf16-mixed`` on GPU, ``32-true`` on CPU.
+        accelerator: ``auto``, ``cpu``, ``cuda`` …
+        devices: number of processes/devices (clients are sharded over them).
+        num_nodes: nodes for multi-node runs (Fabric / SLURM / torchrun).
+        strategy: Fabric strategy for several processes (``ddp`` launches them; results are gathered
+            with collectives, modules are not wrapped).
+        progress: show a progress bar (``null``: only when stderr is a terminal).
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        participation: float = 1.0,
+        local_epochs: int = 1,
+        batch_size: int = 16,
+        eval_every: int = 1,
+        first_round_all: bool = True,
+        eval_batch_size: int = 256,
+        precision: str = "auto",
+        accelerator: str = "auto",
+        devices: int = 1,
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        progress: bool | None = None,
+    ):
+        checks = [
+            (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
+            (0 < participation <= 1, f"trainer.participation={participation}: a fraction in (0, 1]"),
+            (local_epochs >= 1, f"trainer.local_epochs={local_epochs}: needs at least 1"),
+            (batch_size >= 1, f"trainer.batch_size={batch_size}: needs at least 1"),
+            (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
+            (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise FedlitError(msg)
+        self.rounds = rounds
+        self.participation = participation
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.eval_every = eval_every
+        self.first_round_all = first_round_all
+        self.eval_batch_size = eval_batch_size
+        self.precision = precision
+        self.accelerator = accelerator
+        self.devices = devices
+        self.num_nodes = num_nodes
+        self.strategy = strategy
+        self.progress = progress
+
+    def make_fabric(self) -> L.Fabric:
+        cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
+        precision = self.precision if self.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+        strategy = self.strategy
+        if strategy == "auto" and self.devices * self.num_nodes > 1:
+            strategy = "ddp"
+        return L.Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+                        strategy=strategy, precision=precision)
+
+
+class Orchestrator:
+    """Runs one federation: ``Orchestrator(...).fit()`` returns the results dict also written to disk."""
+
+    def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
+                 trainer: FedTrainer, seed: int, run_dir: Path, meta: dict | None = None):
+        self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
+        self.seed, self.run_dir, self.meta = seed, Path(run_dir), dict(meta or {})
+        self.module = ClientModule(clip, method).to(fabric.device)
+        self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
+                                batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
+                                enabled=method.frozen_image_path)
+        shared, personal = self.module.export()
+        self.global_state: dict[str, torch.Tensor] = shared
+        self.init_personal = personal  # every client starts from the same initial personal tensors
+        self.personal: dict[int, dict[str, torch.Tensor]] = {}  # only clients that trained hold state
+        self.history: list[dict] = []
+        self.logger = None  # TensorBoard, written by rank 0 only
+        if fabric.global_rank == 0:
+            self.logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="",
+                                            default_hp_metric=False)
+
+    # ------------------------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        fab, cfg, t0 = self.fabric, self.cfg, time.time()
+        K = len(self.fed.clients)
+        bar = self._progress(cfg.rounds * 1)
+        metrics: dict = {}
+        for rnd in range(cfg.rounds):
+            selected = sample_clients(self.seed, rnd, K, cfg.participation, cfg.first_round_all)
+            if self.method.trainable:
+                mine = shard(selected, fab.global_rank, fab.world_size)
+                updates = self._gather([self.local_update(cid, rnd) for cid in mine])
+                updates.sort(key=lambda u: u.cid)
+                self.apply(updates)
+                self._log_round(rnd, selected, updates)
+            if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
+                metrics = self.evaluate(rnd)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.1f}" for k, v in metrics.get("mean", {}).items()})
+            if not self.method.trainable:  # nothing changes between rounds: one evaluation is the result
+                break
+        if bar is not None:
+            bar.close()
+        return self._finish(metrics, time.time() - t0)
+
+    # ------------------------------------------------------------------------------------ one client
+    def local_update(self, cid: int, rnd: int) -> Update:
+        """Load (global ∪ personal) → ``local_epochs`` passes over the client's data → export."""
+        client, m, cfg = self.fed.clients[cid], self.module, self.cfg
+        m.load_prompt_state(self.global_state, self.personal.get(cid, self.init_personal))
+        m.global_state = {k: v.to(self.fabric.device) for k, v in self.global_state.items()}
+        m.task = self.fed.train_task
+        m.train()
+        optimizer = self.fabric.setup_optimizers(m.configure_optimizers())  # fresh per client-round
+        losses, step = [], 0
+        y_all = torch.as_tensor(client.train_y, device=self.fabric.device)
+        for epoch in range(cfg.local_epochs):
+            order = np.random.default_rng([self.seed, rnd, cid, epoch]).permutation(client.num_samples)
+            for s in range(0, len(order), cfg.batch_size):
+                rows = order[s : s + cfg.batch_size]
+                x = self.bank.inputs("train", client.train_idx[rows])
+                with self.fabric.autocast():
+                    loss = m.training_step((x, y_all[rows]), step)
+                if not torch.isfinite(loss):
+                    return Update(cid, {}, {}, client.num_samples, float("nan"), step, error=f"loss became {loss.item()}")
+                self.fabric.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+        shared, personal = m.export()
+        return Update(cid, shared, personal, client.num_samples, float(np.mean(losses)) if losses else float("nan"), step)
+
+    # ------------------------------------------------------------------------------------ server side
+    def apply(self, updates: list[Update]) -> None:
+        """Aggregate the successful updates into the global state; keep each client's personal state."""
+        ok = [u for u in updates if u.ok]
+        for u in updates:
+            if not u.ok:
+                print(f"warning: client {u.cid} left out of this round: {u.error}", file=sys.stderr)
+        if not ok:
+            return
+        self.global_state = self.method.aggregate(ok, self.global_state)
+        for u in ok:
+            if u.personal:
+                self.personal[u.cid] = u.personal
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, rnd: int) -> dict:
+        """FedPGP semantics: every client's model on its own test images (Local) and on the whole
+        base / novel test sets; client models that are identical (no personal state) are evaluated once."""
+        fab, m = self.fabric, self.module
+        m.eval()
+        per_client: dict[int, dict[str, float]] = {}
+        shared_preds: dict[str, torch.Tensor] | None = None
+        base = self.fed.evals["base"]
+        pos_in_base = {int(i): p for p, i in enumerate(base.idx)}
+        for cid in shard(list(range(len(self.fed.clients))), fab.global_rank, fab.world_size):
+            personal = self.personal.get(cid)
+            if personal is None and shared_preds is not None:
+                preds = shared_preds
+            else:
+                m.load_prompt_state(self.global_state, personal if personal is not None else self.init_personal)
+                preds = {name: self._predict(ev) for name, ev in self.fed.evals.items()}
+                if personal is None:
+                    shared_preds = preds
+            client = self.fed.clients[cid]
+            local_rows = torch.as_tensor([pos_in_base[int(i)] for i in client.test_idx], dtype=torch.long)
+            res = {"local": accuracy(preds["base"][local_rows], torch.as_tensor(client.test_y), len(base.task))}
+            for name, ev in self.fed.evals.items():
+                res[name] = accuracy(preds[name], torch.as_tensor(ev.y), len(ev.task))
+            per_client[cid] = res
+        per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
+        mean = summarize(dict(sorted(per_client.items())))
+        result = {"round": rnd + 1, "mean": mean, "per_client": per_client}
+        self.history.append({"round": rnd + 1, **mean})
+        scalars = {f"eval/{k}": v for k, v in mean.items()}
+        for cid, res in per_client.items():
+            scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
+        self._log(scalars, rnd + 1)
+        return result
+
+    def _predict(self, ev) -> torch.Tensor:
+        """Predicted labels of the current module on an evaluation set (text features computed once)."""
+        m, bs = self.module, self.cfg.eval_batch_size
+        with self.fabric.autocast():
+            txt = self.method.text_features(m.prompt, self.clip, ev.task) if self.method.frozen_image_path else None
+            out = []
+            for s in range(0, len(ev.idx), bs):
+                x = self.bank.inputs("test", ev.idx[s : s + bs])
+                logits = self.method.logits(m.prompt, self.clip, x, ev.task, txt) if txt is not None else m(x, ev.task)
+                out.append(logits.argmax(dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _gather(self, updates: list[Update]) -> list[Update]:
+        return [u for part in self._gather_objects(updates) for u in part]
+
+    def _gather_objects(self, obj):
+        if self.fabric.world_size == 1:
+            return [obj]
+        out = [None] * self.fabric.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def _log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> None:
+        ok = [u for u in updates if u.ok]
+        numel = sum(v.numel() * v.element_size() for v in self.global_state.values())
+        scalars = {
+            "train/loss": float(np.mean([u.loss for u in ok])) if ok else float("nan"),
+            "train/clients": len(selected),
+            "train/failed_clients": len(updates) - len(ok),
+            "train/lr": self.method.lr,
+            "comm/bytes_up": numel * len(ok),
+            "comm/bytes_down": numel * len(selected),
+        }
+        scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in ok})
+        self._log(scalars, rnd + 1)
+
+    def _log(self, scalars: dict, step: int) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics(scalars, step=step)
+
+    def _progress(self, total: int):
+        show = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
+        if not show or self.fabric.global_rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.rounds if self.method.trainable else 1, desc=f"{self.method.name} rounds",
+                    unit="round", dynamic_ncols=True)
+
+    def _finish(self, metrics: dict, wall: float) -> dict:
+        results = {
+            **self.meta,
+            "method": self.method.name,
+            "seed": self.seed,
+            "final": metrics.get("mean", {}),
+            "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
+            "history": self.history,
+            "wall_time_s": round(wall, 2),
+            "images_encoded": self.bank.encoded,
+        }
+        if self.fabric.global_rank == 0:
+            self.logger.log_hyperparams({"method": self.method.name, "seed": self.seed, **self.meta},
+                                        metrics={f"final/{k}": v for k, v in results["final"].items()})
+            self.logger.finalize("success")
+            write_json_atomic(self.run_dir / "results.json", results)
+        return results
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to ``path`` via a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_final(results: dict) -> str:
+    f = results.get("final", {})
+    parts = [f"{k.capitalize() if k != 'hm' else 'HM'} {f[k]:.2f}" for k in ("local", "base", "novel", "hm") if k in f]
+    return f"{results.get('method')}: " + "  ".join(parts) if parts else "no evaluation"
+
+
+__all__ = ["FedTrainer", "Orchestrator", "sample_clients", "shard", "write_json_atomic", "format_final"]

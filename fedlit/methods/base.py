@@ -1,0 +1,114 @@
+"""The method abstraction: what a federated prompt-learning method has to say.
+
+A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
+
+- :meth:`FedMethod.build` — its trainable prompt component (an ``nn.Module``; ``None`` for zero-shot).
+- :meth:`FedMethod.is_shared` — which of its tensors go to the server; the others stay personal
+  (on the client, never sent).
+- :meth:`FedMethod.text_features` / :meth:`FedMethod.logits` — how it classifies.
+- :meth:`FedMethod.loss` — its local training objective (default: cross-entropy).
+- :meth:`FedMethod.aggregate` — how the server combines the shared tensors (default: FedAvg weighted by
+  each client's number of training samples, as FedPGP/FedOTP do).
+
+Its constructor arguments are its hyper-parameters; the CLI introspects them, so
+``method.init_args.lr`` in a config or ``--method.lr 0.01`` on the command line set them.
+The shape follows Flower's Strategy (configure → local update → aggregate), so an adapter stays thin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..aggregation import fedavg, uniform_mean
+from ..backbones import FrozenCLIP
+from ..prompts import Task
+
+
+@dataclass
+class Update:
+    """What one client returns after its local steps (personal tensors never leave the client's process
+    in a real deployment; in simulation they are kept by the orchestrator's per-client registry)."""
+
+    cid: int
+    shared: dict[str, torch.Tensor]
+    personal: dict[str, torch.Tensor]
+    num_samples: int
+    loss: float
+    steps: int = 0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class FedMethod:
+    """Base class of every method.
+
+    Args:
+        lr: learning rate of the local optimiser (SGD).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay (Dassl's default 5e-4, kept by FedPGP/FedOTP).
+        weighted: aggregate with weights ∝ client sample count (FedPGP/FedOTP) instead of uniformly (FedTPG).
+    """
+
+    #: short name used by ``--method NAME`` and in results.
+    name: str = "base"
+    #: False for methods with nothing to train (zero-shot CLIP).
+    trainable: bool = True
+    #: True when the method never changes the image tower: image features can be cached exactly.
+    frozen_image_path: bool = True
+
+    def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.weighted = weighted
+
+    # ----------------------------------------------------------------------------- the component
+    def build(self, clip: FrozenCLIP) -> nn.Module | None:
+        """The trainable prompt component, built once per process and reused for every client."""
+        return None
+
+    def is_shared(self, key: str) -> bool:
+        """Whether the tensor ``key`` of the component's state dict is sent to the server."""
+        return True
+
+    # ----------------------------------------------------------------------------- classification
+    def text_features(self, prompt: nn.Module | None, clip: FrozenCLIP, task: Task) -> torch.Tensor:
+        """L2-normalised class embeddings ``[C, D]`` for ``task``."""
+        raise NotImplementedError(f"abstract hook: {type(self).__name__} must implement text_features() or logits()")
+
+    def logits(self, prompt: nn.Module | None, clip: FrozenCLIP, image_features: torch.Tensor, task: Task,
+               text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, C]`` from normalised image features (``frozen_image_path``) — CLIP's scaled cosine."""
+        if text_features is None:
+            text_features = self.text_features(prompt, clip, task)
+        img = image_features / image_features.norm(dim=-1, keepdim=True)
+        return clip.logit_scale * img @ text_features.to(img.dtype).t()
+
+    def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+        """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`."""
+        return F.cross_entropy(module(x, task).float(), y)
+
+    # ----------------------------------------------------------------------------- local optimisation
+    def configure_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    # ----------------------------------------------------------------------------- server side
+    def aggregate(self, updates: Sequence[Update], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New global shared state from the successful updates of a round."""
+        states = [u.shared for u in updates]
+        if not states or not states[0]:
+            return global_state
+        return fedavg(states, [u.num_samples for u in updates]) if self.weighted else uniform_mean(states)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

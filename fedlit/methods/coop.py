@@ -1,0 +1,38 @@
+"""CoOp (Zhou et al., IJCV 2022) trained by each client on its own data only — no server.
+
+The learnable context (``n_ctx`` × text width, N(0, 0.02²) or the embeddings of ``ctx_init``) is
+*personal*: it never leaves the client and persists across rounds, so ``R`` rounds of ``E`` local
+epochs are ``R·E`` epochs of local CoOp training.
+"""
+
+from __future__ import annotations
+
+from ..prompts import ContextPrompt, Task
+from .base import FedMethod
+
+
+class CoOp(FedMethod):
+    """Local-only CoOp.
+
+    Args:
+        n_ctx: number of context tokens (16 in FedPGP/FedOTP, 4 in FedTPG).
+        ctx_init: initialise the context from these words' token embeddings (e.g. "a photo of a").
+        lr, momentum, weight_decay, weighted: see :class:`FedMethod`.
+    """
+
+    name = "coop"
+
+    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, lr: float = 0.002, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, weighted: bool = True):
+        super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+
+    def build(self, clip):
+        return ContextPrompt(clip, self.n_ctx, self.ctx_init)
+
+    def is_shared(self, key: str) -> bool:
+        return False  # local training only: the context is personal
+
+    def text_features(self, prompt: ContextPrompt, clip, task: Task):
+        return prompt.text_features(clip, task)

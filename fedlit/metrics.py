@@ -1,0 +1,50 @@
+"""Accuracy per client and per task, and the papers' summaries.
+
+FedPGP semantics (spec §7.4), the default ``eval_protocol: personalized``:
+
+- **Local**: each client's (personalised) model on its *own* test images, classified among all
+  classes of the training task (all base classes);
+- **Base**: each client's model on the *whole* base test set;
+- **Novel**: each client's model on the whole novel test set, classified among the novel classes;
+- each averaged over clients (unweighted), in percent; **HM** = harmonic mean of the three.
+
+Accuracies are top-1, micro-averaged (``correct / total``, Dassl's), computed with torchmetrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy
+
+
+def accuracy(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Top-1 accuracy in percent (``nan`` for an empty set)."""
+    if target.numel() == 0:
+        return float("nan")
+    acc = multiclass_accuracy(preds.cpu(), target.cpu(), num_classes=num_classes, average="micro", top_k=1)
+    return 100.0 * float(acc)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 if any value is 0 (e.g. HM(95.67, 85.69, 81.75) = 87.33, FedPGP's average row)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan")
+    if any(v <= 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def summarize(per_client: Mapping[int, Mapping[str, float]], keys: Sequence[str] = ("local", "base", "novel")) -> dict[str, float]:
+    """Mean over clients of each key present, plus ``hm`` over those keys."""
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [m[k] for m in per_client.values() if k in m and m[k] == m[k]]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    present = [out[k] for k in keys if k in out]
+    if present:
+        out["hm"] = harmonic_mean(present)
+    return out
