@@ -61,8 +61,9 @@ def _fit_parser():
 
 def _rewrite_method_shortcut(argv: list[str]) -> list[str]:
     """``--method promptfl`` → ``--method fedlit.methods.promptfl.PromptFL`` (short names from the registry)."""
-    from .methods import METHODS, class_path
+    from .methods import class_path, list_methods
 
+    methods = list_methods()
     out = list(argv)
     for i, a in enumerate(out):
         name = None
@@ -72,16 +73,16 @@ def _rewrite_method_shortcut(argv: list[str]) -> list[str]:
             name, j = a.split("=", 1)[1], i
         if name is None or "." in name or name.strip().startswith("{"):
             continue
-        if name in METHODS:
+        if name in methods:
             value = class_path(name)
-        elif name.lower() in METHODS:
+        elif name.lower() in methods:
             value = class_path(name.lower())
         elif name[:1].isupper():
             continue  # a class name: jsonargparse resolves it
         else:
             from .errors import unknown_name
 
-            raise unknown_name("method", name, list(METHODS))
+            raise unknown_name("method", name, methods)
         out[j] = value if j == i + 1 else f"--method={value}"
     return out
 
@@ -244,9 +245,9 @@ def cmd_list(what: str) -> int:
 
         names = list_datasets()
     elif what == "methods":
-        from .methods import METHODS
+        from .methods import list_methods
 
-        names = list(METHODS)
+        names = list_methods()
     else:
         from .backbones import list_backbones
 

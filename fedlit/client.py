@@ -66,7 +66,24 @@ class ClientModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return self.method.loss(self, x, y, self.task)
+        loss = self.method.loss(self, x, y, self.task)
+        if self.method.prox_mu > 0:
+            loss = loss + self.proximal_term(self.method.prox_mu, detached=self.method.prox_detached)
+        return loss
+
+    def proximal_term(self, mu: float, detached: bool = False) -> torch.Tensor:
+        """FedProx: ``μ/2 · Σ_k ‖θ_k − θ_k^global‖²`` over the shared tensors received this round.
+
+        On the live parameters, so it has a gradient ``μ(θ − θ_global)``; ``detached=True`` reproduces the
+        official FedOTP-codebase term computed from ``state_dict()`` (no gradient, spec §4.6).
+        """
+        params = dict(self.prompt.named_parameters()) if self.prompt is not None else {}
+        term = torch.zeros((), device=self.device)
+        for k, g in self.global_state.items():
+            if k in params:
+                p = params[k].detach() if detached else params[k]
+                term = term + (p.float() - g.to(p.device).float()).pow(2).sum()
+        return 0.5 * mu * term
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.prompt.parameters() if p.requires_grad]

@@ -27,10 +27,12 @@ from lightning.fabric.loggers import TensorBoardLogger
 from .backbones import FrozenCLIP
 from .client import ClientModule
 from .data.federation import Federation
+from .data.protocol import relabel
 from .errors import FedlitError
 from .features import FeatureBank
 from .methods.base import FedMethod, Update
 from .metrics import accuracy, summarize
+from .prompts import Task
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, participation: float, first_round_all: bool = True) -> list[int]:
@@ -67,6 +69,7 @@ class FedTrainer:
         num_nodes: nodes for multi-node runs (Fabric / SLURM / torchrun).
         strategy: Fabric strategy for several processes (``ddp`` launches them; results are gathered
             with collectives, modules are not wrapped).
+        prox_mu: add FedProx's proximal term μ/2‖θ − θ_global‖² to any method's local loss (0: off).
         progress: show a progress bar (``null``: only when stderr is a terminal).
     """
 
@@ -84,6 +87,7 @@ class FedTrainer:
         devices: int = 1,
         num_nodes: int = 1,
         strategy: str = "auto",
+        prox_mu: float = 0.0,
         progress: bool | None = None,
     ):
         checks = [
@@ -93,6 +97,7 @@ class FedTrainer:
             (batch_size >= 1, f"trainer.batch_size={batch_size}: needs at least 1"),
             (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
             (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
+            (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -109,6 +114,7 @@ class FedTrainer:
         self.devices = devices
         self.num_nodes = num_nodes
         self.strategy = strategy
+        self.prox_mu = prox_mu
         self.progress = progress
 
     def make_fabric(self) -> L.Fabric:
@@ -128,10 +134,12 @@ class Orchestrator:
                  trainer: FedTrainer, seed: int, run_dir: Path, meta: dict | None = None):
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.run_dir, self.meta = seed, Path(run_dir), dict(meta or {})
+        if trainer.prox_mu > 0:
+            method.prox_mu = trainer.prox_mu
         self.module = ClientModule(clip, method).to(fabric.device)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
-                                enabled=method.frozen_image_path)
+                                kind=method.image_input)
         shared, personal = self.module.export()
         self.global_state: dict[str, torch.Tensor] = shared
         self.init_personal = personal  # every client starts from the same initial personal tensors
@@ -171,8 +179,9 @@ class Orchestrator:
     def local_update(self, cid: int, rnd: int) -> Update:
         """Load (global ∪ personal) → ``local_epochs`` passes over the client's data → export."""
         client, m, cfg = self.fed.clients[cid], self.module, self.cfg
-        m.load_prompt_state(self.global_state, self.personal.get(cid, self.init_personal))
-        m.global_state = {k: v.to(self.fabric.device) for k, v in self.global_state.items()}
+        sent = self.method.client_state(cid, self.global_state)
+        m.load_prompt_state(sent, self.personal.get(cid, self.init_personal))
+        m.global_state = {k: v.to(self.fabric.device) for k, v in sent.items()}
         m.task = self.fed.train_task
         m.train()
         optimizer = self.fabric.setup_optimizers(m.configure_optimizers())  # fresh per client-round
@@ -193,7 +202,8 @@ class Orchestrator:
                 losses.append(loss.item())
                 step += 1
         shared, personal = m.export()
-        return Update(cid, shared, personal, client.num_samples, float(np.mean(losses)) if losses else float("nan"), step)
+        return Update(cid, shared, personal, client.num_samples, float(np.mean(losses)) if losses else float("nan"),
+                      step, extra={"sent": sent} if sent is not self.global_state else {})
 
     # ------------------------------------------------------------------------------------ server side
     def apply(self, updates: list[Update]) -> None:
@@ -212,48 +222,77 @@ class Orchestrator:
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, rnd: int) -> dict:
-        """FedPGP semantics: every client's model on its own test images (Local) and on the whole
-        base / novel test sets; client models that are identical (no personal state) are evaluated once."""
-        fab, m = self.fabric, self.module
-        m.eval()
-        per_client: dict[int, dict[str, float]] = {}
-        shared_preds: dict[str, torch.Tensor] | None = None
+        """Local / Base / Novel per client (see :mod:`fedlit.metrics` for the two protocols)."""
+        if self.method.eval_protocol == "global":
+            per_client = self._evaluate_global()
+        else:
+            per_client = self._evaluate_personalized()
+        per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
+        mean = summarize(dict(sorted(per_client.items())))
+        self.history.append({"round": rnd + 1, **mean})
+        scalars = {f"eval/{k}": v for k, v in mean.items()}
+        for cid, res in sorted(per_client.items()):
+            scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
+        self._log(scalars, rnd + 1)
+        return {"round": rnd + 1, "mean": mean, "per_client": per_client}
+
+    def _client_model(self, cid: int | None) -> None:
+        """Load client ``cid``'s model (``None``: the global model with initial personal state)."""
+        sent = self.global_state if cid is None else self.method.client_state(cid, self.global_state)
+        personal = self.init_personal if cid is None else self.personal.get(cid, self.init_personal)
+        self.module.load_prompt_state(sent, personal)
+        self.module.eval()
+
+    def _evaluate_personalized(self) -> dict[int, dict[str, float]]:
+        """FedPGP: each client's model on its own test images among all base classes (Local; a subset of
+        the base predictions) and on the whole base / novel test sets. Clients whose model equals the
+        global one (no personal state, nothing client-specific sent) are evaluated once."""
         base = self.fed.evals["base"]
         pos_in_base = {int(i): p for p, i in enumerate(base.idx)}
-        for cid in shard(list(range(len(self.fed.clients))), fab.global_rank, fab.world_size):
-            personal = self.personal.get(cid)
-            if personal is None and shared_preds is not None:
+        client_specific = type(self.method).client_state is not FedMethod.client_state
+        per_client, shared_preds = {}, None
+        for cid in shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size):
+            same_as_global = cid not in self.personal and not client_specific
+            if same_as_global and shared_preds is not None:
                 preds = shared_preds
             else:
-                m.load_prompt_state(self.global_state, personal if personal is not None else self.init_personal)
-                preds = {name: self._predict(ev) for name, ev in self.fed.evals.items()}
-                if personal is None:
-                    shared_preds = preds
+                self._client_model(cid)
+                preds = {name: self._predict(ev.task, ev.idx) for name, ev in self.fed.evals.items()}
+                shared_preds = preds if same_as_global else shared_preds
             client = self.fed.clients[cid]
-            local_rows = torch.as_tensor([pos_in_base[int(i)] for i in client.test_idx], dtype=torch.long)
-            res = {"local": accuracy(preds["base"][local_rows], torch.as_tensor(client.test_y), len(base.task))}
+            rows = torch.as_tensor([pos_in_base[int(i)] for i in client.test_idx], dtype=torch.long)
+            res = {"local": accuracy(preds["base"][rows], torch.as_tensor(client.test_y), len(base.task))}
             for name, ev in self.fed.evals.items():
                 res[name] = accuracy(preds[name], torch.as_tensor(ev.y), len(ev.task))
             per_client[cid] = res
-        per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
-        mean = summarize(dict(sorted(per_client.items())))
-        result = {"round": rnd + 1, "mean": mean, "per_client": per_client}
-        self.history.append({"round": rnd + 1, **mean})
-        scalars = {f"eval/{k}": v for k, v in mean.items()}
-        for cid, res in per_client.items():
-            scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
-        self._log(scalars, rnd + 1)
-        return result
+        return per_client
 
-    def _predict(self, ev) -> torch.Tensor:
-        """Predicted labels of the current module on an evaluation set (text features computed once)."""
+    def _evaluate_global(self) -> dict[int, dict[str, float]]:
+        """FedTPG: Base / Novel of the global model (the same for every client); Local = each client's
+        own test images classified among the client's own classes only."""
+        self._client_model(None)
+        glob = {name: accuracy(self._predict(ev.task, ev.idx), torch.as_tensor(ev.y), len(ev.task))
+                for name, ev in self.fed.evals.items()}
+        names, labels = self.fed.data.classnames, self.fed.data.test.labels
+        per_client = {}
+        for cid in shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size):
+            client = self.fed.clients[cid]
+            self._client_model(cid)
+            task = Task(f"client{cid}", tuple(names[c] for c in client.classes))
+            y = relabel(labels[client.test_idx], client.classes)
+            per_client[cid] = {"local": accuracy(self._predict(task, client.test_idx), torch.as_tensor(y), len(task)),
+                               **glob}
+        return per_client
+
+    def _predict(self, task: Task, idx: np.ndarray) -> torch.Tensor:
+        """Predicted labels of the loaded model on test rows ``idx`` (task-level work done once)."""
         m, bs = self.module, self.cfg.eval_batch_size
         with self.fabric.autocast():
-            txt = self.method.text_features(m.prompt, self.clip, ev.task) if self.method.frozen_image_path else None
+            prepared = self.method.prepare(m.prompt, self.clip, task)
             out = []
-            for s in range(0, len(ev.idx), bs):
-                x = self.bank.inputs("test", ev.idx[s : s + bs])
-                logits = self.method.logits(m.prompt, self.clip, x, ev.task, txt) if txt is not None else m(x, ev.task)
+            for s in range(0, len(idx), bs):
+                x = self.bank.inputs("test", idx[s : s + bs])
+                logits = self.method.logits(m.prompt, self.clip, x, task, prepared)
                 out.append(logits.argmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 

@@ -1,6 +1,12 @@
-"""Method registry: short name → class. A method is one file overriding a few hooks of FedMethod."""
+"""Method registry: short name → class. A method is one file overriding a few hooks of FedMethod.
+
+Classes are imported lazily (``method_class``), so a method's optional dependencies cost nothing to
+runs that do not use it.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from ..errors import unknown_name
 from .base import FedMethod, Update
@@ -8,13 +14,35 @@ from .coop import CoOp
 from .promptfl import PromptFL
 from .zeroshot import ZeroShot
 
-METHODS: dict[str, type[FedMethod]] = {m.name: m for m in (ZeroShot, CoOp, PromptFL)}
+#: short name → "module:Class" (modules relative to this package).
+REGISTRY: dict[str, str] = {
+    "zeroshot": "zeroshot:ZeroShot",
+    "coop": "coop:CoOp",
+    "promptfl": "promptfl:PromptFL",
+    "fedprox": "fedprox:FedProx",
+    "fedkgcoop": "fedkgcoop:FedKgCoOp",
+    "fedcocoop": "fedcocoop:FedCoCoOp",
+    "fedmaple": "fedmaple:FedMaPLe",
+    "fedvlp": "fedvlp:FedVLP",
+    "fedotp": "fedotp:FedOTP",
+    "fedpgp": "fedpgp:FedPGP",
+    "fedtpg": "fedtpg:FedTPG",
+    "pfedpg": "pfedpg:PFedPG",
+    "fedvpt": "vpt:FedVPT",
+    "localvpt": "vpt:LocalVPT",
+}
+
+
+def _available() -> dict[str, str]:
+    return {k: v for k, v in REGISTRY.items() if importlib.util.find_spec(f"{__name__}.{v.split(':')[0]}") is not None}
 
 
 def method_class(name: str) -> type[FedMethod]:
-    if name not in METHODS:
-        raise unknown_name("method", name, list(METHODS))
-    return METHODS[name]
+    avail = _available()
+    if name not in avail:
+        raise unknown_name("method", name, list(avail))
+    module, cls = avail[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def class_path(name: str) -> str:
@@ -22,4 +50,9 @@ def class_path(name: str) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
-__all__ = ["FedMethod", "Update", "ZeroShot", "CoOp", "PromptFL", "METHODS", "method_class", "class_path"]
+def list_methods() -> list[str]:
+    return list(_available())
+
+
+__all__ = ["FedMethod", "Update", "ZeroShot", "CoOp", "PromptFL", "REGISTRY", "method_class", "class_path",
+           "list_methods"]

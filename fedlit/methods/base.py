@@ -5,10 +5,16 @@ A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
 - :meth:`FedMethod.build` — its trainable prompt component (an ``nn.Module``; ``None`` for zero-shot).
 - :meth:`FedMethod.is_shared` — which of its tensors go to the server; the others stay personal
   (on the client, never sent).
-- :meth:`FedMethod.text_features` / :meth:`FedMethod.logits` — how it classifies.
+- :meth:`FedMethod.text_features` / :meth:`FedMethod.logits` — how it classifies (``prepare`` computes
+  once per evaluation task what does not depend on the image, e.g. the class text features).
+- :attr:`FedMethod.image_input` — what its forward takes: cached ``features`` (image tower untouched),
+  cached patch ``tokens`` (FedOTP), or normalised ``images`` (methods that prompt the image tower).
 - :meth:`FedMethod.loss` — its local training objective (default: cross-entropy).
 - :meth:`FedMethod.aggregate` — how the server combines the shared tensors (default: FedAvg weighted by
   each client's number of training samples, as FedPGP/FedOTP do).
+- :meth:`FedMethod.client_state` — what the server sends a given client (default: the global shared
+  state; pFedPG sends each client its own generated prompt). Server-side modules live on the method
+  and are saved through :meth:`server_state_dict` / :meth:`load_server_state_dict`.
 
 Its constructor arguments are its hyper-parameters; the CLI introspects them, so
 ``method.init_args.lr`` in a config or ``--method.lr 0.01`` on the command line set them.
@@ -62,8 +68,21 @@ class FedMethod:
     name: str = "base"
     #: False for methods with nothing to train (zero-shot CLIP).
     trainable: bool = True
-    #: True when the method never changes the image tower: image features can be cached exactly.
-    frozen_image_path: bool = True
+    #: What ``logits``/``loss`` receive as ``x``: ``features`` (pooled image features; the image tower is
+    #: untouched so they are cached exactly), ``tokens`` (all projected output tokens, cached likewise) or
+    #: ``images`` (normalised pixels: the method changes the image tower, nothing is cached).
+    image_input: str = "features"
+    #: ``personalized`` (FedPGP): every client's model is evaluated on Local, Base and Novel;
+    #: ``global`` (FedTPG): Base/Novel on the global model, Local on each client's own classes.
+    eval_protocol: str = "personalized"
+    #: False for methods whose classifier is not text (a linear head, pFedPG/VPT): no novel-class evaluation.
+    text_classifier: bool = True
+    #: FedProx proximal weight μ: ``μ/2 · Σ‖θ − θ_global‖²`` over the shared tensors is added to the local
+    #: loss of any method where μ > 0 (``trainer.prox_mu`` sets it for any method; ``fedprox`` has it built in).
+    prox_mu: float = 0.0
+    #: Reproduce the official FedOTP-codebase FedProx bug: the term is computed on detached tensors
+    #: (``state_dict()``), so it changes the logged loss but contributes no gradient (spec §4.6).
+    prox_detached: bool = False
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         self.lr = lr
@@ -81,17 +100,31 @@ class FedMethod:
         return True
 
     # ----------------------------------------------------------------------------- classification
+    def prepare(self, prompt: nn.Module | None, clip: FrozenCLIP, task: Task):
+        """What evaluation can compute once per task before the image batches (default: text features);
+        passed to :meth:`logits` as ``prepared``. Return ``None`` when logits need the image (CoCoOp)."""
+        return self.text_features(prompt, clip, task)
+
     def text_features(self, prompt: nn.Module | None, clip: FrozenCLIP, task: Task) -> torch.Tensor:
         """L2-normalised class embeddings ``[C, D]`` for ``task``."""
         raise NotImplementedError(f"abstract hook: {type(self).__name__} must implement text_features() or logits()")
 
-    def logits(self, prompt: nn.Module | None, clip: FrozenCLIP, image_features: torch.Tensor, task: Task,
-               text_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, C]`` from normalised image features (``frozen_image_path``) — CLIP's scaled cosine."""
-        if text_features is None:
-            text_features = self.text_features(prompt, clip, task)
+    def logits(self, prompt: nn.Module | None, clip: FrozenCLIP, x: torch.Tensor, task: Task,
+               prepared=None) -> torch.Tensor:
+        """Logits ``[B, C]``; the default is CLIP's scaled cosine between image features and
+        ``prepared`` (or freshly computed) text features."""
+        text_features = prepared if prepared is not None else self.text_features(prompt, clip, task)
+        image_features = self.image_features(clip, x)
         img = image_features / image_features.norm(dim=-1, keepdim=True)
         return clip.logit_scale * img @ text_features.to(img.dtype).t()
+
+    def image_features(self, clip: FrozenCLIP, x: torch.Tensor) -> torch.Tensor:
+        """Pooled image features from whatever :attr:`image_input` delivers."""
+        if self.image_input == "images":
+            return clip.encode_image(x)
+        if self.image_input == "tokens":
+            return x[:, 0]
+        return x
 
     def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`."""
@@ -102,6 +135,18 @@ class FedMethod:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     # ----------------------------------------------------------------------------- server side
+    def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The shared tensors the server sends to client ``cid`` this round."""
+        return global_state
+
+    def server_state_dict(self) -> dict[str, torch.Tensor]:
+        """Server-side trainable state beyond the shared tensors (pFedPG's generator), for checkpoints."""
+        return {}
+
+    def load_server_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no server-side state")
+
     def aggregate(self, updates: Sequence[Update], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """New global shared state from the successful updates of a round."""
         states = [u.shared for u in updates]
