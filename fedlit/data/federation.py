@@ -85,7 +85,7 @@ class FederatedData:
 
     def __init__(
         self,
-        dataset: str = "shapes-textured",
+        dataset: str = "shapes-dark",
         root: str | None = None,
         shots: int = 16,
         num_clients: int = 10,
