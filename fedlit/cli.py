@@ -182,7 +182,7 @@ def cmd_fit(argv: list[str]) -> int:
     except ArgumentError as e:
         raise FedlitError(_friendly(parser, e)) from None
     try:
-        init = parser.instantiate_classes(cfg)
+        init = parser.instantiate(cfg)
     except FedlitError:
         raise
     except Exception as e:  # jsonargparse wraps constructor errors
@@ -206,16 +206,17 @@ def fit(parser, cfg, init) -> int:
     # Everything a user can get wrong is checked before anything is written.
     clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
     federation = data.setup(cfg.seed)
+    meta = {"dataset": data.dataset, "backbone": init.backbone.name}
+    orchestrator = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
     run_dir = None
     if fabric.global_rank == 0:
         run_dir = _run_dir(cfg.out_dir, method.name, data.dataset, cfg.seed, cfg.overwrite)
-        parser.save(cfg, str(run_dir / "config.yaml"), skip_check=True, overwrite=True)
+        parser.save(cfg, str(run_dir / "config.yaml"), skip_validation=True, overwrite=True)
         print(f"fedlit: {method.name} on {data.dataset} — {len(federation.clients)} clients, "
               f"backbone {init.backbone.name}, run dir {run_dir}")
         print(federation.summary())
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
-    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "run_dir": str(run_dir)}
-    results = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, run_dir, meta).fit()
+    results = orchestrator.fit(run_dir)
     if fabric.global_rank == 0:
         print(format_final(results))
     return 0

@@ -31,7 +31,7 @@ from .data.protocol import relabel
 from .errors import FedlitError
 from .features import FeatureBank
 from .methods.base import FedMethod, Update
-from .metrics import accuracy, summarize
+from .metrics import accuracy, harmonic_mean, summarize
 from .prompts import Task
 
 
@@ -128,14 +128,20 @@ class FedTrainer:
 
 
 class Orchestrator:
-    """Runs one federation: ``Orchestrator(...).fit()`` returns the results dict also written to disk."""
+    """Runs one federation: ``Orchestrator(...).fit(run_dir)`` returns the results dict also written there.
+
+    Construction builds everything that can fail on user input (the method's component, the feature bank),
+    so a run directory is only created once the run can start.
+    """
 
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
-                 trainer: FedTrainer, seed: int, run_dir: Path, meta: dict | None = None):
+                 trainer: FedTrainer, seed: int, meta: dict | None = None):
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
-        self.seed, self.run_dir, self.meta = seed, Path(run_dir), dict(meta or {})
+        self.seed, self.meta = seed, dict(meta or {})
+        self.run_dir: Path | None = None
         if trainer.prox_mu > 0:
             method.prox_mu = trainer.prox_mu
+        method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
@@ -145,14 +151,16 @@ class Orchestrator:
         self.init_personal = personal  # every client starts from the same initial personal tensors
         self.personal: dict[int, dict[str, torch.Tensor]] = {}  # only clients that trained hold state
         self.history: list[dict] = []
-        self.logger = None  # TensorBoard, written by rank 0 only
-        if fabric.global_rank == 0:
-            self.logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="",
-                                            default_hp_metric=False)
+        self.logger: TensorBoardLogger | None = None  # written by rank 0 only
+
 
     # ------------------------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    def fit(self, run_dir: str | Path) -> dict:
         fab, cfg, t0 = self.fabric, self.cfg, time.time()
+        self.run_dir = Path(run_dir)
+        if fab.global_rank == 0:
+            self.logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="",
+                                            default_hp_metric=False)
         K = len(self.fed.clients)
         bar = self._progress(cfg.rounds * 1)
         metrics: dict = {}
@@ -183,6 +191,8 @@ class Orchestrator:
         m.load_prompt_state(sent, self.personal.get(cid, self.init_personal))
         m.global_state = {k: v.to(self.fabric.device) for k, v in sent.items()}
         m.task = self.fed.train_task
+        pos = {name: i for i, name in enumerate(m.task.classnames)}
+        m.client_classes = [pos[self.fed.data.classnames[c]] for c in client.classes]
         m.train()
         optimizer = self.fabric.setup_optimizers(m.configure_optimizers())  # fresh per client-round
         losses, step = [], 0
@@ -228,6 +238,8 @@ class Orchestrator:
         else:
             per_client = self._evaluate_personalized()
         per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
+        for res in per_client.values():
+            res["hm"] = harmonic_mean([res[k] for k in ("local", "base", "novel") if k in res])
         mean = summarize(dict(sorted(per_client.items())))
         self.history.append({"round": rnd + 1, **mean})
         scalars = {f"eval/{k}": v for k, v in mean.items()}
@@ -257,12 +269,12 @@ class Orchestrator:
                 preds = shared_preds
             else:
                 self._client_model(cid)
-                preds = {name: self._predict(ev.task, ev.idx) for name, ev in self.fed.evals.items()}
+                preds = {name: self._predict(ev.task, ev.idx) for name, ev in self._eval_sets().items()}
                 shared_preds = preds if same_as_global else shared_preds
             client = self.fed.clients[cid]
             rows = torch.as_tensor([pos_in_base[int(i)] for i in client.test_idx], dtype=torch.long)
             res = {"local": accuracy(preds["base"][rows], torch.as_tensor(client.test_y), len(base.task))}
-            for name, ev in self.fed.evals.items():
+            for name, ev in self._eval_sets().items():
                 res[name] = accuracy(preds[name], torch.as_tensor(ev.y), len(ev.task))
             per_client[cid] = res
         return per_client
@@ -272,7 +284,7 @@ class Orchestrator:
         own test images classified among the client's own classes only."""
         self._client_model(None)
         glob = {name: accuracy(self._predict(ev.task, ev.idx), torch.as_tensor(ev.y), len(ev.task))
-                for name, ev in self.fed.evals.items()}
+                for name, ev in self._eval_sets().items()}
         names, labels = self.fed.data.classnames, self.fed.data.test.labels
         per_client = {}
         for cid in shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size):
@@ -283,6 +295,13 @@ class Orchestrator:
             per_client[cid] = {"local": accuracy(self._predict(task, client.test_idx), torch.as_tensor(y), len(task)),
                                **glob}
         return per_client
+
+    def _eval_sets(self) -> dict:
+        """The evaluation sets of this method: without a text classifier (a linear head over the training
+        classes: pFedPG, VPT) only ``base``; no novel-class evaluation."""
+        if self.method.text_classifier:
+            return self.fed.evals
+        return {name: ev for name, ev in self.fed.evals.items() if name == "base"}
 
     def _predict(self, task: Task, idx: np.ndarray) -> torch.Tensor:
         """Predicted labels of the loaded model on test rows ``idx`` (task-level work done once)."""
@@ -339,6 +358,7 @@ class Orchestrator:
             **self.meta,
             "method": self.method.name,
             "seed": self.seed,
+            "run_dir": str(self.run_dir),
             "final": metrics.get("mean", {}),
             "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
             "history": self.history,

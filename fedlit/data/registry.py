@@ -220,3 +220,6 @@ def _shapes_factory(domain: str) -> Factory:
 for _domain in shapes.DOMAINS:
     register_dataset("shapes" if _domain == "clean" else f"shapes-{_domain}")(_shapes_factory(_domain))
 del _domain
+
+# --- real datasets (CoOp $DATA layout, FedBN domains, Fashion-MNIST): registered on import, loaded lazily -----
+from fedlit.data import coop as _coop  # noqa: E402,F401  (at the bottom: coop imports the names above)

@@ -91,6 +91,10 @@ class FedMethod:
         self.weighted = weighted
 
     # ----------------------------------------------------------------------------- the component
+    def setup_federation(self, train_task: Task, num_clients: int) -> None:
+        """Called by the orchestrator once, before :meth:`build`, with the task clients train among and the
+        number of clients (linear-head methods size their head from it; pFedPG its client descriptors)."""
+
     def build(self, clip: FrozenCLIP) -> nn.Module | None:
         """The trainable prompt component, built once per process and reused for every client."""
         return None

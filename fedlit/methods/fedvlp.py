@@ -1,0 +1,91 @@
+"""FedVLP: independent vision-language prompts (IVLP style), the FedTPG code base's ``--model_name vlp`` baseline.
+
+Spec §2.5: ``text_ctx ∈ R^{depth×n_ctx×W_text}`` and ``vis_ctx ∈ R^{depth×n_ctx×W_vision}``, both N(0, 0.02²), no
+coupling between them (unlike MaPLe). Text: prompt ``"X X X X {class}."``; ``text_ctx[0]`` replaces the "X" tokens at
+the input and ``text_ctx[l]`` replaces them again at the input of block ``l`` (``l < depth``). Vision:
+``vis_ctx[0]`` is **appended after the patch tokens** (``prompt_position="append"``) and ``vis_ctx[l]`` replaces
+those tokens (previous outputs discarded) at the input of block ``l``. Both tensors are shared; the server takes
+the **unweighted** mean over participating clients (FedTPG's aggregation), and evaluation follows FedTPG's
+protocol (``eval_protocol = "global"``).
+
+``image_input = "images"``: the image tower is prompted, nothing is cached. Defaults are FedTPG's (spec §2.4):
+n_ctx 4, depth 1, SGD lr 0.003, momentum 0.9, weight decay 1e-5. (FedTPG's per-client cosine schedule over 500
+rounds is not reproduced: the learning rate is constant.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones import FrozenCLIP
+from ..errors import FedlitError
+from ..prompts import Task, prompt_template
+from .base import FedMethod
+
+
+class VLPPrompt(nn.Module):
+    """Independent text ``[depth, n_ctx, W_text]`` and vision ``[depth, n_ctx, W_vision]`` prompts."""
+
+    def __init__(self, clip: FrozenCLIP, n_ctx: int = 4, depth: int = 1, std: float = 0.02):
+        super().__init__()
+        self.n_ctx, self.depth = n_ctx, depth
+        self.text_ctx = nn.Parameter(torch.randn(depth, n_ctx, clip.text_width) * std)
+        self.vis_ctx = nn.Parameter(torch.randn(depth, n_ctx, clip.vision_width) * std)
+
+    def text_features(self, clip: FrozenCLIP, task: Task) -> torch.Tensor:
+        tpl = prompt_template(clip, task, self.n_ctx)
+        deep = [self.text_ctx[i] for i in range(1, self.depth)]
+        feats = clip.encode_text_embeddings(tpl.splice(self.text_ctx[0]), tpl.eot, deep_prompts=deep)
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    def image_features(self, clip: FrozenCLIP, images: torch.Tensor) -> torch.Tensor:
+        deep = [self.vis_ctx[i] for i in range(1, self.depth)]
+        return clip.encode_image(images, visual_prompts=self.vis_ctx[0], deep_visual_prompts=deep,
+                                 prompt_position="append")
+
+
+class FedVLP(FedMethod):
+    """Federated independent vision-language prompts (FedTPG's VLP baseline).
+
+    Args:
+        n_ctx: prompt tokens per layer and modality (4).
+        prompt_depth: layers that receive prompts (1: input layer only).
+        lr, momentum, weight_decay: SGD (FedTPG: 0.003, 0.9, 1e-5).
+        weighted: aggregate weighted by sample count (False: FedTPG's unweighted mean).
+    """
+
+    name = "fedvlp"
+    image_input = "images"
+    eval_protocol = "global"
+
+    def __init__(self, n_ctx: int = 4, prompt_depth: int = 1, lr: float = 0.003, momentum: float = 0.9,
+                 weight_decay: float = 1e-5, weighted: bool = False):
+        super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
+        if n_ctx < 1:
+            raise FedlitError(f"method.init_args.n_ctx={n_ctx}: needs at least 1 prompt token")
+        if prompt_depth < 1:
+            raise FedlitError(f"method.init_args.prompt_depth={prompt_depth}: needs at least 1 (the input layer)")
+        self.n_ctx = n_ctx
+        self.prompt_depth = prompt_depth
+
+    def build(self, clip: FrozenCLIP):
+        if not clip.is_vit:
+            raise FedlitError(f"fedvlp prompts a ViT image tower; backbone '{clip.name}' has none (use e.g. ViT-B-16)")
+        layers = min(len(clip.model.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+        if self.prompt_depth > layers:
+            raise FedlitError(f"method.init_args.prompt_depth={self.prompt_depth} exceeds the {layers} transformer "
+                              f"layers of backbone '{clip.name}'; use --method.init_args.prompt_depth {layers} or less")
+        return VLPPrompt(clip, self.n_ctx, self.prompt_depth)
+
+    def is_shared(self, key: str) -> bool:
+        return True  # text and vision prompts
+
+    def text_features(self, prompt: VLPPrompt, clip, task: Task) -> torch.Tensor:
+        return prompt.text_features(clip, task)
+
+    def logits(self, prompt: VLPPrompt, clip, x: torch.Tensor, task: Task, prepared=None) -> torch.Tensor:
+        text = prepared if prepared is not None else prompt.text_features(clip, task)
+        img = prompt.image_features(clip, x)
+        img = img / img.norm(dim=-1, keepdim=True)
+        return clip.logit_scale * img @ text.to(img.dtype).t()

@@ -1,0 +1,100 @@
+"""Bad input gets one clear line on stderr, exit code 2, no traceback, and never touches earlier runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedlit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def _yaml(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# (args after `fit --config QUICK`, substrings the error must contain)
+CASES = [
+    (["--trainer.roundz", "3"], ["unknown config key 'trainer.roundz'", "trainer.rounds"]),
+    (["--datax.shots", "3"], ["unknown config key 'datax.shots'", "data.shots"]),
+    (["--method.lrr", "3"], ["method.init_args.lrr", "method.init_args.lr"]),
+    (["--method", "fedfoo"], ["unknown method 'fedfoo'", "promptfl"]),
+    (["--data.dataset", "shapez"], ["unknown dataset 'shapez'", "shapes"]),
+    (["--backbone.name", "ViT-Q-99"], ["unknown backbone 'ViT-Q-99'", "fedlit backbones"]),
+    (["--trainer.rounds", "-1"], ["trainer.rounds=-1"]),
+    (["--trainer.rounds", "abc"], ["trainer.rounds", "expected int", "abc"]),
+    (["--trainer.participation", "1.5"], ["trainer.participation=1.5"]),
+    (["--data.shots", "0"], ["data.shots=0"]),
+    (["--data.num_clients", "40"], ["24 classes", "40 clients"]),
+    (["--data.partition", "foo"], ["data.partition", "foo"]),
+    (["--method.init_args.n_ctx", "abc"], ["method.init_args.n_ctx", "expected int"]),
+    (["--method.init_args.ctx_init", "a photo of"], ["ctx_init", "n_ctx"]),
+    (["--config", "/nonexistent/x.yaml"], ["does not exist"]),
+]
+
+
+@pytest.mark.parametrize("args,expect", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_one_line_error(tmp_path, capsys, args, expect):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text('{"method": "x"}')
+    rc = main(["fit", "--config", QUICK, "--out_dir", str(tmp_path / "new"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) <= 2, err
+    for s in expect:
+        assert s in err, (s, err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # nothing written for a run that could not start
+    assert (earlier / "results.json").read_text() == '{"method": "x"}'
+
+
+def test_bad_keys_in_config_files(tmp_path, capsys):
+    cases = [
+        ("trainer:\n  roundz: 3\n", "trainer.rounds"),
+        ("method:\n  class_path: fedlit.methods.PromptFL\n  init_args:\n    n_ctxx: 3\n", "method.init_args.n_ctx"),
+    ]
+    for text, hint in cases:
+        rc = main(["fit", "--config", QUICK, "--config", _yaml(tmp_path, "bad.yaml", text)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "unknown config key" in err and hint in err and len(err.strip().splitlines()) <= 2
+
+
+def test_missing_weights_names_the_fix(tmp_path, capsys):
+    rc = main(["fit", "--config", QUICK, "--backbone.pretrained", str(tmp_path / "nope.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.safetensors" in err
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = main(["fit", "--config", QUICK, "--method", "zeroshot", "--out_dir", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The real entry point in a fresh process: one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "fedlit.cli", "fit", "--config", QUICK, "--method", "nope"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown method 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_print_config_and_lists(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", QUICK, "--method", "coop", "--print_config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: fedlit.methods.coop.CoOp" in out and "n_ctx: 4" in out
+    assert main(["methods"]) == 0 and "promptfl" in capsys.readouterr().out
+    assert main(["datasets"]) == 0 and "shapes-dark" in capsys.readouterr().out
