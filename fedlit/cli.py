@@ -143,7 +143,17 @@ def _all_actions(parser):
 
 
 # ----------------------------------------------------------------------------------------- fit
-def _run_dir(out_dir: str | None, method: str, dataset: str, seed: int, overwrite: bool) -> Path:
+_OURS = {"config.yaml", "results.json", "tensorboard", "checkpoint.safetensors", "checkpoint.safetensors.tmp"}
+
+
+def _run_dir(out_dir: str | None, method: str, dataset: str, seed: int, overwrite: bool) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint to resume from (if the directory holds an unfinished run).
+
+    A finished run (``results.json``) is never replaced unless ``overwrite``; an unfinished one with a
+    checkpoint is resumed; a directory holding files fedlit did not write is refused.
+    """
+    from .checkpoint import NAME
+
     if out_dir is None:
         base = Path("runs") / f"{method}-{dataset}-seed{seed}"
         path, n = base, 1
@@ -152,11 +162,22 @@ def _run_dir(out_dir: str | None, method: str, dataset: str, seed: int, overwrit
             path = base.with_name(f"{base.name}-{n}")
     else:
         path = Path(out_dir)
-        if path.exists() and any(path.iterdir()):
-            if (path / "results.json").exists() and not overwrite:
-                raise FedlitError(f"{path} already holds a finished run; choose another --out_dir or pass --overwrite true")
-            if not (path / "results.json").exists() and not overwrite:
-                raise FedlitError(f"{path} holds an unfinished run; choose another --out_dir or pass --overwrite true")
+    resume = None
+    if path.is_dir() and any(path.iterdir()):
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in _OURS)
+        if foreign and not overwrite:
+            raise FedlitError(f"{path} holds files fedlit did not write ({', '.join(foreign[:3])}); "
+                              f"choose another --out_dir")
+        if overwrite:
+            import shutil
+
+            for name in _OURS:
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif (path / "results.json").exists():
+            raise FedlitError(f"{path} already holds a finished run; choose another --out_dir or pass --overwrite true")
+        elif (path / NAME).exists():
+            resume = path / NAME
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
@@ -164,13 +185,22 @@ def _run_dir(out_dir: str | None, method: str, dataset: str, seed: int, overwrit
         probe.unlink()
     except OSError as e:
         raise FedlitError(f"cannot write to run directory {path} ({e.strerror}); choose another --out_dir") from None
-    if overwrite:
-        for stale in ("results.json", "config.yaml"):
-            (path / stale).unlink(missing_ok=True)
-        import shutil
+    return path, resume
 
-        shutil.rmtree(path / "tensorboard", ignore_errors=True)
-    return path
+
+def _config_digest(parser, cfg) -> str:
+    """Digest of the settings that change results (not the run directory, the round count or the devices)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
+    for key in ("out_dir", "overwrite", "config"):
+        d.pop(key, None)
+    for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every"):
+        d.get("trainer", {}).pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def cmd_fit(argv: list[str]) -> int:
@@ -196,6 +226,7 @@ def cmd_fit(argv: list[str]) -> int:
 def fit(parser, cfg, init) -> int:
     import lightning as L
 
+    from . import checkpoint as ckpt
     from .backbones import load_backbone
     from .federation import Orchestrator, format_final
 
@@ -206,17 +237,27 @@ def fit(parser, cfg, init) -> int:
     # Everything a user can get wrong is checked before anything is written.
     clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
     federation = data.setup(cfg.seed)
-    meta = {"dataset": data.dataset, "backbone": init.backbone.name}
+    identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
+                "dataset": data.dataset, "seed": cfg.seed, "config_digest": _config_digest(parser, cfg)}
+    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}
     orchestrator = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
-    run_dir = None
+    where = None
     if fabric.global_rank == 0:
-        run_dir = _run_dir(cfg.out_dir, method.name, data.dataset, cfg.seed, cfg.overwrite)
-        parser.save(cfg, str(run_dir / "config.yaml"), skip_validation=True, overwrite=True)
+        run_dir, resume = _run_dir(cfg.out_dir, method.name, data.dataset, cfg.seed, cfg.overwrite)
+        if resume is not None:
+            state = ckpt.load(resume)
+            ckpt.check_identity(resume, state.identity, identity)
+        else:
+            parser.save(cfg, str(run_dir / "config.yaml"), skip_validation=True, overwrite=True)
+        where = (str(run_dir), str(resume) if resume else None)
+    run_dir, resume = fabric.broadcast(where, src=0)
+    state = ckpt.load(resume) if resume else None
+    if fabric.global_rank == 0:
+        action = f"resuming after round {state.round} from {resume}" if state else f"run dir {run_dir}"
         print(f"fedlit: {method.name} on {data.dataset} — {len(federation.clients)} clients, "
-              f"backbone {init.backbone.name}, run dir {run_dir}")
+              f"backbone {init.backbone.name}, {action}")
         print(federation.summary())
-    run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
-    results = orchestrator.fit(run_dir)
+    results = orchestrator.fit(run_dir, resume=state)
     if fabric.global_rank == 0:
         print(format_final(results))
     return 0

@@ -30,6 +30,8 @@ class ClientModule(L.LightningModule):
         self.method = method
         self.prompt = method.build(clip)
         self.task: Task | None = None  # the class list the current client trains among
+        self.cid: int | None = None  # the client currently loaded, and the round (for hooks and logging)
+        self.round: int = 0
         # positions in ``task`` of the classes the current client holds (FedTPG trains among these only)
         self.client_classes: list[int] | None = None
         self.global_state: dict[str, torch.Tensor] = {}  # snapshot received this round (FedProx & co.)

@@ -18,12 +18,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.loggers import TensorBoardLogger
 
+from . import checkpoint as ckpt
 from .backbones import FrozenCLIP
 from .client import ClientModule
 from .data.federation import Federation
@@ -70,6 +72,10 @@ class FedTrainer:
         strategy: Fabric strategy for several processes (``ddp`` launches them; results are gathered
             with collectives, modules are not wrapped).
         prox_mu: add FedProx's proximal term μ/2‖θ − θ_global‖² to any method's local loss (0: off).
+        checkpoint_every: write ``checkpoint.safetensors`` every N rounds (0: never); a run directory holding
+            a checkpoint and no results is resumed automatically.
+        on_client_failure: ``skip`` leaves a client whose update raises or whose loss is NaN/inf out of the
+            round's aggregation (logged and counted); ``stop`` ends the run with an error.
         progress: show a progress bar (``null``: only when stderr is a terminal).
     """
 
@@ -88,6 +94,8 @@ class FedTrainer:
         num_nodes: int = 1,
         strategy: str = "auto",
         prox_mu: float = 0.0,
+        checkpoint_every: int = 1,
+        on_client_failure: Literal["skip", "stop"] = "skip",
         progress: bool | None = None,
     ):
         checks = [
@@ -98,6 +106,7 @@ class FedTrainer:
             (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
             (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
             (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
+            (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -115,6 +124,8 @@ class FedTrainer:
         self.num_nodes = num_nodes
         self.strategy = strategy
         self.prox_mu = prox_mu
+        self.checkpoint_every = checkpoint_every
+        self.on_client_failure = on_client_failure
         self.progress = progress
 
     def make_fabric(self) -> L.Fabric:
@@ -155,25 +166,31 @@ class Orchestrator:
 
 
     # ------------------------------------------------------------------------------------ the loop
-    def fit(self, run_dir: str | Path) -> dict:
+    def fit(self, run_dir: str | Path, resume: ckpt.RunState | None = None) -> dict:
         fab, cfg, t0 = self.fabric, self.cfg, time.time()
         self.run_dir = Path(run_dir)
-        if fab.global_rank == 0:
+        start, metrics = 0, {}
+        if resume is not None:
+            start, metrics = self.restore(resume), resume.extra.get("metrics", {})
+        if fab.global_rank == 0:  # purge_step drops scalars a killed run logged after its last checkpoint
             self.logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="",
-                                            default_hp_metric=False)
+                                            default_hp_metric=False, purge_step=start + 1 if start else None)
         K = len(self.fed.clients)
         bar = self._progress(cfg.rounds * 1)
-        metrics: dict = {}
-        for rnd in range(cfg.rounds):
+        if bar is not None and start:
+            bar.update(start)
+        for rnd in range(start, cfg.rounds):
             selected = sample_clients(self.seed, rnd, K, cfg.participation, cfg.first_round_all)
             if self.method.trainable:
                 mine = shard(selected, fab.global_rank, fab.world_size)
-                updates = self._gather([self.local_update(cid, rnd) for cid in mine])
+                updates = self._gather([self.safe_update(cid, rnd) for cid in mine])
                 updates.sort(key=lambda u: u.cid)
                 self.apply(updates)
                 self._log_round(rnd, selected, updates)
             if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
                 metrics = self.evaluate(rnd)
+            if cfg.checkpoint_every and ((rnd + 1) % cfg.checkpoint_every == 0 or rnd == cfg.rounds - 1):
+                self.save_checkpoint(rnd + 1, metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.1f}" for k, v in metrics.get("mean", {}).items()})
@@ -183,14 +200,53 @@ class Orchestrator:
             bar.close()
         return self._finish(metrics, time.time() - t0)
 
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, rounds_done: int, metrics: dict) -> None:
+        if self.fabric.global_rank != 0:
+            return
+        if self.logger is not None:
+            self.logger.experiment.flush()  # scalars up to this round are on disk before the checkpoint is
+        state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=self.personal,
+                              server=self.method.server_state_dict(), history=self.history,
+                              identity=self.meta.get("identity", {}),
+                              extra={"metrics": _jsonable(metrics)})
+        ckpt.save(self.run_dir / ckpt.NAME, state)
+
+    def restore(self, state: ckpt.RunState) -> int:
+        """Load a checkpoint's state; returns the number of finished rounds."""
+        expected = set(self.global_state)
+        if set(state.global_state) != expected:
+            raise FedlitError(f"checkpoint holds shared tensors {sorted(state.global_state)} but the method has "
+                              f"{sorted(expected)}; it was written by another method configuration")
+        self.global_state = dict(state.global_state)
+        self.personal = {int(c): dict(t) for c, t in state.personal.items()}
+        self.method.load_server_state_dict(state.server)
+        self.history = list(state.history)
+        return state.round
+
     # ------------------------------------------------------------------------------------ one client
+    def safe_update(self, cid: int, rnd: int) -> Update:
+        """:meth:`local_update`, with a raising client turned into a failed update (``on_client_failure``)."""
+        ckpt.fault_point(f"client:{rnd + 1}:{cid}")
+        try:
+            update = self.local_update(cid, rnd)
+        except FedlitError:
+            raise
+        except Exception as e:  # a bug or bad data in one client must not kill a long grid
+            update = Update(cid, {}, {}, self.fed.clients[cid].num_samples, float("nan"),
+                            error=f"{type(e).__name__}: {e}")
+        if not update.ok and self.cfg.on_client_failure == "stop":
+            raise FedlitError(f"client {cid} failed in round {rnd + 1}: {update.error} "
+                              f"(trainer.on_client_failure=skip leaves such clients out instead)")
+        return update
+
     def local_update(self, cid: int, rnd: int) -> Update:
         """Load (global ∪ personal) → ``local_epochs`` passes over the client's data → export."""
         client, m, cfg = self.fed.clients[cid], self.module, self.cfg
         sent = self.method.client_state(cid, self.global_state)
         m.load_prompt_state(sent, self.personal.get(cid, self.init_personal))
         m.global_state = {k: v.to(self.fabric.device) for k, v in sent.items()}
-        m.task = self.fed.train_task
+        m.task, m.cid, m.round = self.fed.train_task, cid, rnd
         pos = {name: i for i, name in enumerate(m.task.classnames)}
         m.client_classes = [pos[self.fed.data.classnames[c]] for c in client.classes]
         m.train()
@@ -219,9 +275,12 @@ class Orchestrator:
     def apply(self, updates: list[Update]) -> None:
         """Aggregate the successful updates into the global state; keep each client's personal state."""
         ok = [u for u in updates if u.ok]
-        for u in updates:
-            if not u.ok:
-                print(f"warning: client {u.cid} left out of this round: {u.error}", file=sys.stderr)
+        if self.fabric.global_rank == 0:
+            for u in updates:
+                if not u.ok:
+                    print(f"warning: client {u.cid} left out of this round's aggregation: {u.error}", file=sys.stderr)
+            if updates and not ok:
+                print("warning: no client of this round succeeded; the global state stays as it was", file=sys.stderr)
         if not ok:
             return
         self.global_state = self.method.aggregate(ok, self.global_state)
@@ -371,6 +430,14 @@ class Orchestrator:
             self.logger.finalize("success")
             write_json_atomic(self.run_dir / "results.json", results)
         return results
+
+
+def _jsonable(metrics: dict) -> dict:
+    """Metrics with int client keys turned into strings (JSON)."""
+    out = dict(metrics)
+    if "per_client" in out:
+        out["per_client"] = {str(k): v for k, v in out["per_client"].items()}
+    return out
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -210,7 +210,7 @@ def test_unknown_backbone_lists_valid_names():
     with pytest.raises(FedlitError) as e:
         load_backbone("ViT-B-61", pretrained="none")
     msg = str(e.value)
-    assert "unknown backbone 'ViT-B-61'" in msg and "fedlit-toy" in msg and "ViT-B-16" in msg
+    assert "unknown backbone 'ViT-B-61'" in msg and "did you mean 'ViT-B-16'" in msg and "fedlit backbones" in msg
     assert "fedlit-toy" in list_backbones() and "RN50" in list_backbones()
 
 

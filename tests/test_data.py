@@ -265,5 +265,8 @@ def test_unknown_dataset_lists_valid_names():
         R.get_dataset("shapez")
     msg = str(info.value)
     assert "unknown dataset 'shapez'" in msg and "did you mean 'shapes'" in msg
-    for name in R.list_datasets():
-        assert name in msg
+    if len(R.list_datasets()) > 15:  # long lists are left to `fedlit datasets` (errors.unknown_name)
+        assert f"`fedlit datasets` lists the {len(R.list_datasets())} valid ones" in msg
+    else:
+        for name in R.list_datasets():
+            assert name in msg

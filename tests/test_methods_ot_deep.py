@@ -45,14 +45,14 @@ def _reference_cot(cost, a, b, eps, iters):
 def test_cot_constant_cost_gives_hand_computed_plan():
     # equal costs: by symmetry T_mn = top_percent / (M·N) (row sums 0.8/M ≤ a = 1/M, column sums 0.8/N)
     cost = torch.full((1, 4, 2), 0.7)
-    t = transport_plan(cost, "cot", eps=0.1, top_percent=0.8, max_iter=1000, thresh=1e-12)
+    t = transport_plan(cost, "cot", eps=0.1, top_percent=0.8, max_iter=1000, thresh=1e-9)
     assert torch.allclose(t, torch.full_like(t, 0.8 / 8), atol=1e-6)
 
 
 def test_cot_marginals_on_hand_built_costs():
     cost = torch.tensor([[[0.1, 0.9], [0.5, 0.5], [0.9, 0.2]],
                          [[0.3, 0.3], [0.2, 0.8], [0.6, 0.1]]])
-    t = transport_plan(cost, "cot", eps=0.1, top_percent=0.8, max_iter=5000, thresh=1e-12)
+    t = transport_plan(cost, "cot", eps=0.1, top_percent=0.8, max_iter=1000, thresh=1e-9)
     assert torch.allclose(t.sum(dim=1), torch.full((2, 2), 0.4), atol=1e-5)  # columns = b = top_percent/N
     assert (t.sum(dim=2) <= 1 / 3 + 1e-5).all()  # rows ≤ a = 1/M
     assert torch.allclose(t.sum(dim=(1, 2)), torch.full((2,), 0.8), atol=1e-5)  # total mass = top_percent
@@ -69,14 +69,14 @@ def test_sinkhorn_2x2_matches_closed_form():
     k = torch.exp(-cost[0].double() / eps)
     s = math.sqrt(float(k[0, 0] * k[1, 1] / (k[0, 1] * k[1, 0])))
     p = s / (2 * (1 + s))
-    t = transport_plan(cost, "sinkhorn", eps=eps, max_iter=5000, thresh=1e-12)[0]
+    t = transport_plan(cost, "sinkhorn", eps=eps, max_iter=1000, thresh=1e-9)[0]
     assert torch.allclose(t.double(), torch.tensor([[p, 0.5 - p], [0.5 - p, p]], dtype=torch.float64), atol=1e-6)
 
 
 def test_sinkhorn_marginals_exact():
     g = torch.Generator().manual_seed(1)
     cost = 1 - torch.rand(5, 7, 2, generator=g) * 0.4
-    t = transport_plan(cost, "sinkhorn", eps=0.05, max_iter=5000, thresh=1e-10)
+    t = transport_plan(cost, "sinkhorn", eps=0.05, max_iter=1000, thresh=1e-9)
     assert torch.allclose(t.sum(dim=2), torch.full((5, 7), 1 / 7), atol=1e-4)
     assert torch.allclose(t.sum(dim=1), torch.full((5, 2), 1 / 2), atol=1e-4)
 

@@ -62,6 +62,17 @@ def test_logits_shape_and_head_size_from_training_task(clip):
         FedVPT().build(clip)
 
 
+def test_head_acts_on_the_normalised_or_raw_feature(clip):
+    x = _images(clip, n=3, seed=1)
+    for norm in (True, False):
+        torch.manual_seed(0)
+        m = _method(LocalVPT, normalize_features=norm)
+        comp = m.build(clip)
+        f = comp.features(clip, x)
+        f = f / f.norm(dim=-1, keepdim=True) if norm else f
+        assert torch.allclose(m.logits(comp, clip, x, TASK), f @ comp.head.weight.t() + comp.head.bias, atol=1e-5)
+
+
 def test_gradients_reach_prompt_and_head_not_backbone(clip):
     m = _method(PFedPG)
     module = ClientModule(clip, m)

@@ -508,7 +508,8 @@ def _domain_items(dataset: str, name: str, data_root: str, domain: str, seed: in
         return lab[y]
 
     out: dict[str, tuple[list[str], list[int]]] = {}
-    if os.path.exists(train_pkl) and os.path.exists(test_pkl):
+    use_pickles = os.path.exists(train_pkl) and os.path.exists(test_pkl)
+    if use_pickles:
         for split, pkl in (("train", train_pkl), ("test", test_pkl)):
             rel, ys = _load_list_pickle(pkl, name)
             out[split] = ([_resolve(p, data_root, base, domain) for p in rel], [label_of(y, pkl) for y in ys])
@@ -542,7 +543,7 @@ def _domain_items(dataset: str, name: str, data_root: str, domain: str, seed: in
                 f"{name}: no class folder ({', '.join(c.replace(' ', '_') for c in classes)}) in {ddir}"
             )
     for split in ("train", "test"):
-        _check_first(out[split][0], name, f"{domain}_{split}.pkl" if os.path.exists(train_pkl) else ddir)
+        _check_first(out[split][0], name, f"{domain}_{split}.pkl" if use_pickles else f"{base}/{domain}")
     return out
 
 

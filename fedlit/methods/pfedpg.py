@@ -99,7 +99,7 @@ class PFedPG(VPTMethod):
         n_heads: attention heads of G (1 [inferred]).
         descriptor_tokens: rows of each client descriptor, 1 or ``n_prompts`` (1 [inferred]).
         residual: P_n = P_base + attention output (True [inferred, all re-implementations]).
-        lr, momentum, weight_decay, weighted: client optimiser, see :class:`~fedlit.methods.vpt.VPTMethod`
+        normalize_features, lr, momentum, weight_decay, weighted: client head and optimiser, see :class:`~fedlit.methods.vpt.VPTMethod`
             (``weighted`` is unused: the server update averages the clients' VJPs uniformly [inferred]).
     """
 
@@ -108,8 +108,10 @@ class PFedPG(VPTMethod):
     def __init__(self, n_prompts: int = 10, server_lr: float = 0.001,
                  server_optimizer: Literal["adam", "adamw", "sgd"] = "adam", server_weight_decay: float = 0.0,
                  attn_dim: int | None = None, n_heads: int = 1, descriptor_tokens: int = 1, residual: bool = True,
-                 lr: float = 0.25, momentum: float = 0.9, weight_decay: float = 0.001, weighted: bool = True):
-        super().__init__(n_prompts=n_prompts, lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
+                 normalize_features: bool = True, lr: float = 0.25, momentum: float = 0.9, weight_decay: float = 0.001,
+                 weighted: bool = True):
+        super().__init__(n_prompts=n_prompts, normalize_features=normalize_features, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, weighted=weighted)
         if server_optimizer not in ("adam", "adamw", "sgd"):
             raise FedlitError(f"method.server_optimizer={server_optimizer!r}: use adam, adamw or sgd")
         self.server_lr = server_lr

@@ -1,0 +1,113 @@
+"""Checkpoints: one safetensors file per run, written atomically, loaded without executing code.
+
+A checkpoint holds only trainable state — the global shared tensors, every client's personal tensors,
+the method's server-side state — plus, as JSON in the file's metadata, the round counter, the metric
+history, the identity of the run (method, backbone, dataset, seed, config digest) and a format version.
+No backbone weights, no pickles. Randomness needs no saved RNG state: every draw of a run is a function
+of ``(seed, round, client)``, so a resumed run continues exactly where an uninterrupted one would be.
+
+Writes go to a temporary file in the same directory, are fsync'ed, then atomically renamed over the
+previous checkpoint, so a crash (or a full disk) during the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import FedlitError
+
+FORMAT = 1
+NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class RunState:
+    """Everything needed to continue a run after round ``round`` (1-based count of finished rounds)."""
+
+    round: int
+    global_state: dict[str, torch.Tensor]
+    personal: dict[int, dict[str, torch.Tensor]]
+    server: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    identity: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``FEDLIT_FAULT=<name>`` kills the process with SIGKILL at that point (tests only)."""
+    if os.environ.get("FEDLIT_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _flatten(state: RunState) -> dict[str, torch.Tensor]:
+    flat = {f"global/{k}": v for k, v in state.global_state.items()}
+    for cid, tensors in state.personal.items():
+        flat.update({f"personal/{cid}/{k}": v for k, v in tensors.items()})
+    flat.update({f"server/{k}": v for k, v in state.server.items()})
+    return {k: v.detach().to("cpu").contiguous() for k, v in flat.items()}
+
+
+def save(path: str | Path, state: RunState) -> None:
+    """Atomically write ``state`` to ``path``; on any failure the previous file is untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"format": FORMAT, "round": state.round, "history": state.history, "identity": state.identity,
+            "extra": state.extra}
+    try:
+        save_file(_flatten(state), str(tmp), metadata={"fedlit": json.dumps(meta, allow_nan=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        fault_point(f"checkpoint-write:{state.round}")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FedlitError(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint is "
+                          f"intact — free disk space or choose another --out_dir, then rerun to resume") from None
+
+
+def load(path: str | Path) -> RunState:
+    """Read a checkpoint written by :func:`save` (safetensors: no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedlitError(f"checkpoint {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fedlit", "null") or "null")
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise FedlitError(f"checkpoint {path} is unreadable or truncated ({str(e).splitlines()[0][:80]}); "
+                          f"delete it to start the run afresh") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FedlitError(f"{path} is not a fedlit checkpoint (format {FORMAT})")
+    state = RunState(round=int(meta["round"]), global_state={}, personal={}, history=meta.get("history", []),
+                     identity=meta.get("identity", {}), extra=meta.get("extra", {}))
+    for k, v in tensors.items():
+        kind, _, rest = k.partition("/")
+        if kind == "global":
+            state.global_state[rest] = v
+        elif kind == "server":
+            state.server[rest] = v
+        elif kind == "personal":
+            cid, _, key = rest.partition("/")
+            state.personal.setdefault(int(cid), {})[key] = v
+    return state
+
+
+def check_identity(path: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint made by another method, backbone, dataset or config."""
+    for key in ("method", "backbone", "dataset", "seed", "config_digest"):
+        if key in saved and key in current and saved[key] != current[key]:
+            what = "config" if key == "config_digest" else key
+            raise FedlitError(f"{path} was written with another {what} ({saved[key]} ≠ {current[key]}); "
+                              f"use another --out_dir, or --overwrite true to discard it")
