@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedlit-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test test-all venv pretrain-toy clean
+.PHONY: demo test test-all venv pretrain-toy reproduce-table1 clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,18 @@ test-all: $(STAMP)
 # Regenerate the embedded model's weights (deterministic; ~5 min on 2 idle CPU cores).
 pretrain-toy: $(STAMP)
 	$(FEDLIT) pretrain-toy
+
+# FedPGP Table 1 (8 methods × 5 datasets × SEEDS) → results/table1.md + .csv, paper numbers beside ours.
+# Finished cells are skipped, interrupted ones resumed. BACKBONE=fedlit-toy: the embedded grid (CPU, minutes;
+# table in results/table1-fedlit-toy.md). Real grid: FEDLIT_DATA=/path/to/coop/data and a GPU (see README).
+BACKBONE ?= ViT-B-16
+SEEDS ?= 1
+METHODS ?= zeroshot coop promptfl fedprox fedmaple fedcocoop fedotp fedpgp
+DATASETS ?= oxford_pets oxford_flowers dtd caltech101 food101
+ROUNDS ?=
+reproduce-table1: $(STAMP)
+	$(PY) -m fedlit.table1 --backbone $(BACKBONE) --seeds $(SEEDS) --methods $(METHODS) --datasets $(DATASETS) \
+		$(if $(ROUNDS),--rounds $(ROUNDS)) --out results
 
 clean:
 	rm -rf runs results .pytest_cache

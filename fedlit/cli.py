@@ -3,6 +3,8 @@
     fedlit fit --config configs/quickstart.yaml                  # train a federation
     fedlit fit --config configs/quickstart.yaml --method zeroshot --trainer.rounds 5
     fedlit fit --config configs/promptfl.yaml --print_config     # the full resolved config
+    fedlit plot runs/a runs/b --out plots                        # PNGs of finished runs
+    fedlit summarize runs/a runs/b --out results/summary         # mean ± std table (.md + .csv), paper beside
     fedlit pretrain-toy                                          # regenerate the embedded model
     fedlit datasets | methods | backbones                        # list registered names
 
@@ -298,8 +300,51 @@ def cmd_list(what: str) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy}
-USAGE = "usage: fedlit {fit,pretrain-toy,datasets,methods,backbones} [--help]"
+def cmd_plot(argv: list[str]) -> int:
+    """``fedlit plot RUN_DIR… --out DIR``: PNGs of finished runs (see :mod:`fedlit.plot`)."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from .plot import plot_runs
+
+    p = ArgumentParser(prog="fedlit plot", exit_on_error=False,
+                       description="Plot finished runs: accuracy vs round, per-client bars, methods compared.")
+    p.add_argument("run_dirs", nargs="+", type=str, help="Run directories (each holding results.json).")
+    p.add_argument("--out", type=str, required=True, help="Directory the PNGs are written to.")
+    try:
+        a = p.parse_args(argv)
+    except ArgumentError as e:
+        raise FedlitError(f"{' '.join(str(e).split())[:200]}; usage: fedlit plot RUN_DIR... --out DIR") from None
+    for path in plot_runs(a.run_dirs, a.out):
+        print(path)
+    return 0
+
+
+def cmd_summarize(argv: list[str]) -> int:
+    """``fedlit summarize RUN_DIR… [--out PREFIX] [--paper NAME]``: mean ± std table (see :mod:`fedlit.summarize`)."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from .summarize import PAPER_CHOICES, summarize
+
+    p = ArgumentParser(prog="fedlit summarize", exit_on_error=False,
+                       description="Mean ± std over seeds of finished runs, with the paper's numbers beside ours.")
+    p.add_argument("run_dirs", nargs="+", type=str, help="Run directories (or folders holding them).")
+    p.add_argument("--out", type=str, default="summary", help="Output prefix: writes PREFIX.md and PREFIX.csv.")
+    p.add_argument("--paper", type=str, default="auto",
+                   help=f"Paper numbers beside ours: {', '.join(PAPER_CHOICES)} (auto: whichever has the cell).")
+    try:
+        a = p.parse_args(argv)
+    except ArgumentError as e:
+        raise FedlitError(f"{' '.join(str(e).split())[:200]}; usage: fedlit summarize RUN_DIR... "
+                          f"[--out PREFIX] [--paper NAME]") from None
+    md, _, written = summarize(a.run_dirs, out=a.out, paper=a.paper)
+    print(md, end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy, "plot": cmd_plot, "summarize": cmd_summarize}
+USAGE = "usage: fedlit {fit,plot,summarize,pretrain-toy,datasets,methods,backbones} [--help]"
 
 
 def main(argv: list[str] | None = None) -> int:

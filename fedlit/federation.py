@@ -162,6 +162,7 @@ class Orchestrator:
         self.init_personal = personal  # every client starts from the same initial personal tensors
         self.personal: dict[int, dict[str, torch.Tensor]] = {}  # only clients that trained hold state
         self.history: list[dict] = []
+        self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
 
 
@@ -209,7 +210,7 @@ class Orchestrator:
         state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=self.personal,
                               server=self.method.server_state_dict(), history=self.history,
                               identity=self.meta.get("identity", {}),
-                              extra={"metrics": _jsonable(metrics)})
+                              extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
         ckpt.save(self.run_dir / ckpt.NAME, state)
 
     def restore(self, state: ckpt.RunState) -> int:
@@ -222,6 +223,7 @@ class Orchestrator:
         self.personal = {int(c): dict(t) for c, t in state.personal.items()}
         self.method.load_server_state_dict(state.server)
         self.history = list(state.history)
+        self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
         return state.round
 
     # ------------------------------------------------------------------------------------ one client
@@ -305,6 +307,7 @@ class Orchestrator:
         for cid, res in sorted(per_client.items()):
             scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
         self._log(scalars, rnd + 1)
+        self._log_figure(per_client, rnd + 1)
         return {"round": rnd + 1, "mean": mean, "per_client": per_client}
 
     def _client_model(self, cid: int | None) -> None:
@@ -396,12 +399,26 @@ class Orchestrator:
             "comm/bytes_up": numel * len(ok),
             "comm/bytes_down": numel * len(selected),
         }
+        self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
+        scalars["comm/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in ok})
         self._log(scalars, rnd + 1)
 
     def _log(self, scalars: dict, step: int) -> None:
         if self.logger is not None:
             self.logger.log_metrics(scalars, step=step)
+
+    def _log_figure(self, per_client: dict, step: int) -> None:
+        """Image summary ``eval/per_client_accuracy``: Local/Base/Novel bars per client (rank 0, Agg canvas)."""
+        if self.logger is None:
+            return
+        try:
+            from .plot import per_client_figure
+
+            fig = per_client_figure(per_client, f"{self.method.name}, round {step}")
+        except (ImportError, FedlitError):  # matplotlib missing: scalars only
+            return
+        self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
     def _progress(self, total: int):
         show = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
@@ -411,6 +428,24 @@ class Orchestrator:
 
         return tqdm(total=self.cfg.rounds if self.method.trainable else 1, desc=f"{self.method.name} rounds",
                     unit="round", dynamic_ncols=True)
+
+    def hparams(self) -> dict[str, int | float | str | bool]:
+        """Flat scalars/strings for TensorBoard's HParams view: run meta (``identity/…`` flattened), the
+        method's constructor arguments (``method_args/…``) and the trainer settings (``trainer/…``)."""
+        import inspect
+
+        def flat(prefix: str, obj) -> dict:
+            if isinstance(obj, dict):
+                return {k: v for key, val in obj.items() for k, v in flat(f"{prefix}/{key}" if prefix else str(key), val).items()}
+            if isinstance(obj, bool | int | float | str):
+                return {prefix: obj}
+            return {prefix: "none" if obj is None else str(obj)}
+
+        init = inspect.signature(type(self.method).__init__).parameters
+        args = {p: getattr(self.method, p) for p in init if p != "self" and hasattr(self.method, p)}
+        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_")}
+        return flat("", {"method": self.method.name, "seed": self.seed, **self.meta,
+                         "method_args": args, "trainer": settings})
 
     def _finish(self, metrics: dict, wall: float) -> dict:
         results = {
@@ -425,7 +460,7 @@ class Orchestrator:
             "images_encoded": self.bank.encoded,
         }
         if self.fabric.global_rank == 0:
-            self.logger.log_hyperparams({"method": self.method.name, "seed": self.seed, **self.meta},
+            self.logger.log_hyperparams(self.hparams(),
                                         metrics={f"final/{k}": v for k, v in results["final"].items()})
             self.logger.finalize("success")
             write_json_atomic(self.run_dir / "results.json", results)

@@ -9,6 +9,8 @@ prompts ``[n_ctx, W_text]`` (N(0, 0.02²)) replace positions ``1..n_ctx`` at the
 Vision side (coupling): every text prompt has its own ``Linear(W_text → W_vision)``; the shallow vision prompt is
 ``proj(ctx)``, inserted after the patch tokens (``prompt_position="append"``, MaPLe's convention) before the
 first block, and the deep ones ``proj_j(p_j)`` replace those tokens at the input of vision blocks ``1..depth−1``.
+[UNVERIFIED: the "append" position and the cloned initial couplings below follow MaPLe's code as recalled, not a
+line of the spec; spec §6 fixes only the shapes and the per-layer couplings.]
 Both towers are the SAME frozen backbone (``clip.encode_text_embeddings(..., deep_prompts=...)`` and
 ``clip.encode_image(x, visual_prompts=..., deep_visual_prompts=...)``). As in MaPLe's code the deep coupling layers
 are clones of one initial ``Linear`` (identical initial weights), the shallow ``proj`` is drawn separately.

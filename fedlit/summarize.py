@@ -1,0 +1,285 @@
+"""Results tables: mean ± std over seeds of finished runs, with the paper's numbers beside ours.
+
+    fedlit summarize results/table1/ViT-B-16 --out results/table1      # → results/table1.md, results/table1.csv
+
+One row per (method, dataset, backbone): Local / Base / Novel as mean ± sample std over seeds (std needs two
+seeds), HM = harmonic mean of the three *mean* values (the papers' convention — FedPGP's Average row is the HM of
+the averaged Local/Base/Novel, not the mean of per-row HMs), the number of seeds, and where the paper printed the
+cell, the paper value and ours − paper. A method with all five FedPGP Table-1 datasets also gets an "Average" row
+(mean over datasets of the per-dataset means; HM of those).
+
+A run directory holds ``results.json`` (written by :meth:`fedlit.federation.Orchestrator._finish`); a directory
+without one that holds run directories below it is searched recursively; anything else is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import FedlitError
+from .metrics import harmonic_mean
+from .paper_results import DATASET_NAMES, METHOD_NAMES, PAPERS, TABLE1_DATASETS, TABLE1_METHODS, paper_value
+
+KEYS = ("local", "base", "novel")
+COLUMNS = ("local", "base", "novel", "hm")
+PAPER_CHOICES = ("auto", *PAPERS, "none")
+
+
+@dataclass
+class Row:
+    method: str
+    dataset: str  # the run's dataset name ("average" for the Average row)
+    backbone: str
+    seeds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]  # absent key → not defined (one seed)
+    paper_dataset: str = ""  # the dataset the paper value refers to (alias target), "" = same as dataset
+    paper: dict[str, float] = field(default_factory=dict)
+    paper_name: str = ""
+    status: str = "ok"  # "ok" | "failed: …"
+
+    @property
+    def diff(self) -> dict[str, float]:
+        return {k: self.mean[k] - self.paper[k] for k in COLUMNS if k in self.mean and k in self.paper}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def find_runs(run_dirs: Iterable[str | Path], warn=_warn) -> list[dict]:
+    """The ``results.json`` of every finished run in ``run_dirs`` (searched recursively); others warned and skipped."""
+    runs, seen = [], set()
+    for d in run_dirs:
+        d = Path(d)
+        if (d / "results.json").is_file():
+            files = [d / "results.json"]
+        elif d.is_dir():
+            files = sorted(d.rglob("results.json"))
+            if not files:
+                why = "unfinished run (checkpoint, no results.json)" if any(d.glob("checkpoint*")) else "no results.json"
+                warn(f"skipping {d}: {why}")
+                continue
+        else:
+            warn(f"skipping {d}: not a directory")
+            continue
+        for f in files:
+            key = f.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                res = json.loads(f.read_text())
+                if not isinstance(res.get("final"), dict) or "method" not in res or "dataset" not in res:
+                    raise ValueError("missing method/dataset/final")
+            except (OSError, ValueError) as e:
+                warn(f"skipping {f.parent}: unreadable results.json ({e})")
+                continue
+            res.setdefault("seed", 0)
+            res.setdefault("backbone", "?")
+            res["_dir"] = str(f.parent)
+            runs.append(res)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n − 1; None for a single value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def _paper_for(paper: str, method: str, dataset: str) -> tuple[dict[str, float], str]:
+    names = [p for p in PAPERS] if paper == "auto" else ([] if paper == "none" else [paper])
+    for name in names:
+        v = paper_value(name, method, dataset)
+        if v:
+            return v, name
+    return {}, ""
+
+
+def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mapping[str, str] | None = None,
+                   failed: Sequence[Mapping] = ()) -> list[Row]:
+    """Rows of the table: one per (method, dataset, backbone), then an Average row per (method, backbone).
+
+    ``aliases`` maps a run's dataset to the dataset whose paper numbers it stands in for (the embedded
+    benchmark: ``{"shapes-dark": "oxford_pets", …}``). ``failed``: grid cells that did not finish
+    (``{"method", "dataset", "backbone", "seed", "reason"}``), listed as failed rows when no seed of that cell finished.
+    """
+    if paper not in PAPER_CHOICES:
+        raise FedlitError(f"unknown paper '{paper}'; choose one of {', '.join(PAPER_CHOICES)}")
+    aliases = dict(aliases or {})
+    groups: dict[tuple[str, str, str], list[Mapping]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["dataset"], str(r["backbone"])), []).append(r)
+    rows: list[Row] = []
+    for (method, dataset, backbone), rs in sorted(groups.items(), key=lambda kv: _order(*kv[0])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        mean, std = {}, {}
+        for k in KEYS:
+            vals = [float(r["final"][k]) for r in rs if k in r["final"] and r["final"][k] == r["final"][k]]
+            if vals:
+                mean[k], s = mean_std(vals)
+                if s is not None:
+                    std[k] = s
+        present = [mean[k] for k in KEYS if k in mean]
+        if present:
+            mean["hm"] = harmonic_mean(present)
+        target = aliases.get(dataset, dataset)
+        pv, pname = _paper_for(paper, method, target)
+        rows.append(Row(method, dataset, backbone, [int(r["seed"]) for r in rs], mean, std,
+                        paper_dataset=target if target != dataset else "", paper=pv, paper_name=pname))
+    done = {(r.method, r.dataset, r.backbone) for r in rows}
+    for f in failed:
+        key = (f["method"], f["dataset"], str(f["backbone"]))
+        if key in done:
+            continue
+        target = aliases.get(f["dataset"], f["dataset"])
+        pv, pname = _paper_for(paper, f["method"], target)
+        rows.append(Row(f["method"], f["dataset"], str(f["backbone"]), [int(f["seed"])], {}, {},
+                        paper_dataset=target if target != f["dataset"] else "", paper=pv, paper_name=pname,
+                        status=f"failed: {f.get('reason', '?')}"))
+        done.add(key)
+    rows.sort(key=lambda r: _order(r.method, r.dataset, r.backbone))
+    return rows + _average_rows(rows, paper)
+
+
+def _average_rows(rows: Sequence[Row], paper: str) -> list[Row]:
+    """Average over the five Table-1 datasets, for every (method, backbone) that has all five finished."""
+    out = []
+    by_method: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.status == "ok":
+            by_method.setdefault((r.method, r.backbone), {})[r.paper_dataset or r.dataset] = r
+    for (method, backbone), per in by_method.items():
+        if not all(d in per for d in TABLE1_DATASETS):
+            continue
+        cells = [per[d] for d in TABLE1_DATASETS]
+        mean = {k: sum(c.mean[k] for c in cells) / len(cells) for k in KEYS if all(k in c.mean for c in cells)}
+        present = [mean[k] for k in KEYS if k in mean]
+        if present:
+            mean["hm"] = harmonic_mean(present)
+        pv, pname = _paper_for(paper, method, "average")
+        seeds = sorted(set.intersection(*(set(c.seeds) for c in cells)))
+        out.append(Row(method, "average", backbone, seeds, mean, {}, paper=pv, paper_name=pname))
+    return sorted(out, key=lambda r: _order(r.method, r.dataset, r.backbone))
+
+
+def _order(method: str, dataset: str, backbone: str):
+    mi = TABLE1_METHODS.index(method) if method in TABLE1_METHODS else len(TABLE1_METHODS)
+    return (backbone, mi, method, dataset)
+
+
+# ------------------------------------------------------------------------------------------ output
+def _label_method(m: str) -> str:
+    return METHOD_NAMES.get(m, m)
+
+
+def _label_dataset(r: Row) -> str:
+    if r.paper_dataset:
+        return f"{r.dataset} (≙ {DATASET_NAMES.get(r.paper_dataset, r.paper_dataset)})"
+    return DATASET_NAMES.get(r.dataset, r.dataset)
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None or v != v:
+        return "—"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
+
+
+def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[str] = ()) -> str:
+    with_paper = any(r.paper for r in rows)
+    head = ["Method", "Dataset", "Backbone", "Seeds"]
+    for k in COLUMNS:
+        name = "HM" if k == "hm" else k.capitalize()
+        head += [name, "paper", "Δ"] if with_paper else [name]
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for r in rows:
+        cells = [_label_method(r.method), _label_dataset(r), r.backbone, str(len(r.seeds))]
+        for k in COLUMNS:
+            if r.status != "ok":
+                ours = r.status if k == "local" else ""
+            elif k in r.mean:
+                ours = _fmt(r.mean[k]) + (f" ± {r.std[k]:.2f}" if k in r.std else "")
+            else:
+                ours = "—"
+            cells.append(ours)
+            if with_paper:
+                cells += [_fmt(r.paper.get(k)), _fmt(r.diff.get(k), signed=True) if r.paper else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    foot = ["", "Local/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed); "
+            "HM = harmonic mean of the three mean values (the papers' convention), not the mean of per-seed HMs. "
+            "Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."]
+    used = sorted({r.paper_name for r in rows if r.paper_name})
+    if used:
+        foot.append("paper = " + " ".join(PAPERS[p] for p in used) + " Δ = ours − paper.")
+    lines += foot + [n for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    fields = ["method", "dataset", "paper_dataset", "backbone", "n_seeds", "seeds", "status"]
+    for k in COLUMNS:
+        fields += [f"{k}_mean", f"{k}_std", f"{k}_paper", f"{k}_diff"]
+    fields.append("paper")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            d = {"method": r.method, "dataset": r.dataset, "paper_dataset": r.paper_dataset, "backbone": r.backbone,
+                 "n_seeds": len(r.seeds), "seeds": " ".join(map(str, r.seeds)), "status": r.status,
+                 "paper": r.paper_name}
+            diff = r.diff
+            for k in COLUMNS:
+                d[f"{k}_mean"] = _csv(r.mean.get(k))
+                d[f"{k}_std"] = _csv(r.std.get(k))
+                d[f"{k}_paper"] = _csv(r.paper.get(k))
+                d[f"{k}_diff"] = _csv(diff.get(k))
+            w.writerow(d)
+
+
+def _csv(v: float | None) -> str:
+    return "" if v is None or v != v else f"{v:.4f}"
+
+
+def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary", paper: str = "auto",
+              aliases: Mapping[str, str] | None = None, title: str | None = None, notes: Sequence[str] = (),
+              failed: Sequence[Mapping] = ()) -> tuple[str, list[Row], list[Path]]:
+    """Read the runs, build the rows, write ``<out>.md`` and ``<out>.csv`` (unless ``out`` is None).
+
+    Returns (markdown, rows, written paths). No finished run at all (and nothing failed) → FedlitError.
+    """
+    runs = find_runs(run_dirs)
+    if not runs and not failed:
+        raise FedlitError(f"no finished run (results.json) in {', '.join(map(str, run_dirs))}; "
+                          "pass run directories written by `fedlit fit`")
+    rows = summarize_runs(runs, paper=paper, aliases=aliases, failed=failed)
+    md = to_markdown(rows, title=title, notes=notes)
+    written = []
+    if out is not None:
+        prefix = Path(out)
+        if prefix.suffix in (".md", ".csv"):
+            prefix = prefix.with_suffix("")
+        try:
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            md_path, csv_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv")
+            md_path.write_text(md)
+            write_csv(rows, csv_path)
+        except OSError as e:
+            raise FedlitError(f"cannot write the table to {prefix}.md/.csv ({e.strerror}); choose another --out") from None
+        written = [md_path, csv_path]
+    return md, rows, written
+
+
+__all__ = ["Row", "find_runs", "mean_std", "summarize_runs", "to_markdown", "write_csv", "summarize"]
