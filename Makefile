@@ -42,9 +42,10 @@ SEEDS ?= 1
 METHODS ?= zeroshot coop promptfl fedprox fedmaple fedcocoop fedotp fedpgp
 DATASETS ?= oxford_pets oxford_flowers dtd caltech101 food101
 ROUNDS ?=
+FIT_ARGS ?=
 reproduce-table1: $(STAMP)
 	$(PY) -m fedlit.table1 --backbone $(BACKBONE) --seeds $(SEEDS) --methods $(METHODS) --datasets $(DATASETS) \
-		$(if $(ROUNDS),--rounds $(ROUNDS)) --out results
+		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(FIT_ARGS),--fit_args="$(FIT_ARGS)") --out results
 
 clean:
 	rm -rf runs results .pytest_cache

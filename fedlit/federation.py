@@ -188,7 +188,7 @@ class Orchestrator:
                 updates.sort(key=lambda u: u.cid)
                 self.apply(updates)
                 self._log_round(rnd, selected, updates)
-            if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1:
+            if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1 or not self.method.trainable:
                 metrics = self.evaluate(rnd)
             if cfg.checkpoint_every and ((rnd + 1) % cfg.checkpoint_every == 0 or rnd == cfg.rounds - 1):
                 self.save_checkpoint(rnd + 1, metrics)

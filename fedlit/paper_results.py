@@ -211,5 +211,6 @@ def paper_value(paper: str, method: str, dataset: str) -> dict[str, float] | Non
     return None
 
 
-__all__ = ["METHOD_NAMES", "DATASET_NAMES", "TABLE1_METHODS", "TABLE1_DATASETS", "FEDPGP_TABLE1", "TABLE1_INCONSISTENT", "FEDPGP_TABLE2",
+__all__ = ["METHOD_NAMES", "DATASET_NAMES", "TABLE1_METHODS", "TABLE1_DATASETS", "FEDPGP_TABLE1", "TABLE1_INCONSISTENT",
+           "FEDPGP_TABLE2",
            "FEDPGP_TABLE5", "FEDTPG_CROSS_CLASS", "FEDTPG_CROSS_DATA", "PAPERS", "paper_value"]

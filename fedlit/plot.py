@@ -77,6 +77,7 @@ def accuracy_figure(runs: list[dict]):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=run["label"])
         ax.set_title(LABELS[m])
+        ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)

@@ -64,7 +64,8 @@ def find_runs(run_dirs: Iterable[str | Path], warn=_warn) -> list[dict]:
         elif d.is_dir():
             files = sorted(d.rglob("results.json"))
             if not files:
-                why = "unfinished run (checkpoint, no results.json)" if any(d.glob("checkpoint*")) else "no results.json"
+                unfinished = any(d.glob("checkpoint*"))
+                why = "unfinished run (checkpoint, no results.json)" if unfinished else "no results.json"
                 warn(f"skipping {d}: {why}")
                 continue
         else:
@@ -218,14 +219,13 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
             if with_paper:
                 cells += [_fmt(r.paper.get(k)), _fmt(r.diff.get(k), signed=True) if r.paper else "—"]
         lines.append("| " + " | ".join(cells) + " |")
-    foot = ["", "Local/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed); "
+    foot = ["\nLocal/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed); "
             "HM = harmonic mean of the three mean values (the papers' convention), not the mean of per-seed HMs. "
             "Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."]
     used = sorted({r.paper_name for r in rows if r.paper_name})
     if used:
         foot.append("paper = " + " ".join(PAPERS[p] for p in used) + " Δ = ours − paper.")
-    lines += foot + [n for n in notes]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "\n\n".join([*foot, *notes]) + "\n"
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -277,7 +277,8 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary"
             md_path.write_text(md)
             write_csv(rows, csv_path)
         except OSError as e:
-            raise FedlitError(f"cannot write the table to {prefix}.md/.csv ({e.strerror}); choose another --out") from None
+            raise FedlitError(f"cannot write the table to {prefix}.md/.csv ({e.strerror}); "
+                              "choose another --out") from None
         written = [md_path, csv_path]
     return md, rows, written
 

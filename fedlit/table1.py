@@ -108,18 +108,18 @@ def run_grid(backbone: str, out: Path, methods: list[str], datasets: list[str], 
         reason = f"exit {rc}" + (f" ({_tail(log)})" if _tail(log) else "")
         print(f"FAILED, {reason}; log {log}", flush=True)
         failed.append({"method": m, "dataset": TOY_DATASETS.get(d, d) if backbone == TOY else d,
-                       "backbone": backbone, "seed": s, "reason": f"exit {rc}, see {log}"})
+                       "backbone": backbone, "seed": s, "reason": f"exit {rc}", "log": str(log)})
     return failed
 
 
-def write_table(backbone: str, out: Path, failed: list[dict] = ()) -> list[Path]:
+def write_table(backbone: str, out: Path, failed: list[dict] = (), rounds: int | None = None) -> list[Path]:
     from .summarize import summarize
 
     root = out / "table1" / backbone
     name = "table1" if backbone == PAPER_BACKBONE else f"table1-{backbone}"
     if backbone == TOY:
-        title = ("FedPGP Table 1 grid on the EMBEDDED benchmark (fedlit-toy, procedural shapes; "
-                 f"{TOY_ROUNDS} rounds unless --rounds): NOT comparable with the paper")
+        title = ("FedPGP Table 1 grid on the EMBEDDED benchmark (fedlit-toy, procedural shapes, "
+                 f"trainer.rounds = {TOY_ROUNDS if rounds is None else rounds}): NOT comparable with the paper")
         notes = ["Datasets: the embedded procedural domains stand in for the paper's: "
                  + ", ".join(f"{t} ≙ {d}" for d, t in TOY_DATASETS.items())
                  + ". The paper columns are there to exercise the pipeline; the numbers measure a 2-layer toy CLIP."]
@@ -128,8 +128,8 @@ def write_table(backbone: str, out: Path, failed: list[dict] = ()) -> list[Path]
         title = f"FedPGP Table 1 reproduced with fedlit ({backbone})"
         notes, aliases = [], {}
     if failed:
-        notes = [*notes, "Failed cells: " + "; ".join(f"{f['method']}/{f['dataset']}/seed{f['seed']} ({f['reason']})"
-                                                     for f in failed)]
+        cells = [f"{f['method']}/{f['dataset']}/seed{f['seed']} ({f['reason']}, log {f['log']})" for f in failed]
+        notes = [*notes, "Failed cells: " + "; ".join(cells)]
     md, _, written = summarize([root], out=out / name, paper="fedpgp-table1", aliases=aliases, title=title,
                                notes=notes, failed=failed)
     print(md, end="")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.out)
         failed = run_grid(a.backbone, out, a.methods, a.datasets, a.seeds, rounds=a.rounds,
                           extra=shlex.split(a.fit_args), timeout=a.timeout)
-        for path in write_table(a.backbone, out, failed):
+        for path in write_table(a.backbone, out, failed, rounds=a.rounds):
             print(f"wrote {path}")
     except FedlitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,6 +81,8 @@ class FederatedData:
         partition_seed: seed of the partition and K-shot sampling; ``null`` uses the run's seed
             (the official FedPGP/FedOTP code fixes it to 2023).
         min_samples: minimum training samples per client for the Dirichlet partition.
+        dataset_args: extra keyword arguments of the dataset factory (e.g. ``{test_per_class: 8}`` for the
+            procedural datasets, ``{image_size: 336}`` for file-backed ones).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class FederatedData:
         subsample: Literal["base", "all"] = "base",
         partition_seed: int | None = None,
         min_samples: int = 10,
+        dataset_args: dict | None = None,
     ):
         if shots == 0 or shots < -1:
             raise FedlitError(f"data.shots={shots}: use a positive number of images per class, or -1 for all")
@@ -110,10 +113,12 @@ class FederatedData:
         self.subsample = subsample
         self.partition_seed = partition_seed
         self.min_samples = min_samples
+        self.dataset_args = dict(dataset_args or {})
 
     def setup(self, seed: int) -> Federation:
         root = self.root or os.environ.get("FEDLIT_DATA")
-        data = get_dataset(self.dataset, root=root, seed=seed)
+        _check_dataset_args(self.dataset, self.dataset_args)
+        data = get_dataset(self.dataset, root=root, seed=seed, **self.dataset_args)
         pseed = seed if self.partition_seed is None else self.partition_seed
         n = len(data.classnames)
         if self.subsample == "base":
@@ -159,4 +164,23 @@ class FederatedData:
 
     def _shots(self) -> int:
         return self.shots if self.shots > 0 else 10**9
+
+
+def _check_dataset_args(name: str, args: dict) -> None:
+    """Unknown ``data.dataset_args`` keys → a one-line error listing the accepted ones."""
+    import inspect
+
+    from .registry import _FACTORIES
+
+    factory = _FACTORIES.get(name)
+    if factory is None or not args:
+        return
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in ("root", "seed")]
+    bad = sorted(set(args) - set(accepted))
+    if bad:
+        raise FedlitError(f"data.dataset_args: dataset '{name}' does not take {', '.join(bad)}; "
+                          f"it takes: {', '.join(accepted) or 'nothing'}")
 

@@ -1,0 +1,190 @@
+"""What researchers look at: TensorBoard (served for real), `fedlit plot` PNGs, the quickstart notebook."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlit import checkpoint as ckpt
+from fedlit.backbones import load_backbone
+from fedlit.cli import main
+from fedlit.data.federation import FederatedData
+from fedlit.federation import FedTrainer, Orchestrator
+from fedlit.methods import PromptFL, ZeroShot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _orchestrator(clip, federation, method, rounds: int) -> Orchestrator:
+    trainer = FedTrainer(rounds=rounds, local_epochs=1, batch_size=16, checkpoint_every=1, progress=False)
+    fabric = trainer.make_fabric()
+    fabric.launch()
+    return Orchestrator(fabric, clip, federation, method, trainer, 0, {"dataset": "shapes-dark", "backbone": "fedlit-toy"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A PromptFL run of 2 rounds that was stopped after round 1 and resumed from its checkpoint, and a
+    zero-shot run (4 clients, 4 shots: small and fast)."""
+    root = tmp_path_factory.mktemp("obs")
+    clip = load_backbone("fedlit-toy")
+    federation = FederatedData(dataset="shapes-dark", num_clients=4, shots=4).setup(seed=0)
+    pfl = root / "promptfl"
+    first = _orchestrator(clip, federation, PromptFL(n_ctx=4, ctx_init="a photo of a", lr=0.01), rounds=1)
+    first.fit(pfl)
+    state = ckpt.load(pfl / ckpt.NAME)
+    assert state.round == 1 and state.extra["cumulative_bytes"] > 0
+    (pfl / "results.json").unlink()  # as if the run had been killed after round 1's checkpoint
+    resumed = _orchestrator(clip, federation, PromptFL(n_ctx=4, ctx_init="a photo of a", lr=0.01), rounds=2)
+    resumed.bank = first.bank  # frozen-feature cache, an exact function of the images: shared to save time
+    resumed.fit(pfl, resume=state)
+    zs = root / "zeroshot"
+    zeroshot = _orchestrator(clip, federation, ZeroShot(), rounds=2)
+    zeroshot.bank = first.bank
+    zeroshot.fit(zs)
+    return {"promptfl": pfl, "zeroshot": zs, "resumed": resumed}
+
+
+# ------------------------------------------------------------------------------- TensorBoard
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, path: str, **query) -> object:
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_tensorboard_server_shows_round_metrics_comm_bytes_and_figure(runs):
+    run_dir = runs["promptfl"]
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--port", str(port),
+                             "--host", "127.0.0.1", "--reload_interval", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, scalars, images, last = time.time() + 60, {}, {}, None
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"tensorboard exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
+            try:
+                scalars = _get(base, "/data/plugin/scalars/tags").get("tensorboard", {})
+                images = _get(base, "/data/plugin/images/tags").get("tensorboard", {})
+                if "eval/hm" in scalars and "eval/per_client_accuracy" in images:
+                    break
+            except OSError as e:  # not listening yet
+                last = e
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"tensorboard did not serve the run within 60 s (last error: {last})")
+
+        def series(tag):
+            return [(step, value) for _, step, value in _get(base, "/data/plugin/scalars/scalars", run="tensorboard", tag=tag)]
+
+        results = json.loads((run_dir / "results.json").read_text())
+        for metric in ("local", "base", "novel", "hm"):
+            got = series(f"eval/{metric}")
+            assert [s for s, _ in got] == [1, 2]
+            want = [h[metric] for h in results["history"]]
+            assert [v for _, v in got] == pytest.approx(want, abs=1e-4)
+        up, down, cum = series("comm/bytes_up"), series("comm/bytes_down"), series("comm/cumulative_bytes")
+        # PromptFL: 4 context vectors × width 128, fp32, to/from each of the 4 clients, every round
+        per_client = 4 * 128 * 4
+        assert [v for _, v in up] == [4 * per_client] * 2 and [v for _, v in down] == [4 * per_client] * 2
+        # cumulative across the resume (round 2 was run by a fresh orchestrator from the round-1 checkpoint)
+        assert cum == [(1, 8 * per_client), (2, 16 * per_client)]
+        assert {f"eval_client/local/client_{c:03d}" for c in range(4)} <= set(scalars)
+
+        shots = _get(base, "/data/plugin/images/images", run="tensorboard", tag="eval/per_client_accuracy")
+        assert [s["step"] for s in shots] == [1, 2]
+        with urllib.request.urlopen(f"{base}/data/plugin/images/individualImage?{shots[-1]['query']}", timeout=10) as r:
+            png = r.read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
+    hp = runs["resumed"].hparams()
+    assert all(isinstance(v, int | float | str | bool) for v in hp.values()), hp
+    assert hp["method"] == "promptfl" and hp["method_args/n_ctx"] == 4 and hp["method_args/ctx_init"] == "a photo of a"
+    assert hp["trainer/rounds"] == 2 and hp["trainer/progress"] is False and hp["seed"] == 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(runs["promptfl"] / "tensorboard"))
+    ea.Reload()
+    plugin = ea.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugin and b"method_args/n_ctx" in plugin["_hparams_/experiment"]
+
+
+# ------------------------------------------------------------------------------- fedlit plot
+def test_fedlit_plot_writes_nonblank_pngs_and_skips_unfinished(runs, tmp_path, capsys):
+    from PIL import Image
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    out = tmp_path / "plots"
+    rc = main(["plot", str(runs["promptfl"]), str(runs["zeroshot"]), str(unfinished), str(tmp_path / "nope"), "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"skipping {unfinished}: has no results.json" in err and f"skipping {tmp_path / 'nope'}: does not exist" in err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["accuracy_vs_round.png", "methods.png", "per_client_promptfl.png", "per_client_zeroshot.png"]
+    for name in names:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+        assert pixels.std() > 0
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # bars/lines in several colours, not a flat fill
+
+
+def test_fedlit_plot_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "plots")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no finished run") and not (tmp_path / "plots").exists()
+
+
+def test_figures_skip_metrics_a_method_does_not_have():
+    from fedlit.plot import methods_figure, per_client_figure
+
+    fig = per_client_figure({"0": {"local": 50.0, "base": 40.0, "hm": 44.4}, "1": {"local": 70.0, "base": 40.0, "hm": 50.9}})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["Local", "Base"]  # a linear-head method (pFedPG/VPT) has no Novel
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [50.0, 70.0, 40.0, 40.0]
+    fig = methods_figure([{"label": "a", "final": {"local": 1.0, "base": 2.0, "novel": 3.0, "hm": math.nan}}])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["Local", "Base", "Novel"]
+
+
+# ------------------------------------------------------------------------------- notebook
+@pytest.mark.slow
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "| zeroshot |" in text and "| promptfl |" in text
+    assert text.count("context vector 0:") == 2 and "accuracy_vs_round.png" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
