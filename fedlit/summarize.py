@@ -69,7 +69,7 @@ def find_runs(run_dirs: Iterable[str | Path], warn=_warn) -> list[dict]:
                 warn(f"skipping {d}: {why}")
                 continue
         else:
-            warn(f"skipping {d}: not a directory")
+            warn(f"skipping {d}: {'not a directory' if d.exists() else 'does not exist'}")
             continue
         for f in files:
             key = f.resolve()

@@ -95,6 +95,9 @@ def test_aliases_failed_cells_and_paper_none(tmp_path):
     assert rows[1].status == "failed: exit 1" and rows[1].paper["local"] == 93.51 and not rows[1].mean
     none = summarize_runs(find_runs([d]), paper="none")
     assert none[0].paper == {}
+    tpg = summarize_runs(find_runs([_run(tmp_path, "fedtpg", "dtd", 43, 60.0, 60.0, 60.0)]))  # paper="auto"
+    assert tpg[0].paper == {"local": 62.50, "base": 62.5, "novel": 61.7} and tpg[0].paper_name == "fedtpg-cross-class"
+    assert tpg[0].diff == {"local": pytest.approx(-2.5), "base": pytest.approx(-2.5), "novel": pytest.approx(-1.7)}
 
 
 def test_cli_skips_non_run_dirs_and_searches_folders(runs, tmp_path, capsys):

@@ -118,12 +118,13 @@ class FedMethod:
         """Logits ``[B, C]``; the default is CLIP's scaled cosine between image features and
         ``prepared`` (or freshly computed) text features."""
         text_features = prepared if prepared is not None else self.text_features(prompt, clip, task)
-        image_features = self.image_features(clip, x)
+        image_features = self.image_features(prompt, clip, x)
         img = image_features / image_features.norm(dim=-1, keepdim=True)
         return clip.logit_scale * img @ text_features.to(img.dtype).t()
 
-    def image_features(self, clip: FrozenCLIP, x: torch.Tensor) -> torch.Tensor:
-        """Pooled image features from whatever :attr:`image_input` delivers."""
+    def image_features(self, prompt: nn.Module | None, clip: FrozenCLIP, x: torch.Tensor) -> torch.Tensor:
+        """Pooled image features from whatever :attr:`image_input` delivers (methods that prompt the image
+        tower override this to pass their visual prompts)."""
         if self.image_input == "images":
             return clip.encode_image(x)
         if self.image_input == "tokens":

@@ -103,7 +103,7 @@ class FedCoCoOp(FedMethod):
         return None  # the class text features depend on the image
 
     def logits(self, prompt: CoCoOpPrompt, clip, x: torch.Tensor, task: Task, prepared=None) -> torch.Tensor:
-        img = self.image_features(clip, x)
+        img = self.image_features(prompt, clip, x)
         img = img / img.norm(dim=-1, keepdim=True)
         text = prompt.text_features(clip, task, img)  # [B, C, D]
         return clip.logit_scale * torch.einsum("bd,bcd->bc", img, text.to(img.dtype))

@@ -84,8 +84,5 @@ class FedVLP(FedMethod):
     def text_features(self, prompt: VLPPrompt, clip, task: Task) -> torch.Tensor:
         return prompt.text_features(clip, task)
 
-    def logits(self, prompt: VLPPrompt, clip, x: torch.Tensor, task: Task, prepared=None) -> torch.Tensor:
-        text = prepared if prepared is not None else prompt.text_features(clip, task)
-        img = prompt.image_features(clip, x)
-        img = img / img.norm(dim=-1, keepdim=True)
-        return clip.logit_scale * img @ text.to(img.dtype).t()
+    def image_features(self, prompt: VLPPrompt, clip, x: torch.Tensor) -> torch.Tensor:
+        return prompt.image_features(clip, x)
