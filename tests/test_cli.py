@@ -37,6 +37,11 @@ CASES = [
     (["--method.init_args.n_ctx", "abc"], ["method.init_args.n_ctx", "expected int"]),
     (["--method.init_args.ctx_init", "a photo of"], ["ctx_init", "n_ctx"]),
     (["--config", "/nonexistent/x.yaml"], ["does not exist"]),
+    (["--data.dataset", "oxford_pets", "--data.root", "/nonexistent/data"], ["/nonexistent/data"]),
+    (["--data.dataset_args", '{"bogus": 1}'], ["dataset_args", "bogus"]),
+    (["--trainer.checkpoint_every", "-2"], ["trainer.checkpoint_every=-2"]),
+    (["--trainer.on_client_failure", "explode"], ["trainer.on_client_failure", "explode"]),
+    (["--data.beta", "0"], ["data.beta=0"]),
 ]
 
 
@@ -98,3 +103,26 @@ def test_print_config_and_lists(capsys):
     assert "class_path: fedlit.methods.coop.CoOp" in out and "n_ctx: 4" in out
     assert main(["methods"]) == 0 and "promptfl" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "shapes-dark" in capsys.readouterr().out
+
+
+def test_corrupt_image_names_the_file(tmp_path, capsys):
+    """A real-layout dataset with a broken JPEG: one line naming the file, exit 2."""
+    import json
+
+    from PIL import Image
+
+    base = tmp_path / "data" / "oxford_pets"
+    (base / "images").mkdir(parents=True)
+    entries = []
+    for label, name in enumerate(["abyssinian", "beagle"]):
+        for i in range(2):
+            rel = f"{name}_{i}.jpg"
+            Image.new("RGB", (8, 8), (label * 200, 50, 50)).save(base / "images" / rel)
+            entries.append([rel, label, name])
+    (base / "images" / "beagle_1.jpg").write_bytes(b"not a jpeg at all")
+    (base / "split_zhou_OxfordPets.json").write_text(json.dumps({"train": entries, "val": entries, "test": entries}))
+    rc = main(["fit", "--config", QUICK, "--method", "zeroshot", "--data.dataset", "oxford_pets",
+               "--data.root", str(tmp_path / "data"), "--data.num_clients", "1", "--data.shots", "1",
+               "--out_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "beagle_1.jpg" in err and len(err.splitlines()) <= 2 and "Traceback" not in err

@@ -177,7 +177,6 @@ def test_figures_skip_metrics_a_method_does_not_have():
 
 
 # ------------------------------------------------------------------------------- notebook
-@pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
