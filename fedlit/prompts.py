@@ -119,6 +119,18 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None, std: float 
     return torch.randn(n_ctx, clip.text_width) * std
 
 
+def check_prompt_depth(clip: FrozenCLIP, depth: int, vision: bool) -> None:
+    """Deep prompts need ``depth`` ≤ the layers of the text tower (and of the vision tower when prompted)."""
+    layers = len(clip.model.transformer.resblocks)
+    if vision:
+        layers = min(layers, len(clip.model.visual.transformer.resblocks))
+    if depth > layers:
+        from .errors import FedlitError
+
+        raise FedlitError(f"method.init_args.prompt_depth={depth} exceeds the {layers} transformer layers of "
+                          f"backbone '{clip.name}'; use --method.init_args.prompt_depth {layers} or less")
+
+
 class ContextPrompt(nn.Module):
     """CoOp's learnable context: ``n_ctx`` vectors shared by all classes (class-token position "end")."""
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import PromptTemplate, Task, clean_classname, text_cache
+from ..prompts import PromptTemplate, Task, check_prompt_depth, clean_classname, text_cache
 from .base import FedMethod
 
 
@@ -72,10 +72,6 @@ def _init_head(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> torch.Tens
                           "use a longer ctx_init or a smaller n_ctx")
     with torch.no_grad():
         return clip.token_embedding(tokens)[0, 1:1 + n_ctx].detach().float().clone()
-
-
-def _num_layers(transformer) -> int:
-    return len(transformer.resblocks)
 
 
 class MaPLePrompt(nn.Module):
@@ -140,15 +136,10 @@ class FedMaPLe(FedMethod):
             self.image_input = "features"  # image tower untouched: pooled features can be cached
 
     def build(self, clip: FrozenCLIP):
-        layers = _num_layers(clip.model.transformer)
-        if self.vision_prompts:
-            if not clip.is_vit:
-                raise FedlitError(f"fedmaple couples vision prompts into a ViT image tower; backbone '{clip.name}' "
-                                  "has none (use a ViT backbone or --method.init_args.vision_prompts false)")
-            layers = min(layers, _num_layers(clip.model.visual.transformer))
-        if self.prompt_depth > layers:
-            raise FedlitError(f"method.init_args.prompt_depth={self.prompt_depth} exceeds the {layers} transformer "
-                              f"layers of backbone '{clip.name}'; use --method.init_args.prompt_depth {layers} or less")
+        if self.vision_prompts and not clip.is_vit:
+            raise FedlitError(f"fedmaple couples vision prompts into a ViT image tower; backbone '{clip.name}' "
+                              "has none (use a ViT backbone or --method.init_args.vision_prompts false)")
+        check_prompt_depth(clip, self.prompt_depth, vision=self.vision_prompts)
         return MaPLePrompt(clip, self.n_ctx, self.ctx_init, self.prompt_depth, self.vision_prompts)
 
     def is_shared(self, key: str) -> bool:

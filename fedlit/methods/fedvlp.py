@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import Task, prompt_template
+from ..prompts import Task, check_prompt_depth, prompt_template
 from .base import FedMethod
 
 
@@ -72,10 +72,7 @@ class FedVLP(FedMethod):
     def build(self, clip: FrozenCLIP):
         if not clip.is_vit:
             raise FedlitError(f"fedvlp prompts a ViT image tower; backbone '{clip.name}' has none (use e.g. ViT-B-16)")
-        layers = min(len(clip.model.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
-        if self.prompt_depth > layers:
-            raise FedlitError(f"method.init_args.prompt_depth={self.prompt_depth} exceeds the {layers} transformer "
-                              f"layers of backbone '{clip.name}'; use --method.init_args.prompt_depth {layers} or less")
+        check_prompt_depth(clip, self.prompt_depth, vision=True)
         return VLPPrompt(clip, self.n_ctx, self.prompt_depth)
 
     def is_shared(self, key: str) -> bool:
