@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from fedlit.data import arrays as AR
 from fedlit.data import coop as C
+from fedlit.data import fedbn as FB
 from fedlit.data import protocol as P
 from fedlit.data import registry as R
 from fedlit.errors import FedlitError
@@ -267,7 +269,7 @@ def write_fedbn_folders(root, folder, domains, classes, per_class=10):
 
 
 def test_office_caltech10_folders(tmp_path):
-    write_fedbn_folders(tmp_path, "office_caltech_10", C.OFFICE_DOMAINS, C.OFFICE_CLASSES)
+    write_fedbn_folders(tmp_path, "office_caltech_10", FB.OFFICE_DOMAINS, FB.OFFICE_CLASSES)
     data = R.get_dataset("office_caltech10", root=str(tmp_path), seed=3)
     # fixed label order (FedBN label_dict), never a set
     assert data.classnames == ["back pack", "bike", "calculator", "headphones", "keyboard", "laptop computer",
@@ -276,7 +278,7 @@ def test_office_caltech10_folders(tmp_path):
     assert (len(data.train), len(data.val), len(data.test)) == (4 * 70, 4 * 10, 4 * 20)
     assert np.bincount(data.test.labels).tolist() == [8] * 10
     dom = data.train.meta["domain"]
-    assert sorted(set(dom.tolist())) == sorted(C.OFFICE_DOMAINS) and (dom == "dslr").sum() == 70
+    assert sorted(set(dom.tolist())) == sorted(FB.OFFICE_DOMAINS) and (dom == "dslr").sum() == 70
     # disjoint splits, deterministic per seed, different across seeds
     sets = [set(s.paths) for s in (data.train, data.val, data.test)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
@@ -289,7 +291,7 @@ def test_office_caltech10_folders(tmp_path):
 
 
 def test_domainnet_ignores_other_classes_and_needs_domain(tmp_path):
-    write_fedbn_folders(tmp_path, "DomainNet", C.DOMAINNET_DOMAINS, C.DOMAINNET_CLASSES[:2] + ("aircraft carrier",), 5)
+    write_fedbn_folders(tmp_path, "DomainNet", FB.DOMAINNET_DOMAINS, FB.DOMAINNET_CLASSES[:2] + ("aircraft carrier",), 5)
     data = R.get_dataset("domainnet", root=str(tmp_path))
     assert data.classnames[3] == "ice cream" and data.num_classes == 10
     assert set(data.train.labels.tolist()) == {0, 1}  # the 345-class download's other folders are ignored
@@ -305,7 +307,7 @@ def test_domainnet_ignores_other_classes_and_needs_domain(tmp_path):
 
 
 def test_fedbn_pickles(tmp_path):
-    write_fedbn_folders(tmp_path, "office_caltech_10", ["amazon"], C.OFFICE_CLASSES[:2], per_class=3)
+    write_fedbn_folders(tmp_path, "office_caltech_10", ["amazon"], FB.OFFICE_CLASSES[:2], per_class=3)
     base = tmp_path / "office_caltech_10"
     train = (np.array(["office_caltech_10/amazon/back_pack/0.jpg", "office_caltech_10/amazon/bike/0.jpg",
                        "office_caltech_10/amazon/bike/1.jpg"]), np.array(["back_pack", "bike", "bike"]))
@@ -345,7 +347,7 @@ def write_idx(path, arr):
 
 
 def test_fashion_mnist_from_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(AR, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "absent"))
     with pytest.raises(FedlitError, match="dataset-fashion-mnist"):
         R.get_dataset("fashion_mnist", root=str(tmp_path))
     x = np.arange(20 * 4 * 4).reshape(20, 4, 4) % 256
@@ -368,11 +370,11 @@ def test_fashion_mnist_from_root(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_debian_package():
-    if not os.path.isdir(C.FASHION_MNIST_DEBIAN_DIR):
+    if not os.path.isdir(AR.FASHION_MNIST_DEBIAN_DIR):
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     data = R.get_dataset("fashion_mnist")
     assert (len(data.train), len(data.test)) == (60000, 10000) and len(data.val) == 6000
-    assert data.classnames == list(C.FASHION_MNIST_CLASSES) and data.num_classes == 10
+    assert data.classnames == list(AR.FASHION_MNIST_CLASSES) and data.num_classes == 10
     assert np.bincount(data.test.labels).tolist() == [1000] * 10
     x = data.test.images([0])
     assert x.shape == (1, 3, 28, 28) and 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5

@@ -1,8 +1,9 @@
-"""Real datasets: the CoOp ``$DATA`` layout, FedBN's Office-Caltech10 / DomainNet, and Fashion-MNIST.
+"""Real datasets in the CoOp ``$DATA`` layout (the 11 CoOp datasets and the ImageNet variants).
 
 Every factory here takes ``root`` = the CoOp ``$DATA`` folder (``data.root`` in a config, or ``$FEDLIT_DATA``)
 and returns a :class:`~fedlit.data.registry.ClassificationData` whose splits load images lazily from disk
-(:class:`FileImageSplit`), except Fashion-MNIST, which is small enough to hold in memory.
+(:class:`FileImageSplit`). FedBN's Office-Caltech10 / DomainNet live in :mod:`fedlit.data.fedbn`;
+Fashion-MNIST and CIFAR-10/100 (in memory) in :mod:`fedlit.data.arrays`. The table lists them all.
 
 Folder layouts (CoOp's DATASETS.md; spec/methods.md §7.1 and §7.2-5):
 
@@ -28,6 +29,7 @@ imagenet_r         imagenet-rendition/imagenet-r/<wnid>/           classnames.tx
 office_caltech10   office_caltech_10/{amazon,caltech,dslr,webcam}/<class>/  optional {domain}_{train,test}.pkl
 domainnet          DomainNet/{clipart,infograph,...}/<class>/      optional {domain}_{train,test}.pkl
 fashion_mnist      /usr/share/datasets/fashion-mnist/ (Debian package dataset-fashion-mnist) or root
+cifar10, cifar100  cifar-10-batches-py/, cifar-100-python/ (torchvision's folders; dataset_args download: true)
 =================  ==============================================  ==========================================
 
 The ImageNet variants are test-only (train = val = test = every image), as in CoOp; their ``classnames.txt`` may
@@ -41,11 +43,8 @@ This module imports nothing heavy (PIL is imported on first image load).
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
-import pickle
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,17 +54,12 @@ import numpy as np
 import torch
 
 from fedlit.errors import FedlitError
-from fedlit.data.registry import ClassificationData, ImageSplit, Indices, TensorImageSplit, register_dataset
+from fedlit.data.registry import ClassificationData, ImageSplit, Indices, register_dataset
 
 __all__ = [
     "FileImageSplit",
     "load_image",
     "COOP_JSON_DATASETS",
-    "OFFICE_DOMAINS",
-    "OFFICE_CLASSES",
-    "DOMAINNET_DOMAINS",
-    "DOMAINNET_CLASSES",
-    "FASHION_MNIST_CLASSES",
 ]
 
 HOWTO = "see CoOp's DATASETS.md for how to get it"
@@ -421,240 +415,4 @@ for _name in IMAGENET_VARIANTS:
     register_dataset(_name)(_imagenet_variant_factory(_name))
 
 
-# --- FedBN multi-domain datasets: Office-Caltech10, DomainNet ------------------------------------------------
-
-OFFICE_DOMAINS = ("amazon", "caltech", "dslr", "webcam")
-#: FedBN's ``label_dict`` order (label i = OFFICE_CLASSES[i]); folder names are these with spaces → underscores.
-OFFICE_CLASSES = ("back pack", "bike", "calculator", "headphones", "keyboard", "laptop computer", "monitor",
-                  "mouse", "mug", "projector")
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-DOMAINNET_CLASSES = ("bird", "feather", "headphones", "ice cream", "teapot", "tiger", "whale", "windmill",
-                     "wine glass", "zebra")
-
-_MULTI = {
-    "office_caltech10": ("office_caltech_10", OFFICE_DOMAINS, OFFICE_CLASSES),
-    "domainnet": ("DomainNet", DOMAINNET_DOMAINS, DOMAINNET_CLASSES),
-}
-
-
-class _ListUnpickler(pickle.Unpickler):
-    """Loads only lists/tuples/str/int and numpy arrays of them; refuses every other global (no code runs)."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def _load_list_pickle(path: str, name: str) -> tuple[list[str], list]:
-    """FedBN's ``{domain}_{train,test}.pkl``: ``(paths, labels)``, labels as class-name strings or ints."""
-    try:
-        with open(path, "rb") as f:
-            obj = _ListUnpickler(io.BytesIO(f.read())).load()
-    except Exception as e:  # noqa: BLE001 - any failure of an untrusted file is a user error
-        raise FedlitError(f"{name}: cannot load {path} ({e}); expected a pickled (paths, labels) pair") from None
-    ok = isinstance(obj, (list, tuple, np.ndarray)) and len(obj) == 2
-    if ok:
-        paths, labels = ([x.item() if isinstance(x, np.generic) else x for x in list(part)] for part in obj)
-        ok = len(paths) == len(labels) and all(isinstance(p, str) for p in paths) and all(
-            isinstance(y, (str, int)) and not isinstance(y, bool) for y in labels)
-    if not ok:
-        raise FedlitError(f"{name}: {path} does not hold a (paths, labels) pair of equal-length lists")
-    return paths, labels
-
-
-def _resolve(rel: str, data_root: str, base: str, domain: str) -> str:
-    """FedBN pickle paths are relative to ``$DATA`` (``office_caltech_10/amazon/...``); accept a few variants."""
-    rel = rel.replace("\\", "/")
-    for cand in (os.path.join(data_root, rel), os.path.join(base, rel)):
-        if os.path.exists(cand):
-            return cand
-    parts = rel.split("/")
-    if domain in parts:  # strip any prefix before the domain folder
-        return os.path.join(base, *parts[parts.index(domain):])
-    return os.path.join(data_root, rel)
-
-
-def _split_rows(n: int, rng: np.random.Generator, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle ``range(n)``; return (rest, held-out) with ``round(fraction * n)`` held out, both sorted."""
-    perm = rng.permutation(n)
-    k = int(round(fraction * n))
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-
-def _domain_items(dataset: str, name: str, data_root: str, domain: str, seed: int, test_fraction: float,
-                  val_fraction: float) -> dict[str, tuple[list[str], list[int]]]:
-    folder, domains, classes = _MULTI[dataset]
-    base = os.path.join(data_root, folder)
-    dom_id = domains.index(domain)
-    lab = {c: i for i, c in enumerate(classes)}
-    lab.update({c.replace(" ", "_"): i for i, c in enumerate(classes)})
-    train_pkl, test_pkl = (os.path.join(base, f"{domain}_{s}.pkl") for s in ("train", "test"))
-
-    def label_of(y, where: str) -> int:
-        if isinstance(y, int):
-            if not 0 <= y < len(classes):
-                raise FedlitError(f"{name}: label {y} in {where} is outside 0..{len(classes) - 1}")
-            return y
-        if y not in lab:
-            raise FedlitError(f"{name}: class '{y}' in {where} is not one of {', '.join(classes)}")
-        return lab[y]
-
-    out: dict[str, tuple[list[str], list[int]]] = {}
-    use_pickles = os.path.exists(train_pkl) and os.path.exists(test_pkl)
-    if use_pickles:
-        for split, pkl in (("train", train_pkl), ("test", test_pkl)):
-            rel, ys = _load_list_pickle(pkl, name)
-            out[split] = ([_resolve(p, data_root, base, domain) for p in rel], [label_of(y, pkl) for y in ys])
-        rest, val = _split_rows(len(out["train"][0]), np.random.default_rng([seed, dom_id, 1]), val_fraction)
-        paths, ys = out["train"]
-        out["val"] = ([paths[i] for i in val], [ys[i] for i in val])
-        out["train"] = ([paths[i] for i in rest], [ys[i] for i in rest])
-    else:
-        ddir = os.path.join(base, domain)
-        if not os.path.isdir(ddir):
-            raise FedlitError(
-                f"{name}: domain folder not found: {ddir} (expected {ddir}/<class>/*.jpg, or {train_pkl} + "
-                f"{os.path.basename(test_pkl)}); see FedBN's README for how to get it"
-            )
-        out = {s: ([], []) for s in ("train", "val", "test")}
-        found = 0
-        for c, cname in enumerate(classes):
-            cdir = os.path.join(ddir, cname.replace(" ", "_"))
-            if not os.path.isdir(cdir):
-                continue
-            found += 1
-            files = [os.path.join(cdir, f) for f in _listdir(cdir) if os.path.isfile(os.path.join(cdir, f))]
-            perm = np.random.default_rng([seed, dom_id, c]).permutation(len(files))
-            n_test, n_val = int(round(test_fraction * len(files))), int(round(val_fraction * len(files)))
-            test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
-            for split, rows in (("train", train), ("val", val), ("test", test)):
-                out[split][0].extend(files[i] for i in np.sort(rows))
-                out[split][1].extend([c] * len(rows))
-        if not found:
-            raise FedlitError(
-                f"{name}: no class folder ({', '.join(c.replace(' ', '_') for c in classes)}) in {ddir}"
-            )
-    for split in ("train", "test"):
-        _check_first(out[split][0], name, f"{domain}_{split}.pkl" if use_pickles else f"{base}/{domain}")
-    return out
-
-
-def _multi_factory(dataset: str, domain: str | None):
-    folder, domains, classes = _MULTI[dataset]
-    name = dataset if domain is None else f"{dataset}-{domain}"
-
-    def build(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE, test_fraction: float = 0.2,
-              val_fraction: float = 0.1) -> ClassificationData:
-        size = _check_size(image_size)
-        if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
-            raise FedlitError(f"{name}: need 0 <= test_fraction, val_fraction and their sum < 1")
-        data_root = _data_root(root, name)
-        base = os.path.join(data_root, folder)
-        if not os.path.isdir(base):
-            raise FedlitError(f"{name}: folder not found: {base} (one sub-folder per domain: {', '.join(domains)}); "
-                              f"see FedBN's README for how to get it")
-        splits = {}
-        per_domain = {d: _domain_items(dataset, name, data_root, d, int(seed), test_fraction, val_fraction)
-                      for d in (domains if domain is None else (domain,))}
-        for split in ("train", "val", "test"):
-            paths, ys, dom = [], [], []
-            for d, items in per_domain.items():
-                paths += items[split][0]
-                ys += items[split][1]
-                dom += [d] * len(items[split][0])
-            splits[split] = FileImageSplit(np.asarray(ys, dtype=np.int64), paths=paths, image_size=size,
-                                           meta={"domain": np.asarray(dom, dtype=str)})
-        return ClassificationData(name, list(classes), **splits, image_size=size)
-
-    build.__doc__ = (f"{name}: FedBN layout $DATA/{folder}/<domain>/<class>/ (or <domain>_{{train,test}}.pkl); "
-                     f"seeded per-class test/val split; split.meta['domain'] names each image's domain.")
-    return build
-
-
-for _ds, (_folder, _domains, _classes) in _MULTI.items():
-    register_dataset(_ds)(_multi_factory(_ds, None))
-    for _d in _domains:
-        register_dataset(f"{_ds}-{_d}")(_multi_factory(_ds, _d))
-
-
-# --- Fashion-MNIST (Debian package dataset-fashion-mnist) ----------------------------------------------------
-
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
-FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-_FM_FILES = {
-    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
-}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (MNIST format, optionally gzipped) of unsigned bytes as a numpy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise FedlitError(f"cannot read {path} ({e}); reinstall it (apt-get install dataset-fashion-mnist)") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise FedlitError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise FedlitError(f"{path}: expected {int(np.prod(dims))} bytes of data for shape {dims}, got {body.size}")
-    return body.reshape(dims)
-
-
-def _find_fashion_mnist(root: str | None) -> dict[str, str]:
-    root = root or os.environ.get("FEDLIT_DATA")
-    cands = []
-    if root:
-        root = os.path.expanduser(str(root))
-        cands += [root, os.path.join(root, "fashion-mnist"), os.path.join(root, "fashion_mnist")]
-    cands.append(FASHION_MNIST_DEBIAN_DIR)
-    for d in cands:
-        found = {}
-        for key, stem in _FM_FILES.items():
-            for fname in (stem + ".gz", stem):
-                if os.path.isfile(os.path.join(d, fname)):
-                    found[key] = os.path.join(d, fname)
-                    break
-        if len(found) == len(_FM_FILES):
-            return found
-    raise FedlitError(
-        f"fashion_mnist: the four IDX files ({', '.join(s + '.gz' for s in _FM_FILES.values())}) are in none of "
-        f"{', '.join(cands)}; install the Debian package: apt-get install dataset-fashion-mnist"
-    )
-
-
-@register_dataset("fashion_mnist")
-def _fashion_mnist(root: str | None, seed: int, val_fraction: float = 0.1) -> ClassificationData:
-    """Fashion-MNIST, 28 px grey (as RGB), in memory; val = a seeded ``val_fraction`` of train (overlapping it)."""
-    files = _find_fashion_mnist(root)
-    arrays = {k: read_idx(p) for k, p in files.items()}
-    splits = {}
-    for split in ("train", "test"):
-        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise FedlitError(f"fashion_mnist: {files[split + '_x']} / {files[split + '_y']} do not match")
-        grey = torch.from_numpy(x.copy()).unsqueeze(1)  # [N, 1, 28, 28]
-        splits[split] = TensorImageSplit(y.astype(np.int64), data=grey.expand(-1, 3, -1, -1))
-    train = splits["train"]
-    n_val = int(round(val_fraction * len(train)))
-    val_idx = np.sort(np.random.default_rng([int(seed), 7]).choice(len(train), size=n_val, replace=False))
-    grey = train.data[:, :1]
-    splits["val"] = TensorImageSplit(train.labels[val_idx],
-                                     data=grey[torch.as_tensor(val_idx)].expand(-1, 3, -1, -1))
-    return ClassificationData("fashion_mnist", list(FASHION_MNIST_CLASSES), **splits, image_size=x.shape[-1])
-
-
-del _name, _ds, _folder, _domains, _classes, _d
+del _name

@@ -222,4 +222,6 @@ for _domain in shapes.DOMAINS:
 del _domain
 
 # --- real datasets (CoOp $DATA layout, FedBN domains, Fashion-MNIST): registered on import, loaded lazily -----
-from fedlit.data import coop as _coop  # noqa: E402,F401  (at the bottom: coop imports the names above)
+from fedlit.data import arrays as _arrays  # noqa: E402,F401  (at the bottom: they import the names above)
+from fedlit.data import coop as _coop  # noqa: E402,F401
+from fedlit.data import fedbn as _fedbn  # noqa: E402,F401
