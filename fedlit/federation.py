@@ -29,12 +29,11 @@ from . import checkpoint as ckpt
 from .backbones import FrozenCLIP
 from .client import ClientModule
 from .data.federation import Federation
-from .data.protocol import relabel
 from .errors import FedlitError
+from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
 from .methods.base import FedMethod, Update
-from .metrics import accuracy, harmonic_mean, summarize
-from .prompts import Task
+from .metrics import harmonic_mean
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, participation: float, first_round_all: bool = True) -> list[int]:
@@ -77,6 +76,13 @@ class FedTrainer:
         on_client_failure: ``skip`` leaves a client whose update raises or whose loss is NaN/inf out of the
             round's aggregation (logged and counted); ``stop`` ends the run with an error.
         progress: show a progress bar (``null``: only when stderr is a terminal).
+        feature_cache: where frozen image features are cached: ``memory`` (per process) or ``disk``
+            (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
+            augmentation; reused across runs and processes). Same values either way.
+        cache_dir: directory of the disk cache (``null``: ``$FEDLIT_CACHE``, else ``~/.cache/fedlit/features``).
+        augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
+            + flip views per training image, encoded once, one drawn per sample and step from
+            (seed, round, client, epoch). Evaluation is never augmented.
     """
 
     def __init__(
@@ -97,6 +103,9 @@ class FedTrainer:
         checkpoint_every: int = 1,
         on_client_failure: Literal["skip", "stop"] = "skip",
         progress: bool | None = None,
+        feature_cache: Literal["memory", "disk"] = "memory",
+        cache_dir: str | None = None,
+        augment_views: int = 0,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -127,6 +136,13 @@ class FedTrainer:
         self.checkpoint_every = checkpoint_every
         self.on_client_failure = on_client_failure
         self.progress = progress
+        if feature_cache not in ("memory", "disk"):
+            raise FedlitError(f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'")
+        if augment_views < 0:
+            raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
+        self.feature_cache = feature_cache
+        self.cache_dir = cache_dir
+        self.augment_views = augment_views
 
     def make_fabric(self) -> L.Fabric:
         cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
@@ -152,11 +168,20 @@ class Orchestrator:
         self.run_dir: Path | None = None
         if trainer.prox_mu > 0:
             method.prox_mu = trainer.prox_mu
+        tasks = {federation.task_of(c.cid).classnames for c in federation.clients}
+        if not method.text_classifier and len(tasks) > 1:
+            raise FedlitError(f"method '{method.name}' classifies with a linear head over one class list, but the "
+                              f"clients train among {len(tasks)} different class lists (several datasets); use a "
+                              f"text-prompt method, or one dataset / partition: domain")
         method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
-                                kind=method.image_input)
+                                kind=method.image_input, cache=getattr(trainer, "feature_cache", "memory"),
+                                cache_dir=getattr(trainer, "cache_dir", None),
+                                augment_views=getattr(trainer, "augment_views", 0), seed=seed)
+        self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,
+                                   trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()
         self.global_state: dict[str, torch.Tensor] = shared
         self.init_personal = personal  # every client starts from the same initial personal tensors
@@ -248,7 +273,7 @@ class Orchestrator:
         sent = self.method.client_state(cid, self.global_state)
         m.load_prompt_state(sent, self.personal.get(cid, self.init_personal))
         m.global_state = {k: v.to(self.fabric.device) for k, v in sent.items()}
-        m.task, m.cid, m.round = self.fed.train_task, cid, rnd
+        m.task, m.cid, m.round = self.fed.task_of(cid), cid, rnd
         pos = {name: i for i, name in enumerate(m.task.classnames)}
         m.client_classes = [pos[self.fed.data.classnames[c]] for c in client.classes]
         m.train()
@@ -259,7 +284,8 @@ class Orchestrator:
             order = np.random.default_rng([self.seed, rnd, cid, epoch]).permutation(client.num_samples)
             for s in range(0, len(order), cfg.batch_size):
                 rows = order[s : s + cfg.batch_size]
-                x = self.bank.inputs("train", client.train_idx[rows])
+                x = self.bank.inputs("train", client.train_idx[rows],
+                                     views=self.bank.train_views((self.seed, rnd, cid, epoch), client.num_samples, rows))
                 with self.fabric.autocast():
                     loss = m.training_step((x, y_all[rows]), step)
                 if not torch.isfinite(loss):
@@ -291,24 +317,29 @@ class Orchestrator:
                 self.personal[u.cid] = u.personal
 
     # ------------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, rnd: int) -> dict:
-        """Local / Base / Novel per client (see :mod:`fedlit.metrics` for the two protocols)."""
+        """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`)."""
+        mine = shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size)
         if self.method.eval_protocol == "global":
-            per_client = self._evaluate_global()
+            per_client = self.evaluator.global_(mine)
         else:
-            per_client = self._evaluate_personalized()
+            per_client = self.evaluator.personalized(mine, lambda cid: cid in self.personal)
         per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
         for res in per_client.values():
             res["hm"] = harmonic_mean([res[k] for k in ("local", "base", "novel") if k in res])
-        mean = summarize(dict(sorted(per_client.items())))
+        mean, per_group = summarize_clients(per_client, self.fed)
         self.history.append({"round": rnd + 1, **mean})
         scalars = {f"eval/{k}": v for k, v in mean.items()}
+        for g, res in per_group.items():
+            scalars.update({f"eval_group/{k}/{g}": v for k, v in res.items()})
         for cid, res in sorted(per_client.items()):
             scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
         self._log(scalars, rnd + 1)
         self._log_figure(per_client, rnd + 1)
-        return {"round": rnd + 1, "mean": mean, "per_client": per_client}
+        out = {"round": rnd + 1, "mean": mean, "per_client": per_client}
+        if per_group:
+            out["per_group"] = per_group
+        return out
 
     def _client_model(self, cid: int | None) -> None:
         """Load client ``cid``'s model (``None``: the global model with initial personal state)."""
@@ -316,66 +347,6 @@ class Orchestrator:
         personal = self.init_personal if cid is None else self.personal.get(cid, self.init_personal)
         self.module.load_prompt_state(sent, personal)
         self.module.eval()
-
-    def _evaluate_personalized(self) -> dict[int, dict[str, float]]:
-        """FedPGP: each client's model on its own test images among all base classes (Local; a subset of
-        the base predictions) and on the whole base / novel test sets. Clients whose model equals the
-        global one (no personal state, nothing client-specific sent) are evaluated once."""
-        base = self.fed.evals["base"]
-        pos_in_base = {int(i): p for p, i in enumerate(base.idx)}
-        client_specific = type(self.method).client_state is not FedMethod.client_state
-        per_client, shared_preds = {}, None
-        for cid in shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size):
-            same_as_global = cid not in self.personal and not client_specific
-            if same_as_global and shared_preds is not None:
-                preds = shared_preds
-            else:
-                self._client_model(cid)
-                preds = {name: self._predict(ev.task, ev.idx) for name, ev in self._eval_sets().items()}
-                shared_preds = preds if same_as_global else shared_preds
-            client = self.fed.clients[cid]
-            rows = torch.as_tensor([pos_in_base[int(i)] for i in client.test_idx], dtype=torch.long)
-            res = {"local": accuracy(preds["base"][rows], torch.as_tensor(client.test_y), len(base.task))}
-            for name, ev in self._eval_sets().items():
-                res[name] = accuracy(preds[name], torch.as_tensor(ev.y), len(ev.task))
-            per_client[cid] = res
-        return per_client
-
-    def _evaluate_global(self) -> dict[int, dict[str, float]]:
-        """FedTPG: Base / Novel of the global model (the same for every client); Local = each client's
-        own test images classified among the client's own classes only."""
-        self._client_model(None)
-        glob = {name: accuracy(self._predict(ev.task, ev.idx), torch.as_tensor(ev.y), len(ev.task))
-                for name, ev in self._eval_sets().items()}
-        names, labels = self.fed.data.classnames, self.fed.data.test.labels
-        per_client = {}
-        for cid in shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size):
-            client = self.fed.clients[cid]
-            self._client_model(cid)
-            task = Task(f"client{cid}", tuple(names[c] for c in client.classes))
-            y = relabel(labels[client.test_idx], client.classes)
-            per_client[cid] = {"local": accuracy(self._predict(task, client.test_idx), torch.as_tensor(y), len(task)),
-                               **glob}
-        return per_client
-
-    def _eval_sets(self) -> dict:
-        """The evaluation sets of this method: without a text classifier (a linear head over the training
-        classes: pFedPG, VPT) only ``base``; no novel-class evaluation."""
-        if self.method.text_classifier:
-            return self.fed.evals
-        return {name: ev for name, ev in self.fed.evals.items() if name == "base"}
-
-    def _predict(self, task: Task, idx: np.ndarray) -> torch.Tensor:
-        """Predicted labels of the loaded model on test rows ``idx`` (task-level work done once)."""
-        m, bs = self.module, self.cfg.eval_batch_size
-        with self.fabric.autocast():
-            prepared = self.method.prepare(m.prompt, self.clip, task)
-            out = []
-            for s in range(0, len(idx), bs):
-                x = self.bank.inputs("test", idx[s : s + bs])
-                logits = self.method.logits(m.prompt, self.clip, x, task, prepared)
-                out.append(logits.argmax(dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
     # ------------------------------------------------------------------------------------ plumbing
     def _gather(self, updates: list[Update]) -> list[Update]:
@@ -455,6 +426,7 @@ class Orchestrator:
             "run_dir": str(self.run_dir),
             "final": metrics.get("mean", {}),
             "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
+            "per_group": metrics.get("per_group", {}),
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,

@@ -1,19 +1,33 @@
-"""From a dataset name to a federation: clients (data indices only) and evaluation tasks.
+"""From dataset names to a federation: clients (data indices only) and evaluation sets.
 
-The FedPGP/FedOTP base-to-novel protocol (spec §7.4): classes are split CoOp-style into base and novel
-halves; the *base* classes are partitioned over clients (pathological disjoint classes, or Dirichlet
-label skew); each client holds ``shots`` training images per class of its own and all test images of
-its classes. Evaluation tasks: ``base`` (all base classes, whole base test set) and ``novel`` (all
-novel classes, whole novel test set).
+A federation is made of one or more *groups* — a dataset or a domain — each partitioned into clients on its own:
+
+- **One dataset, class-level** (FedPGP/FedOTP base-to-novel, spec §7.4): classes are split CoOp-style into base
+  and novel halves; the *base* classes are partitioned over ``num_clients`` clients (pathological ``disjoint``
+  classes, ``dirichlet`` label skew, FedTPG ``contiguous`` dealing, or ``labeldir100`` over train+test); each
+  client holds ``shots`` training images per class and the test images of its classes. Evaluation sets: ``base``
+  (all base classes, whole base test set) and ``novel``.
+- **Several datasets pooled** (FedTPG cross-class, spec §7.3): the same per dataset; clients of different datasets
+  train in one run, each among its own dataset's classes; evaluation sets ``<dataset>/base`` and
+  ``<dataset>/novel``; summaries average clients per dataset, then datasets.
+- **Unseen datasets** (``eval_datasets``; FedTPG cross-data and cross-domain): evaluated on all their classes,
+  never trained; they count as *novel* for every client.
+- **One client per domain** (``partition: domain``; FedPGP Table 2, pFedPG): every dataset of the list is a
+  domain with the same classes; each holds ``num_clients`` clients (iid split); a client's *novel* accuracy is the
+  mean over the other domains (leave-one-domain-out), or over the ``leave_out`` domains, which get no client.
+
+:class:`Federation` records, per client, which evaluation sets are its ``base`` and ``novel`` ones and which set
+holds its own test images (``home``), so evaluation (:mod:`fedlit.evaluation`) is one generic loop.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from ..errors import FedlitError
 from ..prompts import Task
@@ -21,24 +35,29 @@ from .protocol import (
     base_novel_classes,
     class_histogram,
     format_histogram,
+    partition_contiguous,
     partition_dirichlet_train_test,
     partition_disjoint,
+    partition_iid,
+    partition_labeldir100,
     relabel,
     sample_kshot,
 )
-from .registry import ClassificationData, get_dataset
+from .registry import ClassificationData, ImageSplit, Indices, get_dataset
 
 
 @dataclass
 class ClientData:
-    """One simulated client: indices into the dataset's splits, labels in the training task's space."""
+    """One simulated client: indices into the federation's splits, labels in its training task's space."""
 
     cid: int
-    classes: list[int]  # original label ids the client holds
+    classes: list[int]  # label ids (in Federation.data's label space) the client holds
     train_idx: np.ndarray
     train_y: np.ndarray
     test_idx: np.ndarray
     test_y: np.ndarray
+    group: str = ""  # the dataset / domain the client belongs to
+    task: Task | None = None  # the classes it trains among (None: Federation.train_task)
 
     @property
     def num_samples(self) -> int:
@@ -52,50 +71,135 @@ class EvalSet:
     task: Task
     idx: np.ndarray
     y: np.ndarray
+    group: str = ""
+
+
+@dataclass
+class ClientEvals:
+    """Which evaluation sets give a client's Base and Novel numbers (each the mean over its sets) and which set
+    contains its own test images classified among its training task (Local reuses those predictions)."""
+
+    base: list[str] = field(default_factory=list)
+    novel: list[str] = field(default_factory=list)
+    home: str | None = None
 
 
 @dataclass
 class Federation:
-    data: ClassificationData
+    data: ClassificationData  # every group's splits side by side (labels offset per dataset)
     clients: list[ClientData]
-    train_task: Task  # the classes clients train among (all base classes)
-    evals: dict[str, EvalSet]  # "base", and "novel" when classes were subsampled
+    train_task: Task  # the first group's training classes (methods with a linear head size it by this)
+    evals: dict[str, EvalSet]
+    client_evals: dict[int, ClientEvals] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)  # training groups, in order
+
+    def task_of(self, cid: int) -> Task:
+        return self.clients[cid].task or self.train_task
+
+    def evals_of(self, cid: int) -> ClientEvals:
+        return self.client_evals.get(cid) or ClientEvals(
+            base=[n for n in ("base",) if n in self.evals], novel=[n for n in ("novel",) if n in self.evals],
+            home="base" if "base" in self.evals else None)
 
     def summary(self) -> str:
         hist = class_histogram([self.data.train.labels[c.train_idx] for c in self.clients], len(self.data.classnames))
-        return format_histogram(hist, self.data.classnames)
+        text = format_histogram(hist, self.data.classnames)
+        if len(self.groups) > 1:
+            counts = {g: sum(c.group == g for c in self.clients) for g in self.groups}
+            text = "clients per group: " + ", ".join(f"{g} {n}" for g, n in counts.items()) + "\n" + text
+        return text
+
+
+class ConcatSplit(ImageSplit):
+    """Several splits side by side: row ``offsets[i] + j`` is row ``j`` of ``parts[i]``; labels shifted by
+    ``label_offsets[i]``. Images of parts with different native sizes are resized to the largest."""
+
+    def __init__(self, parts: list[ImageSplit], label_offsets: list[int]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        super().__init__(np.concatenate([p.labels + o for p, o in zip(parts, label_offsets)]) if parts
+                         else np.zeros(0, dtype=np.int64))
+
+    def images(self, indices: Indices = None) -> torch.Tensor:
+        rows = np.arange(len(self)) if indices is None else np.arange(len(self))[indices] if isinstance(
+            indices, slice) else np.asarray(torch.as_tensor(indices).cpu() if isinstance(indices, torch.Tensor)
+                                            else indices, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        chunks, order = [], []
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            chunks.append(self.parts[i].images(rows[sel] - self.offsets[i]))
+            order.append(sel)
+        if not chunks:
+            return self.parts[0].images([]) if self.parts else torch.zeros(0, 3, 1, 1)
+        size = max(c.shape[-1] for c in chunks)
+        chunks = [c if c.shape[-1] == size else torch.nn.functional.interpolate(
+            c, size=(size, size), mode="bilinear", antialias=True, align_corners=False) for c in chunks]
+        out = torch.empty(len(rows), *chunks[0].shape[1:], dtype=chunks[0].dtype)
+        for sel, c in zip(order, chunks):
+            out[torch.as_tensor(sel)] = c
+        return out
+
+
+def concat_datasets(parts: list[ClassificationData], shared_labels: bool) -> ClassificationData:
+    """One :class:`ClassificationData` over several: label spaces concatenated (``shared_labels=False``; class
+    ``j`` of part ``i`` becomes ``offset_i + j``) or shared (domains of one dataset: identical class lists)."""
+    if len(parts) == 1:
+        return parts[0]
+    if shared_labels:
+        offsets, classnames = [0] * len(parts), list(parts[0].classnames)
+    else:
+        offsets = list(np.cumsum([0] + [len(p.classnames) for p in parts[:-1]]).tolist())
+        classnames = [c for p in parts for c in p.classnames]
+    splits = {s: ConcatSplit([p.split(s) for p in parts], offsets) for s in ("train", "val", "test")}
+    return ClassificationData("+".join(p.name for p in parts), classnames, **splits,
+                              image_size=max(p.image_size for p in parts))
 
 
 class FederatedData:
     """How to build the federation (the ``data:`` section of a config).
 
     Args:
-        dataset: a registered dataset name (``fedlit datasets`` lists them).
+        dataset: a registered dataset name (``fedlit datasets`` lists them), or a list of them: several datasets
+            pooled in one federation (FedTPG cross-class), or the domains of ``partition: domain``.
         root: data root for real datasets (CoOp ``$DATA`` layout); defaults to ``$FEDLIT_DATA``.
         shots: training images per class and client (K-shot); ``-1`` uses every image.
-        num_clients: number of simulated clients.
-        partition: ``disjoint`` (pathological, FedPGP/FedOTP) or ``dirichlet`` (label skew, ``beta``).
-        beta: Dirichlet concentration for ``partition: dirichlet``.
+        num_clients: number of clients per dataset (per domain for ``partition: domain``); ignored by
+            ``contiguous``, whose client count follows from ``classes_per_client``.
+        partition: ``disjoint`` (pathological classes, FedPGP/FedOTP), ``dirichlet`` (label skew ``beta``,
+            FedOTP ``noniid-labeldir``), ``labeldir100`` (two-level Dirichlet over train+test, FedOTP CIFAR-100;
+            needs coarse labels), ``contiguous`` (FedTPG: ``classes_per_client`` consecutive classes per client) or
+            ``domain`` (every dataset of the list is a domain with the same classes; ``num_clients`` iid clients
+            per domain).
+        beta: Dirichlet concentration for ``dirichlet`` / ``labeldir100``.
+        classes_per_client: classes per client for ``contiguous`` (20 cross-class, 5 cross-data).
         subsample: ``base`` trains on the base half of the classes and evaluates base and novel;
             ``all`` trains and evaluates on every class.
         partition_seed: seed of the partition and K-shot sampling; ``null`` uses the run's seed
-            (the official FedPGP/FedOTP code fixes it to 2023).
+            (the official FedPGP/FedOTP code fixes it to 2023, labeldir100 to 12345).
         min_samples: minimum training samples per client for the Dirichlet partition.
-        dataset_args: extra keyword arguments of the dataset factory (e.g. ``{test_per_class: 8}`` for the
-            procedural datasets, ``{image_size: 336}`` for file-backed ones).
+        eval_datasets: datasets evaluated on all their classes and never trained (FedTPG cross-data /
+            cross-domain); each counts as novel for every client.
+        leave_out: with ``partition: domain``, domains (names from ``dataset``) that get no client and are the
+            unseen domains every client is tested on.
+        dataset_args: extra keyword arguments of the dataset factory, applied to every dataset (e.g.
+            ``{test_per_class: 8}`` for the procedural datasets, ``{image_size: 336}`` for file-backed ones).
     """
 
     def __init__(
         self,
-        dataset: str = "shapes-dark",
+        dataset: str | list[str] = "shapes-dark",
         root: str | None = None,
         shots: int = 16,
         num_clients: int = 10,
-        partition: Literal["disjoint", "dirichlet"] = "disjoint",
+        partition: Literal["disjoint", "dirichlet", "labeldir100", "contiguous", "domain"] = "disjoint",
         beta: float = 0.3,
+        classes_per_client: int = 20,
         subsample: Literal["base", "all"] = "base",
         partition_seed: int | None = None,
         min_samples: int = 10,
+        eval_datasets: list[str] | None = None,
+        leave_out: list[str] | None = None,
         dataset_args: dict | None = None,
     ):
         if shots == 0 or shots < -1:
@@ -104,63 +208,193 @@ class FederatedData:
             raise FedlitError(f"data.num_clients={num_clients}: a federation needs at least 1 client")
         if beta <= 0:
             raise FedlitError(f"data.beta={beta}: the Dirichlet concentration must be > 0")
+        if classes_per_client < 1:
+            raise FedlitError(f"data.classes_per_client={classes_per_client}: use a positive number of classes")
+        names = [dataset] if isinstance(dataset, str) else list(dataset)
+        if not names:
+            raise FedlitError("data.dataset is empty: name at least one dataset (fedlit datasets lists them)")
+        eval_only, leave_out = list(eval_datasets or []), list(leave_out or [])
+        for what, lst in (("data.dataset", names), ("data.eval_datasets", eval_only)):
+            dup = sorted({n for n in lst if lst.count(n) > 1})
+            if dup:
+                raise FedlitError(f"{what} lists {', '.join(dup)} twice; name each dataset once")
+        both = sorted(set(names) & set(eval_only))
+        if both:
+            raise FedlitError(f"{', '.join(both)} is both trained (data.dataset) and in data.eval_datasets; "
+                              f"keep it in one of them")
+        if leave_out and partition != "domain":
+            raise FedlitError("data.leave_out needs data.partition: domain (it names domains that get no client)")
+        unknown = sorted(set(leave_out) - set(names))
+        if unknown:
+            raise FedlitError(f"data.leave_out: {', '.join(unknown)} not in data.dataset ({', '.join(names)})")
+        if leave_out and len(leave_out) == len(names):
+            raise FedlitError("data.leave_out leaves out every domain; keep at least one domain for training")
         self.dataset = dataset
+        self.names = names
         self.root = root
         self.shots = shots
         self.num_clients = num_clients
         self.partition = partition
         self.beta = beta
+        self.classes_per_client = classes_per_client
         self.subsample = subsample
         self.partition_seed = partition_seed
         self.min_samples = min_samples
+        self.eval_datasets = eval_only
+        self.leave_out = leave_out
         self.dataset_args = dict(dataset_args or {})
 
+    # ------------------------------------------------------------------------------------ building
     def setup(self, seed: int) -> Federation:
         root = self.root or os.environ.get("FEDLIT_DATA")
-        _check_dataset_args(self.dataset, self.dataset_args)
-        data = get_dataset(self.dataset, root=root, seed=seed, **self.dataset_args)
+        for name in self.names + self.eval_datasets:
+            _check_dataset_args(name, self.dataset_args)
+        datasets = {n: get_dataset(n, root=root, seed=seed, **self.dataset_args)
+                    for n in self.names + self.eval_datasets}
         pseed = seed if self.partition_seed is None else self.partition_seed
-        n = len(data.classnames)
-        if self.subsample == "base":
-            train_classes, novel_classes = base_novel_classes(n)
-        else:
-            train_classes, novel_classes = list(range(n)), []
-        train_task = Task("base", tuple(data.classnames[c] for c in train_classes))
+        if self.partition == "domain":
+            return self._domains(datasets, pseed)
+        return self._classes(datasets, pseed)
 
-        tr_labels, te_labels = data.train.labels, data.test.labels
-        if self.partition == "disjoint":
-            groups = partition_disjoint(train_classes, self.num_clients, pseed)
-            train_parts = [sample_kshot(tr_labels, g, self._shots(), pseed) for g in groups]
-            test_parts = [np.flatnonzero(np.isin(te_labels, g)) for g in groups]
-        else:
-            pool = np.flatnonzero(np.isin(tr_labels, train_classes))
+    def _classes(self, datasets: dict[str, ClassificationData], pseed: int) -> Federation:
+        """Class-level federations: each dataset of ``dataset`` partitioned on its own, side by side."""
+        order = self.names + self.eval_datasets
+        data = concat_datasets([datasets[n] for n in order], shared_labels=False)
+        multi = len(order) > 1
+        label_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].classnames) for n in order[:-1]]).tolist()))
+        tr_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].train) for n in order[:-1]]).tolist()))
+        te_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].test) for n in order[:-1]]).tolist()))
+        clients, evals, client_evals, first_task = [], {}, {}, None
+        for g in self.names:
+            ds = datasets[g]
+            n = len(ds.classnames)
+            train_classes, novel_classes = (base_novel_classes(n) if self.subsample == "base"
+                                            else (list(range(n)), []))
+            task = Task(f"{g}/base" if multi else "base", tuple(ds.classnames[c] for c in train_classes))
+            first_task = task if first_task is None else first_task
+            groups, train_parts, test_parts = self._partition(ds, g, train_classes, pseed)
+            key = (lambda role: f"{g}/{role}") if multi else (lambda role: role)
+            base_idx = np.flatnonzero(np.isin(ds.test.labels, train_classes))
+            evals[key("base")] = EvalSet(task, base_idx + te_off[g], relabel(ds.test.labels[base_idx], train_classes), g)
+            if novel_classes:
+                novel_idx = np.flatnonzero(np.isin(ds.test.labels, novel_classes))
+                ntask = Task(key("novel"), tuple(ds.classnames[c] for c in novel_classes))
+                evals[key("novel")] = EvalSet(ntask, novel_idx + te_off[g],
+                                              relabel(ds.test.labels[novel_idx], novel_classes), g)
+            for i in range(len(train_parts)):
+                cid = len(clients)
+                clients.append(ClientData(
+                    cid=cid, classes=[c + label_off[g] for c in groups[i]],
+                    train_idx=np.asarray(train_parts[i], dtype=np.int64) + tr_off[g],
+                    train_y=relabel(ds.train.labels[train_parts[i]], train_classes),
+                    test_idx=np.asarray(test_parts[i], dtype=np.int64) + te_off[g],
+                    test_y=relabel(ds.test.labels[test_parts[i]], train_classes),
+                    group=g, task=task))
+                client_evals[cid] = ClientEvals(base=[key("base")], home=key("base"),
+                                                novel=[key("novel")] if novel_classes else [])
+        for g in self.eval_datasets:  # unseen datasets: every class, novel for every client
+            ds = datasets[g]
+            evals[g] = EvalSet(Task(g, tuple(ds.classnames)), np.arange(len(ds.test)) + te_off[g],
+                               ds.test.labels.copy(), g)
+            for ce in client_evals.values():
+                ce.novel.append(g)
+        return Federation(data=data, clients=clients, train_task=first_task, evals=evals,
+                          client_evals=client_evals, groups=list(self.names))
+
+    def _partition(self, ds: ClassificationData, g: str, train_classes: list[int], pseed: int):
+        """Per client of one dataset: (classes, train indices, test indices), indices into ``ds``'s splits."""
+        tr_labels, te_labels = ds.train.labels, ds.test.labels
+        where = f" of {g}" if len(self.names) > 1 else ""
+        if self.partition in ("disjoint", "contiguous"):
+            if self.partition == "disjoint":
+                try:
+                    groups = partition_disjoint(train_classes, self.num_clients, pseed)
+                except FedlitError as e:
+                    raise FedlitError(f"data{where}: {e} (data.num_clients)") from None
+            else:
+                groups = partition_contiguous(train_classes, self.classes_per_client)
+            train_parts = [sample_kshot(tr_labels, c, self._shots(), pseed) for c in groups]
+            test_parts = [np.flatnonzero(np.isin(te_labels, c)) for c in groups]
+            return groups, train_parts, test_parts
+        if self.partition == "labeldir100":
+            return self._labeldir100(ds, g, train_classes, pseed)
+        pool = np.flatnonzero(np.isin(tr_labels, train_classes))
+        if self.shots > 0:
+            pool = sample_kshot(tr_labels, train_classes, self.shots, pseed)
+        test_pool = np.flatnonzero(np.isin(te_labels, train_classes))
+        tr_parts, te_parts = partition_dirichlet_train_test(
+            tr_labels[pool], te_labels[test_pool], self.num_clients, self.beta, pseed, self.min_samples)
+        train_parts = [pool[p] for p in tr_parts]
+        groups = [sorted(set(tr_labels[p].tolist())) for p in train_parts]
+        return groups, train_parts, [test_pool[p] for p in te_parts]
+
+    def _labeldir100(self, ds: ClassificationData, g: str, train_classes: list[int], pseed: int):
+        """Two-level Dirichlet over the train+test pool of the training classes; pool rows map back to splits."""
+        coarse = [getattr(s, "meta", {}).get("coarse") for s in (ds.train, ds.test)]
+        if any(c is None for c in coarse):
+            raise FedlitError(f"data.partition=labeldir100 needs coarse labels (split.meta['coarse']); dataset "
+                              f"'{g}' has none — use cifar100, or partition: dirichlet")
+        tr_rows = np.flatnonzero(np.isin(ds.train.labels, train_classes))
+        te_rows = np.flatnonzero(np.isin(ds.test.labels, train_classes))
+        fine = np.concatenate([ds.train.labels[tr_rows], ds.test.labels[te_rows]])
+        coarse_pool = np.concatenate([coarse[0][tr_rows], coarse[1][te_rows]])
+        parts = partition_labeldir100(fine, coarse_pool, self.num_clients, self.beta, pseed)
+        n_tr = len(tr_rows)
+        train_parts = [tr_rows[p[p < n_tr]] for p in parts]
+        test_parts = [te_rows[p[p >= n_tr] - n_tr] for p in parts]
+        small = [i for i, p in enumerate(train_parts) if len(p) == 0]
+        if small:
+            raise FedlitError(f"labeldir100 left client(s) {small[:5]} without training images "
+                              f"({len(fine)} samples over {self.num_clients} clients); lower data.num_clients")
+        groups = [sorted(set(ds.train.labels[p].tolist())) for p in train_parts]
+        return groups, train_parts, test_parts
+
+    def _domains(self, datasets: dict[str, ClassificationData], pseed: int) -> Federation:
+        """One client (or ``num_clients`` iid clients) per domain; novel = the other / left-out domains."""
+        order = self.names + self.eval_datasets
+        ref = datasets[order[0]].classnames
+        for n in order[1:]:
+            if list(datasets[n].classnames) != list(ref):
+                raise FedlitError(f"data.partition=domain needs the same classes in every domain; '{n}' has "
+                                  f"{len(datasets[n].classnames)} classes that differ from '{order[0]}''s "
+                                  f"{len(ref)}; pool different datasets with partition: disjoint/contiguous")
+        data = concat_datasets([datasets[n] for n in order], shared_labels=True)
+        n_cls = len(ref)
+        train_classes = base_novel_classes(n_cls)[0] if self.subsample == "base" else list(range(n_cls))
+        task = Task("domains", tuple(ref[c] for c in train_classes))
+        tr_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].train) for n in order[:-1]]).tolist()))
+        te_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].test) for n in order[:-1]]).tolist()))
+        evals = {}
+        for d in order:
+            te = datasets[d].test.labels
+            rows = np.flatnonzero(np.isin(te, train_classes))
+            evals[d] = EvalSet(task, rows + te_off[d], relabel(te[rows], train_classes), d)
+        trained = [d for d in self.names if d not in self.leave_out]
+        unseen = [d for d in order if d not in trained]
+        clients, client_evals = [], {}
+        for d in trained:
+            ds = datasets[d]
+            pool = np.flatnonzero(np.isin(ds.train.labels, train_classes))
             if self.shots > 0:
-                pool = sample_kshot(tr_labels, train_classes, self.shots, pseed)
-            test_pool = np.flatnonzero(np.isin(te_labels, train_classes))
-            tr_parts, te_parts = partition_dirichlet_train_test(
-                tr_labels[pool], te_labels[test_pool], self.num_clients, self.beta, pseed, self.min_samples)
-            train_parts = [pool[p] for p in tr_parts]
-            test_parts = [test_pool[p] for p in te_parts]
-            groups = [sorted(set(tr_labels[p].tolist())) for p in train_parts]
-
-        clients = [
-            ClientData(
-                cid=i,
-                classes=list(groups[i]),
-                train_idx=np.asarray(train_parts[i], dtype=np.int64),
-                train_y=relabel(tr_labels[train_parts[i]], train_classes),
-                test_idx=np.asarray(test_parts[i], dtype=np.int64),
-                test_y=relabel(te_labels[test_parts[i]], train_classes),
-            )
-            for i in range(self.num_clients)
-        ]
-        base_idx = np.flatnonzero(np.isin(te_labels, train_classes))
-        evals = {"base": EvalSet(train_task, base_idx, relabel(te_labels[base_idx], train_classes))}
-        if novel_classes:
-            novel_idx = np.flatnonzero(np.isin(te_labels, novel_classes))
-            novel_task = Task("novel", tuple(data.classnames[c] for c in novel_classes))
-            evals["novel"] = EvalSet(novel_task, novel_idx, relabel(te_labels[novel_idx], novel_classes))
-        return Federation(data=data, clients=clients, train_task=train_task, evals=evals)
+                pool = sample_kshot(ds.train.labels, train_classes, self.shots, pseed)
+            test_pool = evals[d].idx - te_off[d]
+            try:
+                tr_parts = partition_iid(len(pool), self.num_clients, pseed)
+                te_parts = partition_iid(len(test_pool), self.num_clients, pseed + 1)
+            except FedlitError as e:
+                raise FedlitError(f"domain {d}: {e}; lower data.num_clients") from None
+            for tp, ep in zip(tr_parts, te_parts):
+                cid = len(clients)
+                tr, te = pool[tp], test_pool[ep]
+                clients.append(ClientData(
+                    cid=cid, classes=sorted(set(ds.train.labels[tr].tolist())),
+                    train_idx=tr + tr_off[d], train_y=relabel(ds.train.labels[tr], train_classes),
+                    test_idx=te + te_off[d], test_y=relabel(ds.test.labels[te], train_classes),
+                    group=d, task=task))
+                others = unseen if unseen else [o for o in trained if o != d]
+                client_evals[cid] = ClientEvals(base=[], novel=list(others), home=d)
+        return Federation(data=data, clients=clients, train_task=task, evals=evals, client_evals=client_evals,
+                          groups=trained)
 
     def _shots(self) -> int:
         return self.shots if self.shots > 0 else 10**9
@@ -183,4 +417,3 @@ def _check_dataset_args(name: str, args: dict) -> None:
     if bad:
         raise FedlitError(f"data.dataset_args: dataset '{name}' does not take {', '.join(bad)}; "
                           f"it takes: {', '.join(accepted) or 'nothing'}")
-

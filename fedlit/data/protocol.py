@@ -2,7 +2,8 @@
 
 Nothing here touches global RNG state; every random choice takes an explicit seed. The algorithms follow
 spec/methods.md §7 (CoOp base/new rule; FedPGP/FedOTP pathological disjoint classes; FedOTP ``noniid-labeldir``
-Dirichlet label skew; FedTPG contiguous dealing).
+Dirichlet label skew and two-level ``noniid-labeldir100``; FedTPG contiguous dealing; an iid split for several
+clients per domain).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "partition_contiguous",
     "partition_dirichlet",
     "partition_dirichlet_train_test",
+    "partition_labeldir100",
+    "partition_iid",
     "class_histogram",
     "format_histogram",
 ]
@@ -209,6 +212,79 @@ def partition_dirichlet_train_test(
         for j, chunk in enumerate(np.split(idx, (np.cumsum(p) * len(idx)).astype(np.int64)[:-1])):
             test_parts[j].append(chunk)
     return train_parts, [np.sort(np.concatenate(p)).astype(np.int64) for p in test_parts]
+
+
+def partition_labeldir100(
+    fine: np.ndarray, coarse: np.ndarray, num_clients: int, beta: float, seed: int, fine_beta: float = 10.0
+) -> list[np.ndarray]:
+    """FedOTP ``noniid-labeldir100`` (spec §7.2-4): two-level (Pachinko-style) Dirichlet over a pool.
+
+    Every client gets ``N // num_clients`` samples of the pool, drawn without replacement: per client, coarse
+    weights ``~ Dir(beta · 1)`` over the coarse labels and, per coarse label, fine weights ``~ Dir(fine_beta · 1)``
+    over its fine labels; each sample picks a coarse label, then a fine label inside it, then a random
+    remaining sample of that fine label. Exhausted fine labels (and coarse labels with nothing left) get weight 0
+    and the weights are renormalised. The official code draws with seed 12345 over CIFAR-100's 60,000 train+test
+    images; the caller maps pool indices back to splits (``< 50,000`` → train).
+
+    Args:
+        fine: Fine labels of the pool [N].
+        coarse: Coarse label of each sample [N]; every fine label must have one coarse label.
+        num_clients: Number of clients K.
+        beta: Concentration of the per-client coarse weights (0.3 in the scripts).
+        seed: Seed of ``np.random.default_rng``.
+        fine_beta: Concentration of the fine weights inside a coarse label (10 officially).
+
+    Returns:
+        Per client, sorted int64 indices into the pool; disjoint, ``N // K`` each.
+    """
+    fine, coarse = np.asarray(fine, dtype=np.int64), np.asarray(coarse, dtype=np.int64)
+    n, k = len(fine), int(num_clients)
+    if len(coarse) != n:
+        raise FedlitError(f"labeldir100 needs one coarse label per sample; got {len(coarse)} for {n} samples")
+    if k < 1 or beta <= 0 or fine_beta <= 0:
+        raise FedlitError(f"labeldir100 needs num_clients >= 1 and beta > 0; got {num_clients}, {beta}")
+    per_client = n // k
+    if per_client < 1:
+        raise FedlitError(f"labeldir100 cannot give {k} clients one sample each from {n} samples; lower num_clients")
+    coarse_ids = np.unique(coarse)
+    fines_of = [np.unique(fine[coarse == c]) for c in coarse_ids]
+    owner = {}
+    for ci, fs in enumerate(fines_of):
+        for f in fs.tolist():
+            if owner.setdefault(f, ci) != ci:
+                raise FedlitError(f"labeldir100: fine label {f} appears under two coarse labels")
+    rng = np.random.default_rng(seed)
+    pools = {f: rng.permutation(np.flatnonzero(fine == f)) for f in owner}
+    left = {f: len(p) for f, p in pools.items()}
+    parts = []
+    for _ in range(k):
+        cw = rng.dirichlet(np.full(len(coarse_ids), float(beta)))
+        fw = [rng.dirichlet(np.full(len(fs), float(fine_beta))) for fs in fines_of]
+        alive_f = [np.array([left[f] > 0 for f in fs.tolist()], dtype=float) for fs in fines_of]
+        alive_c = np.array([a.any() for a in alive_f], dtype=float)
+        take = []
+        for _ in range(per_client):
+            wc = cw * alive_c
+            ci = int(rng.choice(len(wc), p=wc / wc.sum())) if wc.sum() > 0 else int(rng.choice(np.flatnonzero(alive_c)))
+            wf = fw[ci] * alive_f[ci]
+            fi = int(rng.choice(len(wf), p=wf / wf.sum())) if wf.sum() > 0 else int(rng.choice(np.flatnonzero(alive_f[ci])))
+            f = int(fines_of[ci][fi])
+            left[f] -= 1
+            take.append(pools[f][left[f]])
+            if left[f] == 0:
+                alive_f[ci][fi] = 0.0
+                alive_c[ci] = float(alive_f[ci].any())
+        parts.append(np.sort(np.asarray(take, dtype=np.int64)))
+    return parts
+
+
+def partition_iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    """``n`` samples shuffled with ``seed`` and dealt into ``num_clients`` near-equal parts (sizes differ by <= 1);
+    several clients per domain in the one-client-per-domain protocol. Returns sorted int64 indices per client."""
+    if num_clients < 1 or n < num_clients:
+        raise FedlitError(f"cannot split {n} samples into {num_clients} non-empty clients")
+    perm = np.random.default_rng(seed).permutation(int(n))
+    return [np.sort(p).astype(np.int64) for p in np.array_split(perm, int(num_clients))]
 
 
 def class_histogram(labels_per_client: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
