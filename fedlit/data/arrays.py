@@ -26,7 +26,7 @@ class SafeUnpickler(pickle.Unpickler):
     """Loads only built-in containers/str/bytes/numbers and numpy arrays; refuses every other global (no code runs)."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # bytes in protocol-2 pickles
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
@@ -169,7 +169,7 @@ def load_cifar(name: str, root: str | None, download: bool = False) -> tuple[lis
     names_key = "label_names" if name == "cifar10" else "fine_label_names"
     if names_key not in meta:
         raise FedlitError(f"{name}: {os.path.join(d, meta_file)} has no '{names_key}'")
-    classnames = [str(c).replace("_", " ") for c in meta[names_key]]
+    classnames = [(c.decode() if isinstance(c, bytes) else str(c)).replace("_", " ") for c in meta[names_key]]
     out = {}
     for split, files in (("train", train_files), ("test", [test_file])):
         xs, ys, coarse = [], [], []
