@@ -250,3 +250,33 @@ def test_linear_head_method_refuses_several_class_lists(tmp_path, capsys):
     rc = main(["fit", "--config", QUICK, "--out_dir", str(tmp_path / "v"), "--method", "fedvpt",
                "--data.dataset", "[shapes-dark, test-fake-37]", "--data.num_clients", "2"])
     assert rc != 0 and "linear head" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- protocol configs
+PROTOCOLS = sorted((ROOT / "configs" / "protocols").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=[p.stem for p in PROTOCOLS])
+def test_protocol_configs_parse_and_name_registered_datasets(path, capsys):
+    import yaml
+
+    method = "fedtpg" if "fedtpg" in path.stem else "fedpgp"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "configs" / f"{method}.yaml"), "--config", str(path), "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data = printed["data"]
+    fd = FederatedData(**data)  # argument checks (leave_out, duplicates …) run here
+    for name in fd.names + fd.eval_datasets:
+        assert name in registry.list_datasets(), name
+
+
+def test_embedded_domain_protocol_runs(tmp_path):
+    out = tmp_path / "dom"
+    assert main(["fit", "--config", str(ROOT / "configs" / "fedpgp.yaml"), "--config",
+                 str(ROOT / "configs" / "embedded.yaml"), "--config",
+                 str(ROOT / "configs" / "protocols" / "embedded_domains.yaml"),
+                 "--trainer.rounds", "1", "--out_dir", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["per_client"]) == 4 and {"local", "novel", "hm"} <= set(r["final"])
+    assert all(f"acc/{d}" in r["per_client"]["0"] for d in ("shapes-textured", "shapes-noisy", "shapes-stripes"))
