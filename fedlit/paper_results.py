@@ -189,24 +189,39 @@ FEDTPG_CROSS_DATA: dict[str, float] = {
     "imagenet_local": 93.06,
 }
 
+FEDPGP_TABLE2_CAPTION = ("FedPGP Table 2: leave-one-domain-out accuracy on Office-Caltech10 and DomainNet; a column = the "
+                         "model of the client trained on that domain, averaged over the other domains (fedlit: Novel).")
+
 PAPERS = {
     "fedpgp-table1": FEDPGP_TABLE1_CAPTION,
     "fedtpg-cross-class": FEDTPG_LOGS_CAPTION,
+    "fedpgp-table2": FEDPGP_TABLE2_CAPTION,
+    "fedpgp-table5": FEDPGP_TABLE5_CAPTION,
 }
 
 
 def paper_value(paper: str, method: str, dataset: str) -> dict[str, float] | None:
     """Local/Base/Novel/HM printed by ``paper`` for a fedlit (method, dataset), or None.
 
-    ``paper``: ``fedpgp-table1`` (dataset ``average`` = the Average sub-table) or ``fedtpg-cross-class``
-    (method ``fedtpg`` only; per dataset — the logs' mean row covers 9 datasets, so no Average cell).
+    ``paper``: ``fedpgp-table1`` (dataset ``average`` = the Average sub-table), ``fedtpg-cross-class``
+    (method ``fedtpg`` only; per dataset, and ``a+b+…`` = a pooled run's mean over datasets), ``fedpgp-table2``
+    (dataset ``office_caltech10-<domain>`` / ``domainnet-<domain>`` → Novel; the ``+``-joined domains → Avg) or
+    ``fedpgp-table5`` (``cifar10`` / ``cifar100`` → Local).
     """
+    if paper == "fedpgp-table2":
+        bench = dataset.split("-", 1)[0]
+        table = FEDPGP_TABLE2.get(bench, {}).get(method, {})
+        domain = "avg" if "+" in dataset else dataset.split("-", 1)[-1]
+        return {"novel": table[domain]} if "-" in dataset and domain in table else None
+    if paper == "fedpgp-table5":
+        row = FEDPGP_TABLE5.get(dataset, {}).get(method)
+        return {"local": row[0]} if row else None
     if paper == "fedpgp-table1":
         return dict(FEDPGP_TABLE1.get(dataset, {}).get(method, {})) or None
     if paper == "fedtpg-cross-class":
         if method != "fedtpg":
             return None
-        row = FEDTPG_CROSS_CLASS.get(dataset)  # no "average": its mean is over 9 datasets, ours over 5
+        row = FEDTPG_CROSS_CLASS.get("mean" if "+" in dataset else dataset)
         return dict(row) if row else None
     return None
 

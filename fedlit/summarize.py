@@ -90,6 +90,19 @@ def find_runs(run_dirs: Iterable[str | Path], warn=_warn) -> list[dict]:
     return runs
 
 
+def expand_groups(runs: Sequence[Mapping]) -> list[dict]:
+    """A run of several datasets / domains (``per_group`` in its results) becomes one row per group plus its mean
+    row, whose dataset is the ``+``-joined names (paper lookups treat it as the paper's mean / Avg)."""
+    out = []
+    for r in runs:
+        ds = r["dataset"]
+        r = {**r, "dataset": "+".join(ds) if isinstance(ds, list) else str(ds)}
+        out.append(r)
+        for g, res in (r.get("per_group") or {}).items():
+            out.append({**r, "dataset": g, "final": res})
+    return out
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n − 1; None for a single value)."""
@@ -121,7 +134,7 @@ def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mappin
         raise FedlitError(f"unknown paper '{paper}'; choose one of {', '.join(PAPER_CHOICES)}")
     aliases = dict(aliases or {})
     groups: dict[tuple[str, str, str], list[Mapping]] = {}
-    for r in runs:
+    for r in expand_groups(runs):
         groups.setdefault((r["method"], r["dataset"], str(r["backbone"])), []).append(r)
     rows: list[Row] = []
     for (method, dataset, backbone), rs in sorted(groups.items(), key=lambda kv: _order(*kv[0])):

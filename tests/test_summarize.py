@@ -13,7 +13,7 @@ import pytest
 from fedlit.cli import main
 from fedlit.metrics import harmonic_mean
 from fedlit.paper_results import FEDPGP_TABLE1, TABLE1_DATASETS, TABLE1_INCONSISTENT, TABLE1_METHODS
-from fedlit.summarize import summarize, summarize_runs
+from fedlit.summarize import find_runs, summarize, summarize_runs
 
 
 def _run(root, method, dataset, seed, local, base, novel, backbone="ViT-B-16"):
@@ -156,3 +156,29 @@ def test_table1_toy_grid(tmp_path):
     # a second run finds both cells finished and only rewrites the table
     p2 = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p2.returncode == 0 and p2.stdout.count("done already") == 2
+
+
+def test_pooled_and_domain_runs_expand_into_per_group_rows_with_paper_values(tmp_path):
+    d = tmp_path / "tpg"
+    d.mkdir()
+    groups = {"caltech101": {"local": 97.0, "base": 96.0, "novel": 95.0},
+              "dtd": {"local": 60.0, "base": 61.0, "novel": 62.0}}
+    mean = {k: (groups["caltech101"][k] + groups["dtd"][k]) / 2 for k in ("local", "base", "novel")}
+    (d / "results.json").write_text(json.dumps({
+        "method": "fedtpg", "dataset": ["caltech101", "dtd"], "backbone": "ViT-B-16", "seed": 43,
+        "final": mean, "per_group": groups, "per_client": {}, "history": []}))
+    e = tmp_path / "office"
+    e.mkdir()
+    doms = {"office_caltech10-amazon": {"local": 99.0, "novel": 95.55}, "office_caltech10-webcam": {"local": 98.0,
+                                                                                                   "novel": 97.75}}
+    (e / "results.json").write_text(json.dumps({
+        "method": "fedpgp", "dataset": list(doms), "backbone": "ViT-B-16", "seed": 1,
+        "final": {"local": 98.5, "novel": 96.65}, "per_group": doms, "per_client": {}, "history": []}))
+    rows = {(r.method, r.dataset): r for r in summarize_runs(find_runs([tmp_path]))}
+    dtd = rows[("fedtpg", "dtd")]
+    assert dtd.mean["base"] == 61.0 and dtd.paper["base"] == 62.5 and dtd.diff["base"] == pytest.approx(-1.5)
+    pooled = rows[("fedtpg", "caltech101+dtd")]
+    assert pooled.mean["local"] == pytest.approx(78.5) and pooled.paper["local"] == 80.90  # the logs' mean row
+    amazon = rows[("fedpgp", "office_caltech10-amazon")]
+    assert amazon.paper == {"novel": 96.55} and amazon.diff["novel"] == pytest.approx(-1.0)
+    assert rows[("fedpgp", "office_caltech10-amazon+office_caltech10-webcam")].paper == {"novel": 96.54}
