@@ -92,3 +92,27 @@ class ClientModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.prompt.parameters() if p.requires_grad]
         return self.method.configure_optimizer(params)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimiser's per-parameter state as flat CPU tensors ``"<param index>/<name>"`` (e.g. SGD's
+    ``0/momentum_buffer``), for keeping it with a client between rounds and in safetensors checkpoints."""
+    out = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            if v is None:
+                continue
+            out[f"{i}/{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().to("cpu").clone()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_state_tensors` (keys without a ``/`` — e.g. ``participations`` — are skipped)."""
+    sd = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        if "/" in key:
+            i, name = key.split("/", 1)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    optimizer.load_state_dict(sd)

@@ -27,7 +27,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 
 from . import checkpoint as ckpt
 from .backbones import FrozenCLIP
-from .client import ClientModule
+from .client import ClientModule, load_optimizer_state, optimizer_state_tensors
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
@@ -186,6 +186,7 @@ class Orchestrator:
         self.global_state: dict[str, torch.Tensor] = shared
         self.init_personal = personal  # every client starts from the same initial personal tensors
         self.personal: dict[int, dict[str, torch.Tensor]] = {}  # only clients that trained hold state
+        self.client_optim: dict[int, dict[str, torch.Tensor]] = {}  # per-client optimiser state / schedule step
         self.history: list[dict] = []
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
@@ -232,7 +233,10 @@ class Orchestrator:
             return
         if self.logger is not None:
             self.logger.experiment.flush()  # scalars up to this round are on disk before the checkpoint is
-        state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=self.personal,
+        personal = {c: dict(t) for c, t in self.personal.items()}
+        for c, o in self.client_optim.items():  # optimiser state is personal too: stored as personal/<cid>/optim/…
+            personal.setdefault(c, {}).update({f"optim/{k}": v for k, v in o.items()})
+        state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=personal,
                               server=self.method.server_state_dict(), history=self.history,
                               identity=self.meta.get("identity", {}),
                               extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
@@ -245,7 +249,14 @@ class Orchestrator:
             raise FedlitError(f"checkpoint holds shared tensors {sorted(state.global_state)} but the method has "
                               f"{sorted(expected)}; it was written by another method configuration")
         self.global_state = dict(state.global_state)
-        self.personal = {int(c): dict(t) for c, t in state.personal.items()}
+        self.personal, self.client_optim = {}, {}
+        for c, tensors in state.personal.items():
+            own = {k: v for k, v in tensors.items() if not k.startswith("optim/")}
+            optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
+            if own:
+                self.personal[int(c)] = own
+            if optim:
+                self.client_optim[int(c)] = optim
         self.method.load_server_state_dict(state.server)
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
@@ -277,7 +288,7 @@ class Orchestrator:
         pos = {name: i for i, name in enumerate(m.task.classnames)}
         m.client_classes = [pos[self.fed.data.classnames[c]] for c in client.classes]
         m.train()
-        optimizer = self.fabric.setup_optimizers(m.configure_optimizers())  # fresh per client-round
+        optimizer, optim_state, lr = self._client_optimizer(cid)
         losses, step = [], 0
         y_all = torch.as_tensor(client.train_y, device=self.fabric.device)
         for epoch in range(cfg.local_epochs):
@@ -296,8 +307,25 @@ class Orchestrator:
                 losses.append(loss.item())
                 step += 1
         shared, personal = m.export()
+        extra = {"sent": sent} if sent is not self.global_state else {}
+        if optim_state is not None:
+            extra["optim"] = {**(optimizer_state_tensors(optimizer) if self.method.persistent_optimizer else {}),
+                              "participations": optim_state.get("participations", torch.tensor(0)) + 1}
         return Update(cid, shared, personal, client.num_samples, float(np.mean(losses)) if losses else float("nan"),
-                      step, extra={"sent": sent} if sent is not self.global_state else {})
+                      step, extra={**extra, "lr": lr})
+
+    def _client_optimizer(self, cid: int):
+        """A fresh optimiser for one client-round, or — for methods with a per-client schedule or persistent
+        optimiser (FedTPG) — one restored from the client's own state. Returns (optimizer, state or None, lr)."""
+        optimizer = self.module.configure_optimizers()
+        tracked = self.method.persistent_optimizer or type(self.method).lr_at is not FedMethod.lr_at
+        state = self.client_optim.get(cid, {}) if tracked else None
+        if state and self.method.persistent_optimizer:
+            load_optimizer_state(optimizer, state)
+        lr = self.method.lr_at(int(state.get("participations", 0)) if state else 0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return self.fabric.setup_optimizers(optimizer), state, lr
 
     # ------------------------------------------------------------------------------------ server side
     def apply(self, updates: list[Update]) -> None:
@@ -315,6 +343,8 @@ class Orchestrator:
         for u in ok:
             if u.personal:
                 self.personal[u.cid] = u.personal
+            if "optim" in u.extra:
+                self.client_optim[u.cid] = u.extra["optim"]
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> dict:
@@ -366,7 +396,7 @@ class Orchestrator:
             "train/loss": float(np.mean([u.loss for u in ok])) if ok else float("nan"),
             "train/clients": len(selected),
             "train/failed_clients": len(updates) - len(ok),
-            "train/lr": self.method.lr,
+            "train/lr": float(np.mean([u.extra.get("lr", self.method.lr) for u in ok])) if ok else self.method.lr,
             "comm/bytes_up": numel * len(ok),
             "comm/bytes_down": numel * len(selected),
         }

@@ -83,6 +83,9 @@ class FedMethod:
     #: Reproduce the official FedOTP-codebase FedProx bug: the term is computed on detached tensors
     #: (``state_dict()``), so it changes the logged loss but contributes no gradient (spec §4.6).
     prox_detached: bool = False
+    #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
+    #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
+    persistent_optimizer: bool = False
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         self.lr = lr
@@ -138,6 +141,11 @@ class FedMethod:
     # ----------------------------------------------------------------------------- local optimisation
     def configure_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def lr_at(self, participations: int) -> float:
+        """Learning rate of a client in its ``participations``-th participation (0-based); constant by default
+        (FedTPG: a per-client cosine schedule that steps only when the client participates)."""
+        return self.lr
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
