@@ -318,7 +318,7 @@ class Orchestrator:
         """A fresh optimiser for one client-round, or — for methods with a per-client schedule or persistent
         optimiser (FedTPG) — one restored from the client's own state. Returns (optimizer, state or None, lr)."""
         optimizer = self.module.configure_optimizers()
-        tracked = self.method.persistent_optimizer or type(self.method).lr_at is not FedMethod.lr_at
+        tracked = self.method.persistent_optimizer or self.method.lr_schedule != "constant"
         state = self.client_optim.get(cid, {}) if tracked else None
         if state and self.method.persistent_optimizer:
             load_optimizer_state(optimizer, state)

@@ -23,6 +23,7 @@ The shape follows Flower's Strategy (configure → local update → aggregate), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..aggregation import fedavg, uniform_mean
 from ..backbones import FrozenCLIP
+from ..errors import FedlitError
 from ..prompts import Task
 
 
@@ -86,6 +88,10 @@ class FedMethod:
     #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
     #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
     persistent_optimizer: bool = False
+    #: ``constant``, or ``cosine``: each client's lr follows ``lr · (1 + cos(π t / schedule_rounds)) / 2`` with
+    #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
+    lr_schedule: str = "constant"
+    schedule_rounds: int = 500
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         self.lr = lr
@@ -143,9 +149,19 @@ class FedMethod:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def lr_at(self, participations: int) -> float:
-        """Learning rate of a client in its ``participations``-th participation (0-based); constant by default
-        (FedTPG: a per-client cosine schedule that steps only when the client participates)."""
+        """Learning rate of a client in its ``participations``-th participation (0-based), see ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * participations / self.schedule_rounds))
         return self.lr
+
+    def set_client_schedule(self, lr_schedule: str, schedule_rounds: int, persistent_optimizer: bool) -> None:
+        """Validate and set the FedTPG-code-base client options (shared by FedTPG, FedVLP and FedKgCoOp)."""
+        if lr_schedule not in ("cosine", "constant"):
+            raise FedlitError(f"method.init_args.lr_schedule='{lr_schedule}': use 'cosine' or 'constant'")
+        if schedule_rounds < 1:
+            raise FedlitError(f"method.init_args.schedule_rounds={schedule_rounds}: must be >= 1")
+        self.lr_schedule, self.schedule_rounds = lr_schedule, schedule_rounds
+        self.persistent_optimizer = persistent_optimizer
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

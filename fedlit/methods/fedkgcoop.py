@@ -43,6 +43,8 @@ class FedKgCoOp(PromptFL):
         eval_protocol: ``global`` (FedTPG's: Local among the client's own classes) or ``personalized``
             (FedPGP's: Local among all base classes).
         n_ctx, ctx_init, lr, momentum, weight_decay, weighted: see :class:`~fedlit.methods.coop.CoOp`.
+        lr_schedule, schedule_rounds, persistent_optimizer: the FedTPG code base's client — per-client cosine
+            lr over ``schedule_rounds`` participations and momentum kept across rounds (see :class:`FedTPG`).
     """
 
     name = "fedkgcoop"
@@ -50,9 +52,11 @@ class FedKgCoOp(PromptFL):
     def __init__(self, w: float = 8.0, template: str = "a photo of a {}.", own_classes: bool = True,
                  eval_protocol: Literal["global", "personalized"] = "global", n_ctx: int = 4,
                  ctx_init: str | None = None, lr: float = 0.003, momentum: float = 0.9, weight_decay: float = 1e-5,
-                 weighted: bool = False):
+                 weighted: bool = False, lr_schedule: Literal["cosine", "constant"] = "cosine",
+                 schedule_rounds: int = 500, persistent_optimizer: bool = True):
         super().__init__(n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          weighted=weighted)
+        self.set_client_schedule(lr_schedule, schedule_rounds, persistent_optimizer)
         if "{}" not in template:
             raise FedlitError(f"method.init_args.template='{template}' needs a '{{}}' where the class name goes")
         if w < 0:

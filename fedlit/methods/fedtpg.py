@@ -30,7 +30,6 @@ With ``depth > 1`` the official code injects ``ctx[1:]`` from text layer 0, over
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -146,19 +145,12 @@ class FedTPG(FedMethod):
                  lr_schedule: Literal["cosine", "constant"] = "cosine", schedule_rounds: int = 500,
                  persistent_optimizer: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
-        for key, val, low in (("n_ctx", n_ctx, 1), ("depth", depth, 1), ("model_depth", model_depth, 0), ("heads", heads, 1),
-                              ("schedule_rounds", schedule_rounds, 1)):
+        for key, val, low in (("n_ctx", n_ctx, 1), ("depth", depth, 1), ("model_depth", model_depth, 0), ("heads", heads, 1)):
             if val < low:
                 raise FedlitError(f"method.init_args.{key}={val}: must be >= {low}")
         self.n_ctx, self.depth, self.model_depth, self.heads = n_ctx, depth, model_depth, heads
         self.official_deep_offset = official_deep_offset
-        self.lr_schedule, self.schedule_rounds = lr_schedule, schedule_rounds
-        self.persistent_optimizer = persistent_optimizer
-
-    def lr_at(self, participations: int) -> float:
-        if self.lr_schedule == "constant":
-            return self.lr
-        return 0.5 * self.lr * (1.0 + math.cos(math.pi * participations / self.schedule_rounds))
+        self.set_client_schedule(lr_schedule, schedule_rounds, persistent_optimizer)
 
     def build(self, clip):
         return PromptGenerator(clip.text_width, clip.embed_dim, self.n_ctx, self.depth, self.model_depth, self.heads)

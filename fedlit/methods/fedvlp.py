@@ -15,6 +15,8 @@ rounds is not reproduced: the learning rate is constant.)
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -53,6 +55,8 @@ class FedVLP(FedMethod):
         prompt_depth: layers that receive prompts (1: input layer only).
         lr, momentum, weight_decay: SGD (FedTPG: 0.003, 0.9, 1e-5).
         weighted: aggregate weighted by sample count (False: FedTPG's unweighted mean).
+        lr_schedule, schedule_rounds, persistent_optimizer: the FedTPG code base's client — per-client cosine
+            lr over ``schedule_rounds`` participations and momentum kept across rounds (see :class:`FedTPG`).
     """
 
     name = "fedvlp"
@@ -60,8 +64,11 @@ class FedVLP(FedMethod):
     eval_protocol = "global"
 
     def __init__(self, n_ctx: int = 4, prompt_depth: int = 1, lr: float = 0.003, momentum: float = 0.9,
-                 weight_decay: float = 1e-5, weighted: bool = False):
+                 weight_decay: float = 1e-5, weighted: bool = False,
+                 lr_schedule: Literal["cosine", "constant"] = "cosine", schedule_rounds: int = 500,
+                 persistent_optimizer: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
+        self.set_client_schedule(lr_schedule, schedule_rounds, persistent_optimizer)
         if n_ctx < 1:
             raise FedlitError(f"method.init_args.n_ctx={n_ctx}: needs at least 1 prompt token")
         if prompt_depth < 1:
