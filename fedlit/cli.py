@@ -6,6 +6,7 @@
     fedlit plot runs/a runs/b --out plots                        # PNGs of finished runs
     fedlit summarize runs/a runs/b --out results/summary         # mean ± std table (.md + .csv), paper beside
     fedlit pretrain-toy                                          # regenerate the embedded model
+    fedlit flower --config configs/quickstart.yaml               # the same run as a real Flower federation
     fedlit datasets | methods | backbones                        # list registered names
 
 ``fit`` takes ``--config`` (several compose in order), dotted overrides (``--data.shots 8``),
@@ -236,16 +237,16 @@ def fit(parser, cfg, init) -> int:
     fabric = trainer.make_fabric()
     fabric.launch()
     L.seed_everything(cfg.seed, verbose=False)
-    # Everything a user can get wrong is checked before anything is written.
-    clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
+    # Everything a user can get wrong is checked before anything is written (the data first: it is cheap).
     federation = data.setup(cfg.seed)
+    clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
     identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
                 "dataset": data.dataset, "seed": cfg.seed, "config_digest": _config_digest(parser, cfg)}
     meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}
     orchestrator = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
     where = None
     if fabric.global_rank == 0:
-        run_dir, resume = _run_dir(cfg.out_dir, method.name, data.dataset, cfg.seed, cfg.overwrite)
+        run_dir, resume = _run_dir(cfg.out_dir, method.name, data.label, cfg.seed, cfg.overwrite)
         if resume is not None:
             state = ckpt.load(resume)
             ckpt.check_identity(resume, state.identity, identity)
@@ -256,7 +257,7 @@ def fit(parser, cfg, init) -> int:
     state = ckpt.load(resume) if resume else None
     if fabric.global_rank == 0:
         action = f"resuming after round {state.round} from {resume}" if state else f"run dir {run_dir}"
-        print(f"fedlit: {method.name} on {data.dataset} — {len(federation.clients)} clients, "
+        print(f"fedlit: {method.name} on {data.label} — {len(federation.clients)} clients, "
               f"backbone {init.backbone.name}, {action}")
         print(federation.summary())
     results = orchestrator.fit(run_dir, resume=state)
@@ -343,8 +344,17 @@ def cmd_summarize(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy, "plot": cmd_plot, "summarize": cmd_summarize}
-USAGE = "usage: fedlit {fit,plot,summarize,pretrain-toy,datasets,methods,backbones} [--help]"
+def cmd_flower(argv: list[str]) -> int:
+    """``fedlit flower --config …``: the config as a Flower app + deployment commands (see
+    :mod:`fedlit.integrations.flower`; needs ``pip install 'fedlit[flower]'``)."""
+    from .integrations.flower import main as flower_main
+
+    return flower_main(argv)
+
+
+COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy, "plot": cmd_plot, "summarize": cmd_summarize,
+            "flower": cmd_flower}
+USAGE = "usage: fedlit {fit,flower,plot,summarize,pretrain-toy,datasets,methods,backbones} [--help]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ def accuracy(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> flo
     """Top-1 accuracy in percent (``nan`` for an empty set)."""
     if target.numel() == 0:
         return float("nan")
+    if num_classes < 2:  # a one-class task (torchmetrics refuses it): the plain fraction correct
+        return 100.0 * float((preds.cpu() == target.cpu()).float().mean())
     acc = multiclass_accuracy(preds.cpu(), target.cpu(), num_classes=num_classes, average="micro", top_k=1)
     return 100.0 * float(acc)
 

@@ -244,6 +244,12 @@ class FederatedData:
         self.leave_out = leave_out
         self.dataset_args = dict(dataset_args or {})
 
+    @property
+    def label(self) -> str:
+        """A short name for run directories and messages: ``a``, ``a+b+c``, or ``a+8-more`` for long lists."""
+        names = self.names + self.eval_datasets
+        return "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1}-more"
+
     # ------------------------------------------------------------------------------------ building
     def setup(self, seed: int) -> Federation:
         root = self.root or os.environ.get("FEDLIT_DATA")
