@@ -347,7 +347,7 @@ def cmd_summarize(argv: list[str]) -> int:
 def cmd_flower(argv: list[str]) -> int:
     """``fedlit flower --config …``: the config as a Flower app + deployment commands (see
     :mod:`fedlit.integrations.flower`; needs ``pip install 'fedlit[flower]'``)."""
-    from .integrations.flower import main as flower_main
+    from .integrations.flower_deploy import main as flower_main
 
     return flower_main(argv)
 

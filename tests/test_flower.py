@@ -26,6 +26,7 @@ from flwr.serverapp import Grid  # noqa: E402
 
 from fedlit.cli import main  # noqa: E402
 from fedlit.integrations import flower as fl  # noqa: E402
+from fedlit.integrations import flower_deploy as fd  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EMBEDDED = ["--config", str(CONFIGS / "embedded.yaml"), "--trainer.rounds", "2"]
@@ -274,7 +275,7 @@ def test_real_superlink_and_two_supernodes_reproduce_the_in_process_runs(tmp_pat
     """SuperLink + 2 SuperNodes as separate processes (insecure, localhost); 2 rounds of PromptFL and FedPGP
     on the embedded default; results equal to the in-process runs; only shared tensors received; bytes match."""
     cases = {"promptfl": (PROMPTFL, {"ctx": 4 * 128 * 4}), "fedpgp": (FEDPGP, {"sigma": 16 * 128 * 4})}
-    with fl.LocalDeployment(tmp_path / "deployment", supernodes=2) as dep:
+    with fd.LocalDeployment(tmp_path / "deployment", supernodes=2) as dep:
         for name, (args, shared) in cases.items():
             ref = tmp_path / f"{name}-ref"
             fit_in_process(ref, args)
