@@ -168,6 +168,9 @@ class Orchestrator:
         self.run_dir: Path | None = None
         if trainer.prox_mu > 0:
             method.prox_mu = trainer.prox_mu
+        if method.text_classifier and not getattr(clip, "has_text", True):
+            raise FedlitError(f"method '{method.name}' classifies with text prompts, but backbone {clip.name} has no "
+                              f"text tower; use a CLIP backbone (e.g. ViT-B-16) or an image-prompt method")
         tasks = {federation.task_of(c.cid).classnames for c in federation.clients}
         if not method.text_classifier and len(tasks) > 1:
             raise FedlitError(f"method '{method.name}' classifies with a linear head over one class list, but the "

@@ -9,6 +9,11 @@ without network this fails fast with a one-line :class:`~fedlit.errors.FedlitErr
 ``pretrained`` values: ``"default"`` (the bundled weights for ``fedlit-toy``, the ``openai`` tag otherwise), ``None``
 or ``"none"`` (random init, deterministic), a tag, or a path. One instance per (name, pretrained, device, precision)
 per process.
+
+Image-only backbones: names ``timm/<model>[.<tag>][@<img_size>]`` (e.g. ``timm/vit_base_patch16_224.augreg_in21k``,
+pFedPG's ImageNet-21k ViT-B/16) build a frozen timm ViT (:mod:`fedlit.backbones.timm_vit`) for the image-prompt,
+linear-head methods (pFedPG, FedVPT, LocalVPT); ``pretrained`` is ``default`` (the tag's hub weights), ``none`` or
+a local file. Text methods fail on them with a one-line error.
 """
 
 from __future__ import annotations
@@ -219,13 +224,24 @@ def load_backbone(
     """Build (once per process) a frozen CLIP backbone.
 
     Args:
-        name: ``fedlit-toy`` or an open_clip architecture (``ViT-B-16``, CoOp's ``ViT-B/16``, ``RN50``, ...).
+        name: ``fedlit-toy`` or an open_clip architecture (``ViT-B-16``, CoOp's ``ViT-B/16``, ``RN50``, ...), or
+            ``timm/<model>[.<tag>][@<img_size>]`` for an image-only timm ViT (returns a ``TimmViT``).
         pretrained: ``"default"``, ``None``/``"none"`` (random init, seed 0), an open_clip tag or a checkpoint path.
             OpenAI weights need QuickGELU: the ``openai`` tag and OpenAI TorchScript files switch it on
             automatically; for an OpenAI state dict saved as ``.pt``/``.safetensors`` use ``ViT-B-16-quickgelu``.
         device: where the model lives.
         precision: ``fp32`` (default), ``fp16`` or ``bf16`` weights (open_clip's own casting).
     """
+    if str(name).strip().lower().startswith("timm/"):  # image-only timm ViT (fedlit.backbones.timm_vit)
+        if precision not in _PRECISIONS:
+            raise unknown_name("precision", precision, _PRECISIONS)
+        tkey = ("timm", str(name).strip(), None if pretrained is None else str(pretrained), str(torch.device(device)),
+                precision)
+        if tkey not in _CACHE:
+            from fedlit.backbones.timm_vit import load_timm_backbone
+
+            _CACHE[tkey] = load_timm_backbone(name, pretrained, device=device, precision=precision)
+        return _CACHE[tkey]
     import open_clip
 
     arch = _resolve_name(name)

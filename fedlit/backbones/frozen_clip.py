@@ -74,6 +74,8 @@ class FrozenCLIP(nn.Module):
     ``.train()``. Gradients still flow *through* the backbone to prompts passed in as arguments.
     """
 
+    has_text = True
+
     def __init__(self, model: nn.Module, tokenizer, name: str, preprocess_cfg: dict | None = None):
         super().__init__()
         import open_clip

@@ -39,6 +39,9 @@ def vpt_init_bound(patch_size: int, width: int) -> float:
 
 
 def patch_size_of(clip) -> int:
+    size = getattr(clip, "patch_size", None)  # image-only backbones (fedlit.backbones.timm_vit) state it
+    if size is not None:
+        return int(size)
     conv = clip.model.visual.conv1
     return int(conv.kernel_size[0])
 
