@@ -46,7 +46,7 @@ def _fit_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from .data.federation import FederatedData
-    from .federation import FedTrainer
+    from .trainer import FedTrainer
     from .methods import FedMethod
 
     p = ArgumentParser(prog="fedlit fit", description="Train and evaluate a federation.", exit_on_error=False)
@@ -207,11 +207,18 @@ def _config_digest(parser, cfg) -> str:
 
 
 def cmd_fit(argv: list[str]) -> int:
+    parser = _fit_parser()
+    cfg, init = parse_fit(parser, lambda: parser.parse_args(_rewrite_method_shortcut(argv)))
+    return fit(parser, cfg, init)
+
+
+def parse_fit(parser, parse):
+    """``parse()`` (a jsonargparse parse of the fit parser) and instantiation, with every failure turned into one
+    :class:`FedlitError` line. Returns ``(cfg, init)``."""
     from jsonargparse import ArgumentError
 
-    parser = _fit_parser()
     try:
-        cfg = parser.parse_args(_rewrite_method_shortcut(argv))
+        cfg = parse()
     except ArgumentError as e:
         raise FedlitError(_friendly(parser, e)) from None
     try:
@@ -223,27 +230,37 @@ def cmd_fit(argv: list[str]) -> int:
         if isinstance(cause, FedlitError):
             raise cause from None
         raise FedlitError(_friendly(parser, e)) from None
-    return fit(parser, cfg, init)
+    return cfg, init
 
 
-def fit(parser, cfg, init) -> int:
+def build(parser, cfg, init):
+    """Fabric, data, backbone, method and orchestrator of a parsed fit config, in one fixed order (``fedlit fit``
+    and the Flower apps share it, so both start from the same tensors). Everything a user can get wrong is
+    checked here, before anything is written (the data first: it is cheap). Returns ``(orchestrator, identity)``."""
     import lightning as L
 
-    from . import checkpoint as ckpt
     from .backbones import load_backbone
-    from .federation import Orchestrator, format_final
+    from .federation import Orchestrator
 
     method, data, trainer = init.method, init.data, init.trainer
     fabric = trainer.make_fabric()
     fabric.launch()
     L.seed_everything(cfg.seed, verbose=False)
-    # Everything a user can get wrong is checked before anything is written (the data first: it is cheap).
     federation = data.setup(cfg.seed)
     clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
     identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
                 "dataset": data.dataset, "seed": cfg.seed, "config_digest": _config_digest(parser, cfg)}
     meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}
-    orchestrator = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
+    return Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta), identity
+
+
+def fit(parser, cfg, init) -> int:
+    from . import checkpoint as ckpt
+    from .federation import format_final
+
+    method, data = init.method, init.data
+    orchestrator, identity = build(parser, cfg, init)
+    fabric, federation = orchestrator.fabric, orchestrator.fed
     where = None
     if fabric.global_rank == 0:
         run_dir, resume = _run_dir(cfg.out_dir, method.name, data.label, cfg.seed, cfg.overwrite)

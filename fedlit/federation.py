@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -34,6 +33,7 @@ from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
+from .trainer import FedTrainer  # noqa: F401  (re-exported: the trainer section of a config)
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, participation: float, first_round_all: bool = True) -> list[int]:
@@ -51,107 +51,6 @@ def sample_clients(seed: int, rnd: int, num_clients: int, participation: float, 
 def shard(items: list[int], rank: int, world_size: int) -> list[int]:
     """The items a process handles: round-robin, so every rank gets a near-equal share."""
     return items[rank::world_size]
-
-
-class FedTrainer:
-    """Federation settings (the ``trainer:`` section of a config).
-
-    Args:
-        rounds: communication rounds.
-        participation: fraction of clients sampled per round (``--frac`` in the official code).
-        local_epochs: passes over its data a client makes per round.
-        batch_size: local training batch size (FedPGP uses ``shots``).
-        eval_every: evaluate every N rounds (the last round is always evaluated).
-        first_round_all: all clients train in round 0 (FedPGP/FedOTP).
-        eval_batch_size: batch size of evaluation and feature encoding.
-        precision: Fabric precision; ``auto`` = ``bf16-mixed`` on GPU, ``32-true`` on CPU.
-        accelerator: ``auto``, ``cpu``, ``cuda`` …
-        devices: number of processes/devices (clients are sharded over them).
-        num_nodes: nodes for multi-node runs (Fabric / SLURM / torchrun).
-        strategy: Fabric strategy for several processes (``ddp`` launches them; results are gathered
-            with collectives, modules are not wrapped).
-        prox_mu: add FedProx's proximal term μ/2‖θ − θ_global‖² to any method's local loss (0: off).
-        checkpoint_every: write ``checkpoint.safetensors`` every N rounds (0: never); a run directory holding
-            a checkpoint and no results is resumed automatically.
-        on_client_failure: ``skip`` leaves a client whose update raises or whose loss is NaN/inf out of the
-            round's aggregation (logged and counted); ``stop`` ends the run with an error.
-        progress: show a progress bar (``null``: only when stderr is a terminal).
-        feature_cache: where frozen image features are cached: ``memory`` (per process) or ``disk``
-            (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
-            augmentation; reused across runs and processes). Same values either way.
-        cache_dir: directory of the disk cache (``null``: ``$FEDLIT_CACHE``, else ``~/.cache/fedlit/features``).
-        augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
-            + flip views per training image, encoded once, one drawn per sample and step from
-            (seed, round, client, epoch). Evaluation is never augmented.
-    """
-
-    def __init__(
-        self,
-        rounds: int = 10,
-        participation: float = 1.0,
-        local_epochs: int = 1,
-        batch_size: int = 16,
-        eval_every: int = 1,
-        first_round_all: bool = True,
-        eval_batch_size: int = 256,
-        precision: str = "auto",
-        accelerator: str = "auto",
-        devices: int = 1,
-        num_nodes: int = 1,
-        strategy: str = "auto",
-        prox_mu: float = 0.0,
-        checkpoint_every: int = 1,
-        on_client_failure: Literal["skip", "stop"] = "skip",
-        progress: bool | None = None,
-        feature_cache: Literal["memory", "disk"] = "memory",
-        cache_dir: str | None = None,
-        augment_views: int = 0,
-    ):
-        checks = [
-            (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
-            (0 < participation <= 1, f"trainer.participation={participation}: a fraction in (0, 1]"),
-            (local_epochs >= 1, f"trainer.local_epochs={local_epochs}: needs at least 1"),
-            (batch_size >= 1, f"trainer.batch_size={batch_size}: needs at least 1"),
-            (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
-            (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
-            (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
-            (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise FedlitError(msg)
-        self.rounds = rounds
-        self.participation = participation
-        self.local_epochs = local_epochs
-        self.batch_size = batch_size
-        self.eval_every = eval_every
-        self.first_round_all = first_round_all
-        self.eval_batch_size = eval_batch_size
-        self.precision = precision
-        self.accelerator = accelerator
-        self.devices = devices
-        self.num_nodes = num_nodes
-        self.strategy = strategy
-        self.prox_mu = prox_mu
-        self.checkpoint_every = checkpoint_every
-        self.on_client_failure = on_client_failure
-        self.progress = progress
-        if feature_cache not in ("memory", "disk"):
-            raise FedlitError(f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'")
-        if augment_views < 0:
-            raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
-        self.feature_cache = feature_cache
-        self.cache_dir = cache_dir
-        self.augment_views = augment_views
-
-    def make_fabric(self) -> L.Fabric:
-        cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
-        precision = self.precision if self.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
-        strategy = self.strategy
-        if strategy == "auto" and self.devices * self.num_nodes > 1:
-            strategy = "ddp"
-        return L.Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
-                        strategy=strategy, precision=precision)
 
 
 class Orchestrator:
@@ -216,7 +115,7 @@ class Orchestrator:
                 updates = self._gather([self.safe_update(cid, rnd) for cid in mine])
                 updates.sort(key=lambda u: u.cid)
                 self.apply(updates)
-                self._log_round(rnd, selected, updates)
+                self.log_round(rnd, selected, updates)
             if (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1 or not self.method.trainable:
                 metrics = self.evaluate(rnd)
             if cfg.checkpoint_every and ((rnd + 1) % cfg.checkpoint_every == 0 or rnd == cfg.rounds - 1):
@@ -228,7 +127,7 @@ class Orchestrator:
                 break
         if bar is not None:
             bar.close()
-        return self._finish(metrics, time.time() - t0)
+        return self.finish(metrics, time.time() - t0)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rounds_done: int, metrics: dict) -> None:
@@ -264,6 +163,32 @@ class Orchestrator:
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
         return state.round
+
+    def client_state_of(self, cid: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Everything kept for client ``cid`` between rounds, none of it ever sent to the server: ``personal``
+        (its personal tensors) and ``optim`` (its optimiser state / schedule step), where it has them."""
+        out = {}
+        if cid in self.personal:
+            out["personal"] = self.personal[cid]
+        if cid in self.client_optim:
+            out["optim"] = self.client_optim[cid]
+        return out
+
+    def load_client_state(self, cid: int, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`client_state_of` (a deployment keeps the state where the client lives)."""
+        for kind, store in (("personal", self.personal), ("optim", self.client_optim)):
+            if state.get(kind):
+                store[cid] = dict(state[kind])
+            else:
+                store.pop(cid, None)
+
+    @staticmethod
+    def kept_state(update: Update) -> dict[str, dict[str, torch.Tensor]]:
+        """What a finished client update leaves on the client (the :meth:`client_state_of` form)."""
+        out = {"personal": update.personal} if update.personal else {}
+        if update.extra.get("optim"):
+            out["optim"] = update.extra["optim"]
+        return out
 
     # ------------------------------------------------------------------------------------ one client
     def safe_update(self, cid: int, rnd: int) -> Update:
@@ -351,13 +276,20 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> dict:
-        """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`)."""
+        """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`):
+        this process's share of the clients, gathered, then recorded."""
         mine = shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size)
+        per_client = {c: r for part in self._gather_objects(self.evaluate_clients(mine)) for c, r in part.items()}
+        return self.record_evaluation(per_client, rnd)
+
+    def evaluate_clients(self, cids: list[int]) -> dict[int, dict[str, float]]:
+        """Per-client results of ``cids`` under the method's protocol (no logging, no ``hm``)."""
         if self.method.eval_protocol == "global":
-            per_client = self.evaluator.global_(mine)
-        else:
-            per_client = self.evaluator.personalized(mine, lambda cid: cid in self.personal)
-        per_client = {c: r for part in self._gather_objects(per_client) for c, r in part.items()}
+            return self.evaluator.global_(cids)
+        return self.evaluator.personalized(cids, lambda cid: cid in self.personal)
+
+    def record_evaluation(self, per_client: dict[int, dict[str, float]], rnd: int) -> dict:
+        """Every client's results → ``hm`` per client, means (per group), history, TensorBoard; the round's metrics."""
         for res in per_client.values():
             res["hm"] = harmonic_mean([res[k] for k in ("local", "base", "novel") if k in res])
         mean, per_group = summarize_clients(per_client, self.fed)
@@ -392,7 +324,7 @@ class Orchestrator:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def _log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> None:
+    def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> None:
         ok = [u for u in updates if u.ok]
         numel = sum(v.numel() * v.element_size() for v in self.global_state.values())
         scalars = {
@@ -451,7 +383,7 @@ class Orchestrator:
         return flat("", {"method": self.method.name, "seed": self.seed, **self.meta,
                          "method_args": args, "trainer": settings})
 
-    def _finish(self, metrics: dict, wall: float) -> dict:
+    def finish(self, metrics: dict, wall: float) -> dict:
         results = {
             **self.meta,
             "method": self.method.name,

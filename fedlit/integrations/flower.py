@@ -120,50 +120,23 @@ class Runtime:
 
 
 def _parse(parser, parse):
-    from jsonargparse import ArgumentError
-
     from .. import cli
 
-    try:
-        cfg = parse()
-    except ArgumentError as e:
-        raise FedlitError(cli._friendly(parser, e)) from None
-    try:
-        init = parser.instantiate(cfg)
-    except FedlitError:
-        raise
-    except Exception as e:  # jsonargparse wraps constructor errors
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, FedlitError):
-            raise cause from None
-        raise FedlitError(cli._friendly(parser, e)) from None
-    return cfg, init
+    return cli.parse_fit(parser, parse)
 
 
 def build_runtime(config_text: str) -> Runtime:
-    """Parse a resolved fit config and build backbone, federation, method and orchestrator in ``fedlit fit``'s
-    order (seed, backbone, data, orchestrator), so the initial shared and personal tensors are the same."""
-    import lightning as L
-
+    """Parse a resolved fit config and build everything with ``fedlit fit``'s own builder
+    (:func:`fedlit.cli.build`), so the initial shared and personal tensors are the same."""
     from .. import cli
-    from ..backbones import load_backbone
-    from ..federation import Orchestrator
 
     parser = cli._fit_parser()
     cfg, init = _parse(parser, lambda: parser.parse_string(config_text))
-    method, data, trainer = init.method, init.data, init.trainer
+    trainer = init.trainer
     if trainer.devices * trainer.num_nodes > 1:
         raise FedlitError(f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}: a Flower run "
                           f"uses one process per SuperNode; scale out with more SuperNodes (--supernodes)")
-    fabric = trainer.make_fabric()
-    fabric.launch()
-    L.seed_everything(cfg.seed, verbose=False)
-    clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
-    federation = data.setup(cfg.seed)
-    identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
-                "dataset": data.dataset, "seed": cfg.seed, "config_digest": cli._config_digest(parser, cfg)}
-    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}
-    orch = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
+    orch, identity = cli.build(parser, cfg, init)
     return Runtime(parser, cfg, init, orch, identity)
 
 
@@ -217,11 +190,11 @@ def _load_state(context: Context, prefix: str, cids: list[int]) -> dict[int, dic
 
 
 def _restore_clients(orch, context: Context, cids: list[int]) -> None:
-    """Load the per-client state the orchestrator keeps between rounds — personal tensors and, where the
-    orchestrator has it, the client's optimiser state — from this SuperNode's ``Context.state``."""
-    orch.personal = _load_state(context, PERSONAL_PREFIX, cids)
-    if hasattr(orch, "client_optim"):
-        orch.client_optim = _load_state(context, OPTIM_PREFIX, cids)
+    """Load the per-client state the orchestrator keeps between rounds (personal tensors, optimiser state) from
+    this SuperNode's ``Context.state``."""
+    personal, optim = _load_state(context, PERSONAL_PREFIX, cids), _load_state(context, OPTIM_PREFIX, cids)
+    for cid in cids:
+        orch.load_client_state(cid, {"personal": personal.get(cid), "optim": optim.get(cid)})
 
 
 # ============================================================================================ ClientApp
@@ -270,10 +243,10 @@ def client_train(msg: Message, context: Context) -> Message:
         if leaked:  # cannot happen through ClientModule.export; a guard for custom methods
             raise FedlitError(f"client {cid} would send personal tensors {leaked}")
         reply[f"update.{cid}"] = to_record(update.shared)
-        if update.personal:  # kept on this SuperNode only
-            context.state[f"{PERSONAL_PREFIX}{cid}"] = to_record(update.personal)
-        if update.extra.get("optim"):  # momentum buffers / schedule step: kept on this SuperNode only
-            context.state[f"{OPTIM_PREFIX}{cid}"] = to_record(update.extra["optim"])
+        kept = orch.kept_state(update)  # personal tensors, momentum / schedule step: on this SuperNode only
+        for kind, prefix in (("personal", PERSONAL_PREFIX), ("optim", OPTIM_PREFIX)):
+            if kind in kept:
+                context.state[f"{prefix}{cid}"] = to_record(kept[kind])
     return Message(reply, reply_to=msg)
 
 
@@ -287,32 +260,10 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     _serve_received(orch.method, {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
                                   if f"client.{cid}" in arrays})
     _restore_clients(orch, context, cids)
-    per_client = _evaluate_clients(orch, cids)
+    per_client = orch.evaluate_clients(cids)
     reply = RecordDict({f"eval.{cid}": MetricRecord({k: float(v) for k, v in res.items()})
                         for cid, res in sorted(per_client.items())})
     return Message(reply, reply_to=msg)
-
-
-def _evaluate_clients(orch, cids: list[int]) -> dict[int, dict[str, float]]:
-    """The orchestrator's per-client evaluation, restricted to ``cids`` (the protocol dispatch of
-    :meth:`Orchestrator.evaluate`, without its logging; ``hm`` is added by the server's ``evaluate``)."""
-    if orch.method.eval_protocol == "global":
-        return orch.evaluator.global_(cids)
-    return orch.evaluator.personalized(cids, lambda cid: cid in orch.personal)
-
-
-class _RemoteResults:
-    """Stands in for the server's evaluator: the per-client results were computed on the SuperNodes, and the
-    server's :meth:`Orchestrator.evaluate` summarises and logs them exactly as in-process."""
-
-    def __init__(self, results: dict[int, dict[str, float]]):
-        self.results = results
-
-    def personalized(self, cids, has_personal=None):
-        return {c: dict(self.results[c]) for c in cids}
-
-    def global_(self, cids):
-        return {c: dict(self.results[c]) for c in cids}
 
 
 # ============================================================================================ the strategy
@@ -438,7 +389,7 @@ class FedlitStrategy(Strategy):
             raise FedlitError(f"client {u.cid} failed in round {server_round}: {u.error} "
                               f"(trainer.on_client_failure=skip leaves such clients out instead)")
         o.apply(updates)
-        o._log_round(rnd, self._selected, updates)
+        o.log_round(rnd, self._selected, updates)
         self.rounds[-1].update({"bytes_up": up, "tensor_bytes_up": up_tensors, "received": received,
                                 "failed_clients": [u.cid for u in failed]})
         ok = [u for u in updates if u.ok]
@@ -496,12 +447,7 @@ class FedlitStrategy(Strategy):
             nodes = sorted({self.node_of(c) for c in missing})
             raise FedlitError(f"no evaluation of clients {missing} (SuperNodes {nodes} did not answer within the "
                               f"round timeout)")
-        own = o.evaluator
-        o.evaluator = _RemoteResults(per_client)
-        try:
-            self.metrics = o.evaluate(server_round - 1)
-        finally:
-            o.evaluator = own
+        self.metrics = o.record_evaluation(per_client, server_round - 1)
         entry = next((r for r in self.rounds if r["round"] == server_round), None)
         if entry is None:
             entry = {"round": server_round}
@@ -582,7 +528,7 @@ def run_server(grid: Grid, run_config) -> dict:
     strategy = FedlitStrategy(o, nodes)
     strategy.start(grid, initial_arrays=to_record(o.global_state),
                    num_rounds=o.cfg.rounds if method.trainable else 1, timeout=timeout)
-    results = o._finish(strategy.metrics, time.time() - t0)
+    results = o.finish(strategy.metrics, time.time() - t0)
     results["flower"] = strategy.report()
     write_json_atomic(run_dir / "results.json", results)
     print(format_final(results), flush=True)

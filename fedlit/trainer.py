@@ -1,0 +1,112 @@
+"""The ``trainer:`` section of a config: how the round loop runs (rounds, participation, local work,
+evaluation cadence, precision, devices, feature cache, checkpoints, failing clients)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+
+from .errors import FedlitError
+
+
+class FedTrainer:
+    """Federation settings (the ``trainer:`` section of a config).
+
+    Args:
+        rounds: communication rounds.
+        participation: fraction of clients sampled per round (``--frac`` in the official code).
+        local_epochs: passes over its data a client makes per round.
+        batch_size: local training batch size (FedPGP uses ``shots``).
+        eval_every: evaluate every N rounds (the last round is always evaluated).
+        first_round_all: all clients train in round 0 (FedPGP/FedOTP).
+        eval_batch_size: batch size of evaluation and feature encoding.
+        precision: Fabric precision; ``auto`` = ``bf16-mixed`` on GPU, ``32-true`` on CPU.
+        accelerator: ``auto``, ``cpu``, ``cuda`` …
+        devices: number of processes/devices (clients are sharded over them).
+        num_nodes: nodes for multi-node runs (Fabric / SLURM / torchrun).
+        strategy: Fabric strategy for several processes (``ddp`` launches them; results are gathered
+            with collectives, modules are not wrapped).
+        prox_mu: add FedProx's proximal term μ/2‖θ − θ_global‖² to any method's local loss (0: off).
+        checkpoint_every: write ``checkpoint.safetensors`` every N rounds (0: never); a run directory holding
+            a checkpoint and no results is resumed automatically.
+        on_client_failure: ``skip`` leaves a client whose update raises or whose loss is NaN/inf out of the
+            round's aggregation (logged and counted); ``stop`` ends the run with an error.
+        progress: show a progress bar (``null``: only when stderr is a terminal).
+        feature_cache: where frozen image features are cached: ``memory`` (per process) or ``disk``
+            (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
+            augmentation; reused across runs and processes). Same values either way.
+        cache_dir: directory of the disk cache (``null``: ``$FEDLIT_CACHE``, else ``~/.cache/fedlit/features``).
+        augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
+            + flip views per training image, encoded once, one drawn per sample and step from
+            (seed, round, client, epoch). Evaluation is never augmented.
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        participation: float = 1.0,
+        local_epochs: int = 1,
+        batch_size: int = 16,
+        eval_every: int = 1,
+        first_round_all: bool = True,
+        eval_batch_size: int = 256,
+        precision: str = "auto",
+        accelerator: str = "auto",
+        devices: int = 1,
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        prox_mu: float = 0.0,
+        checkpoint_every: int = 1,
+        on_client_failure: Literal["skip", "stop"] = "skip",
+        progress: bool | None = None,
+        feature_cache: Literal["memory", "disk"] = "memory",
+        cache_dir: str | None = None,
+        augment_views: int = 0,
+    ):
+        checks = [
+            (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
+            (0 < participation <= 1, f"trainer.participation={participation}: a fraction in (0, 1]"),
+            (local_epochs >= 1, f"trainer.local_epochs={local_epochs}: needs at least 1"),
+            (batch_size >= 1, f"trainer.batch_size={batch_size}: needs at least 1"),
+            (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
+            (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
+            (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
+            (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise FedlitError(msg)
+        self.rounds = rounds
+        self.participation = participation
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.eval_every = eval_every
+        self.first_round_all = first_round_all
+        self.eval_batch_size = eval_batch_size
+        self.precision = precision
+        self.accelerator = accelerator
+        self.devices = devices
+        self.num_nodes = num_nodes
+        self.strategy = strategy
+        self.prox_mu = prox_mu
+        self.checkpoint_every = checkpoint_every
+        self.on_client_failure = on_client_failure
+        self.progress = progress
+        if feature_cache not in ("memory", "disk"):
+            raise FedlitError(f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'")
+        if augment_views < 0:
+            raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
+        self.feature_cache = feature_cache
+        self.cache_dir = cache_dir
+        self.augment_views = augment_views
+
+    def make_fabric(self) -> L.Fabric:
+        cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
+        precision = self.precision if self.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+        strategy = self.strategy
+        if strategy == "auto" and self.devices * self.num_nodes > 1:
+            strategy = "ddp"
+        return L.Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+                        strategy=strategy, precision=precision)
