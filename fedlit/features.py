@@ -1,72 +1,543 @@
 """Frozen image work, done once.
 
-When a method leaves the image tower untouched (``FedMethod.image_input`` is ``features`` or ``tokens``) and the images are
-not augmented, CLIP's image features are a pure function of the image: :class:`FeatureBank` encodes
-each image of a split at most once per process, on demand, and serves rows by index afterwards.
-Methods that change the image tower get the normalised images instead (:meth:`FeatureBank.inputs`).
+When a method leaves the image tower untouched (``FedMethod.image_input`` is ``features`` or ``tokens``) and the
+images are not augmented, CLIP's image features are a pure function of the image: :class:`FeatureBank` encodes
+each image of a split at most once, on demand, and serves rows by index afterwards. Methods that change the image
+tower get the normalised images instead (:meth:`FeatureBank.inputs`).
+
+Where the cache lives (``trainer.feature_cache``):
+
+- ``memory`` (default): one tensor per split in the process, on the backbone's device, filled lazily.
+- ``disk``: one memory-mapped ``.npy`` file per split under ``trainer.cache_dir`` (default ``$FEDLIT_CACHE``, else
+  ``~/.cache/fedlit/features``), reused by later runs and by every process of a run. The directory name holds a
+  digest of everything the features depend on (:meth:`FeatureBank.cache_key`): the image tower's weights
+  (blake2b of its tensors), its preprocessing (size, mean/std, interpolation), parameter dtype, device type and
+  autocast dtype; the split's content (:meth:`~fedlit.data.registry.ImageSplit.cache_key`: dataset name, root,
+  seed and arguments, labels, pixels or file paths with size and mtime); the split name; ``features``/``tokens``;
+  the augmentation spec; and :data:`FORMAT_VERSION`. Change any of them and another file is used, so a stale
+  cache is never read. ``meta.json`` repeats the full key and is compared on open (not only its digest).
+
+  Files of one cache directory: ``data.npy`` (float32 ``[N, *row_shape]``, created once — written as a temporary
+  file then ``os.replace``-d), ``index.npy`` (int64 ``[N]``: bit 32 set = row filled, low 32 bits = the row's
+  CRC-32; rewritten atomically, after the rows it claims were flushed) and ``meta.json``. A crash can leave rows
+  written but unclaimed (re-encoded next time), never a claimed row that was not written; a row whose bytes do not
+  match its CRC (a damaged file) is re-encoded; an unreadable or truncated file is discarded and rebuilt. Creation
+  and index updates hold an exclusive ``flock`` on ``<dir>.lock``, so two processes can fill one cache.
+
+Augmentation (``trainer.augment_views: K``): with ``K = 0`` (default) training images are not augmented and the
+cache is exact. With ``K > 0`` every training image gets ``K`` fixed views — random-resized-crop (scale
+(0.08, 1), ratio (3/4, 4/3), bicubic) + horizontal flip (p = 0.5), view ``v`` of image ``i`` drawn from
+``(seed, i, v)`` — encoded once; at each step each sample uses the view :meth:`FeatureBank.train_views` draws
+from ``(seed, round, client, epoch)`` and its position, so resumed runs and any number of processes see the
+same views. Methods that prompt the image tower (``image_input = "images"``) get the same views built on the
+fly. Evaluation is never augmented.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+import weakref
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .backbones import FrozenCLIP
 from .data.registry import ImageSplit
+from .errors import FedlitError
+
+__all__ = ["FeatureBank", "FORMAT_VERSION", "default_cache_dir", "tower_digest", "augment_params"]
+
+#: Bump when anything that changes cached values without changing the key inputs changes (e.g. the resize).
+FORMAT_VERSION = 1
+CACHE_ENV = "FEDLIT_CACHE"
+AUG_SCALE = (0.08, 1.0)
+AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+AUG_FLIP = 0.5
+_FILLED = np.int64(1 << 32)
+_CRC_MASK = np.int64((1 << 32) - 1)
+_FLUSH_EVERY_S = 2.0
 
 
+def default_cache_dir() -> Path:
+    """``$FEDLIT_CACHE`` if set, else ``~/.cache/fedlit/features``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedlit" / "features"
+
+
+# ----------------------------------------------------------------------------------------------- keys
+_TOWER_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tower_digest(clip: FrozenCLIP) -> str:
+    """blake2b of the image tower's state (names, dtypes, shapes, bytes); memoised per backbone object."""
+    d = _TOWER_DIGESTS.get(clip)
+    if d is None:
+        h = hashlib.blake2b(digest_size=16)
+        for name, t in sorted(clip.model.visual.state_dict().items()):
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy())
+        d = h.hexdigest()
+        _TOWER_DIGESTS[clip] = d
+    return d
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))[:60] or "x"
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def augment_params(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
+    """``(top, left, h, w, flip)`` of view ``view`` of image ``row``: torchvision's RandomResizedCrop algorithm
+    (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre crop) and a p = 0.5 flip, drawn from
+    ``(seed, row, view)`` only."""
+    rng = np.random.default_rng([int(seed), 0xA116, int(row), int(view)])
+    area = height * width
+    log_ratio = (math.log(AUG_RATIO[0]), math.log(AUG_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*AUG_SCALE)
+        ar = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:  # centre crop at the closest allowed ratio
+        in_ratio = width / height
+        if in_ratio < AUG_RATIO[0]:
+            w, h = width, int(round(width / AUG_RATIO[0]))
+        elif in_ratio > AUG_RATIO[1]:
+            h, w = height, int(round(height * AUG_RATIO[1]))
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return top, left, h, w, bool(rng.random() < AUG_FLIP)
+
+
+# ----------------------------------------------------------------------------------------------- stores
+class _MemoryStore:
+    """Rows ``[N, *row_shape]`` in one tensor (allocated at the first write, on the features' device)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.data: torch.Tensor | None = None
+        self.have = np.zeros(n, dtype=bool)
+        self.corrupt_rows = 0
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        return np.unique(idx[~self.have[idx]])
+
+    def write(self, rows: np.ndarray, values: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = torch.empty(self.n, *values.shape[1:], device=values.device)
+        self.data[torch.as_tensor(rows, device=values.device)] = values
+        self.have[rows] = True
+
+    def read(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+        return self.data[torch.as_tensor(idx, device=self.data.device)]
+
+    def flush(self, force: bool = False) -> None:
+        pass
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _crc_rows(arr: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(arr).reshape(len(arr), -1)
+    return np.fromiter((zlib.crc32(r) for r in flat), dtype=np.int64, count=len(flat))
+
+
+@contextlib.contextmanager
+def _flock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing); a no-op where ``fcntl`` is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class _IndexState:
+    """What a pending index flush needs (kept apart from the store so that a finaliser can flush it)."""
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n = path, n
+        self.mm: np.memmap | None = None
+        self.inode: int | None = None
+        self.index = np.zeros(n, dtype=np.int64)
+        self.dirty = False
+        self.last_flush = time.monotonic()
+
+    @property
+    def lock(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def read_index(self) -> np.ndarray | None:
+        try:
+            idx = np.load(self.path / "index.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        return idx if idx.shape == (self.n,) and idx.dtype == np.int64 else None
+
+    def flush(self) -> None:
+        if not self.dirty or self.mm is None:
+            return
+        self.mm.flush()  # the rows reach the file before the index claims them
+        with _flock(self.lock):
+            try:
+                same_file = os.stat(self.path / "data.npy").st_ino == self.inode
+            except OSError:
+                same_file = False
+            if same_file:  # merge: rows other processes claimed meanwhile are kept (and verified when read)
+                disk = self.read_index()
+                if disk is not None:
+                    self.index = np.where((self.index & _FILLED) != 0, self.index, disk)
+                _atomic_save(self.path / "index.npy", self.index)
+        self.dirty = False
+        self.last_flush = time.monotonic()
+
+
+class _DiskStore:
+    """Rows ``[N, *row_shape]`` in ``<dir>/data.npy`` (memory-mapped), claimed in ``<dir>/index.npy``."""
+
+    def __init__(self, path: Path, key: dict, n: int):
+        self.path, self.key, self.n = path, _jsonable(key), n
+        self.st = _IndexState(path, n)
+        self.trusted = np.zeros(n, dtype=bool)  # rows whose CRC this process checked (or wrote)
+        self.corrupt_rows = 0  # rows found damaged and re-encoded
+        self.rebuilt: str | None = None  # why an existing cache was discarded, if it was
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _flock(self.st.lock):
+            self._open()
+        self._finalizer = weakref.finalize(self, self.st.flush)
+
+    # -- opening / creating (under the lock)
+    def _open(self) -> None:
+        meta_path = self.path / "meta.json"
+        if not self.path.exists():
+            return
+        if not meta_path.exists():  # meta.json is written last: a creation that never finished claimed nothing
+            self._discard(None)
+            return
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") != self.key:
+                raise ValueError("meta.json holds another key")
+            row_shape = tuple(int(s) for s in meta["row_shape"])
+            mm = np.load(self.path / "data.npy", mmap_mode="r", allow_pickle=False)  # "r": a short file raises
+            if mm.dtype != np.float32 or mm.shape != (self.n, *row_shape):
+                raise ValueError(f"data.npy is {mm.dtype} {mm.shape}, expected float32 {(self.n, *row_shape)}")
+            mm = np.load(self.path / "data.npy", mmap_mode="r+", allow_pickle=False)  # ("r+" would extend it)
+            if mm.dtype != np.float32 or mm.shape != (self.n, *row_shape):
+                raise ValueError(f"data.npy is {mm.dtype} {mm.shape}, expected float32 {(self.n, *row_shape)}")
+            index = self.st.read_index()
+            if index is None:
+                raise ValueError("index.npy is missing or malformed")
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            self._discard(f"{type(e).__name__}: {str(e)[:200]}")
+            return
+        self.st.mm, self.st.index = mm, index
+        self.st.inode = os.stat(self.path / "data.npy").st_ino
+
+    def _discard(self, why: str | None) -> None:
+        if why is not None:
+            self.rebuilt = why
+            warnings.warn(f"feature cache {self.path} is unusable ({why}); rebuilding it", RuntimeWarning,
+                          stacklevel=4)
+        for p in self.path.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def _create(self, row_shape: tuple[int, ...]) -> None:
+        with _flock(self.st.lock):
+            self._open()  # another process may have created it meanwhile
+            if self.st.mm is not None:
+                if self.st.mm.shape[1:] != row_shape:
+                    raise RuntimeError(f"feature cache {self.path}: rows are {self.st.mm.shape[1:]}, not {row_shape}")
+                return
+            self.path.mkdir(parents=True, exist_ok=True)
+            for p in self.path.glob("*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix="data.npy.", suffix=".tmp")
+            os.close(fd)
+            try:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.n, *row_shape))
+                mm.flush()
+                del mm
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path / "data.npy")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _atomic_save(self.path / "index.npy", np.zeros(self.n, dtype=np.int64))
+            meta = {"format": FORMAT_VERSION, "key": self.key, "row_shape": list(row_shape), "dtype": "float32",
+                    "rows": self.n, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _atomic_text(self.path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+            self.st.mm = np.load(self.path / "data.npy", mmap_mode="r+", allow_pickle=False)
+            self.st.index = np.zeros(self.n, dtype=np.int64)
+            self.st.inode = os.stat(self.path / "data.npy").st_ino
+
+    # -- rows
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        rows = np.unique(idx)
+        if self.st.mm is None:
+            return rows
+        filled = (self.st.index[rows] & _FILLED) != 0
+        check = rows[filled & ~self.trusted[rows]]
+        if len(check):  # first use of rows written earlier (by another run or process): verify their CRC
+            ok = _crc_rows(self.st.mm[check]) == (self.st.index[check] & _CRC_MASK)
+            self.trusted[check[ok]] = True
+            bad = check[~ok]
+            if len(bad):
+                self.corrupt_rows += len(bad)
+                self.st.index[bad] = 0
+                warnings.warn(f"feature cache {self.path}: {len(bad)} damaged rows; re-encoding them",
+                              RuntimeWarning, stacklevel=3)
+        return rows[~self.trusted[rows]]
+
+    def write(self, rows: np.ndarray, values: torch.Tensor) -> None:
+        arr = values.detach().to("cpu", torch.float32).numpy()
+        if self.st.mm is None:
+            self._create(tuple(arr.shape[1:]))
+        self.st.mm[rows] = arr
+        self.st.index[rows] = _FILLED | _crc_rows(arr)
+        self.trusted[rows] = True
+        self.st.dirty = True
+
+    def read(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.st.mm[idx])).to(device)
+
+    def flush(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.st.last_flush >= _FLUSH_EVERY_S or self.trusted.all():
+            self.st.flush()
+
+
+# ----------------------------------------------------------------------------------------------- the bank
 class FeatureBank:
     """Per-split cache of frozen image features, filled lazily in batches.
 
     Args:
         clip: the frozen backbone.
         splits: name → split (``train``, ``test`` …).
-        batch_size: encoding batch size.
+        batch_size: encoding batch size (images per forward pass).
         autocast: a context-manager factory for mixed precision (e.g. ``fabric.autocast``).
         kind: ``features`` (pooled), ``tokens`` (all projected tokens, FedOTP) or ``images`` (no cache:
             :meth:`inputs` returns normalised images, for methods that prompt the image tower).
+        cache: ``memory`` (a tensor per split in this process) or ``disk`` (memory-mapped files under
+            ``cache_dir``, reused across runs; see the module docstring).
+        cache_dir: directory of the disk cache; ``None`` = :func:`default_cache_dir`.
+        augment_views: ``K`` fixed augmented views per image of ``augment_split`` (0: no augmentation).
+        seed: seed of the augmented views (the run's seed).
+        augment_split: the split that :meth:`train_views` augments (evaluation splits never are).
     """
 
     def __init__(self, clip: FrozenCLIP, splits: dict[str, ImageSplit], batch_size: int = 256,
-                 autocast=None, kind: str = "features"):
+                 autocast=None, kind: str = "features", cache: str = "memory",
+                 cache_dir: str | os.PathLike | None = None, augment_views: int = 0, seed: int = 0,
+                 augment_split: str = "train"):
         if kind not in ("features", "tokens", "images"):
             raise ValueError(f"unknown image input kind '{kind}'")
+        if cache not in ("memory", "disk"):
+            raise FedlitError(f"trainer.feature_cache={cache!r}: use 'memory' or 'disk'")
+        if int(augment_views) < 0:
+            raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
         self.clip = clip
         self.splits = splits
         self.batch_size = batch_size
         self.autocast = autocast
         self.kind = kind
-        self._feats: dict[str, torch.Tensor] = {}
-        self._have: dict[str, np.ndarray] = {}
-        self.encoded = 0  # images encoded so far (a cache that works keeps this at one per image)
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.augment_views = int(augment_views)
+        self.seed = int(seed)
+        self.augment_split = augment_split
+        self._stores: dict[tuple[str, bool], _MemoryStore | _DiskStore] = {}
+        self.encoded = 0  # images (views) encoded so far (a cache that works keeps this at one per image)
 
+    # -------------------------------------------------------------------------------------------- images
     def images(self, split: str, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
         x = self.splits[split].images(np.asarray(idx))
         return self.clip.normalize_images(x.to(self.clip.device))
 
-    @torch.no_grad()
-    def features(self, split: str, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """Image features ``[n, D]`` (float32, unnormalised) of the given rows of ``split``."""
-        idx = np.asarray(idx, dtype=np.int64)
-        encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
-        have = self._have.setdefault(split, np.zeros(len(self.splits[split]), dtype=bool))
-        todo = np.unique(idx[~have[idx]])
-        for s in range(0, len(todo), self.batch_size):
-            rows = todo[s : s + self.batch_size]
-            x = self.images(split, rows)
-            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-                f = encode(x).float()
-            if split not in self._feats:  # allocated on first use, once the feature shape is known
-                self._feats[split] = torch.empty(len(have), *f.shape[1:], device=f.device)
-            self._feats[split][torch.as_tensor(rows, device=f.device)] = f
-            have[rows] = True
-            self.encoded += len(rows)
-        bank = self._feats[split]
-        return bank[torch.as_tensor(idx, device=bank.device)]
+    def augmented_images(self, split: str, idx: Sequence[int] | np.ndarray,
+                         views: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """View ``views[k]`` of image ``idx[k]`` (see :func:`augment_params`), resized and normalised."""
+        idx, views = np.asarray(idx, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        if idx.shape != views.shape:
+            raise ValueError(f"{len(idx)} images but {len(views)} view numbers")
+        if len(views) and (views.min() < 0 or views.max() >= self.augment_views):
+            raise ValueError(f"view numbers must be in [0, {self.augment_views})")
+        x = self.splits[split].images(idx).to(self.clip.device, torch.float32)
+        size = self.clip.image_size if isinstance(self.clip.image_size, tuple) else (self.clip.image_size,) * 2
+        out = []
+        for img, row, v in zip(x, idx, views, strict=True):
+            top, left, h, w, flip = augment_params(self.seed, int(row), int(v), img.shape[-2], img.shape[-1])
+            crop = img[None, :, top : top + h, left : left + w]
+            crop = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+            out.append(crop.flip(-1) if flip else crop)
+        if not out:
+            return self.clip.normalize_images(x.new_zeros(0, 3, *size))
+        return self.clip.normalize_images(torch.cat(out))
 
-    def inputs(self, split: str, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """What a method's forward takes: cached features/tokens, or normalised images."""
-        return self.images(split, idx) if self.kind == "images" else self.features(split, idx)
+    def train_views(self, draw: tuple[int, ...], n: int, rows: np.ndarray) -> np.ndarray | None:
+        """The view each of ``rows`` (positions in a client's data of ``n`` samples) uses at this step:
+        drawn from ``draw = (seed, round, client, epoch)`` and the position only; ``None`` without augmentation."""
+        if self.augment_views == 0:
+            return None
+        return np.random.default_rng([*map(int, draw), 0x71E5]).integers(0, self.augment_views, size=n)[rows]
+
+    # -------------------------------------------------------------------------------------------- keys
+    def _backbone_identity(self) -> dict:
+        dev = self.clip.device
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            on = torch.is_autocast_enabled(dev.type)
+            amp = str(torch.get_autocast_dtype(dev.type)) if on else "off"
+        param = next(self.clip.model.visual.parameters())
+        size = self.clip.image_size if isinstance(self.clip.image_size, tuple) else (self.clip.image_size,) * 2
+        return {"name": self.clip.name, "tower_blake2b": tower_digest(self.clip), "image_size": list(size),
+                "mean": list(self.clip.mean), "std": list(self.clip.std), "interpolation": self.clip.interpolation,
+                "resize": "bicubic-antialias", "param_dtype": str(param.dtype), "device_type": dev.type,
+                "autocast": amp}
+
+    def cache_key(self, split: str, augmented: bool = False) -> dict:
+        """Everything the cached rows of ``split`` depend on (JSON-able); its digest names the disk cache."""
+        data = self.splits[split]
+        key_fn = getattr(data, "cache_key", None)
+        if key_fn is None:
+            raise FedlitError(f"split '{split}' ({type(data).__name__}) has no cache_key(); "
+                              "use trainer.feature_cache=memory for it")
+        aug = None
+        if augmented:
+            aug = {"views": self.augment_views, "seed": self.seed, "scale": list(AUG_SCALE),
+                   "ratio": list(AUG_RATIO), "flip": AUG_FLIP, "algorithm": "rrc-bicubic-antialias-v1"}
+        return {"format": FORMAT_VERSION, "backbone": self._backbone_identity(),
+                "dataset": getattr(data, "_dataset_identity", None), "split": split, "split_content": key_fn(),
+                "rows": len(data), "kind": self.kind, "augment": aug}
+
+    def cache_path(self, split: str, augmented: bool = False) -> Path:
+        """Directory of the disk cache of ``split`` (readable prefix + 32-hex digest of :meth:`cache_key`)."""
+        key = self.cache_key(split, augmented)
+        digest = hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+        ident = key["dataset"] if isinstance(key["dataset"], dict) else {}
+        ds = ident.get("name") or type(self.splits[split]).__name__
+        tag = f"{_slug(ds)}-{_slug(split)}-{self.kind}" + (f"-aug{self.augment_views}" if augmented else "")
+        return self.cache_dir / _slug(self.clip.name) / f"{tag}-{digest}"
+
+    def _store(self, split: str, augmented: bool):
+        st = self._stores.get((split, augmented))
+        if st is None:
+            n = len(self.splits[split])
+            if self.cache == "disk":
+                st = _DiskStore(self.cache_path(split, augmented), self.cache_key(split, augmented), n)
+            else:
+                st = _MemoryStore(n)
+            self._stores[(split, augmented)] = st
+        return st
+
+    # -------------------------------------------------------------------------------------------- features
+    def _encode(self, split: str, rows: np.ndarray, augmented: bool) -> torch.Tensor:
+        encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
+        if augmented:
+            k = self.augment_views
+            x = self.augmented_images(split, np.repeat(rows, k), np.tile(np.arange(k), len(rows)))
+        else:
+            x = self.images(split, rows)
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            f = encode(x).float()
+        return f.reshape(len(rows), self.augment_views, *f.shape[1:]) if augmented else f
+
+    @torch.no_grad()
+    def features(self, split: str, idx: Sequence[int] | np.ndarray,
+                 views: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """Image features ``[n, D]`` (``tokens``: ``[n, 1+M, D]``; float32, unnormalised) of the given rows of
+        ``split``; with ``views``, of view ``views[k]`` of row ``idx[k]`` (``augment_views`` must be > 0)."""
+        if self.kind == "images":
+            raise ValueError("FeatureBank(kind='images') caches nothing; use inputs()")
+        idx = np.asarray(idx, dtype=np.int64)
+        augmented = views is not None
+        if augmented and self.augment_views == 0:
+            raise ValueError("view numbers given but augment_views is 0")
+        store = self._store(split, augmented)
+        todo = store.missing(idx)
+        per_batch = max(1, self.batch_size // self.augment_views) if augmented else self.batch_size
+        for s in range(0, len(todo), per_batch):
+            rows = todo[s : s + per_batch]
+            store.write(rows, self._encode(split, rows, augmented))
+            self.encoded += len(rows) * (self.augment_views if augmented else 1)
+        if len(todo):
+            store.flush()
+        out = store.read(idx, self.clip.device)
+        if augmented:
+            v = torch.as_tensor(np.asarray(views, dtype=np.int64), device=out.device)
+            out = out[torch.arange(len(idx), device=out.device), v]
+        return out
+
+    def inputs(self, split: str, idx: Sequence[int] | np.ndarray,
+               views: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """What a method's forward takes: cached features/tokens, or normalised images (augmented with ``views``)."""
+        if self.kind == "images":
+            return self.images(split, idx) if views is None else self.augmented_images(split, idx, views)
+        return self.features(split, idx, views)
+
+    def flush(self) -> None:
+        """Write pending disk-cache index updates now (also done every few seconds and at exit)."""
+        for st in self._stores.values():
+            st.flush(force=True)
+
+    @property
+    def corrupt_rows(self) -> int:
+        """Cached rows found damaged (CRC mismatch) and re-encoded."""
+        return sum(st.corrupt_rows for st in self._stores.values())

@@ -37,6 +37,43 @@ Indices = Sequence[int] | np.ndarray | torch.Tensor | slice | None
 Factory = Callable[..., "ClassificationData"]
 
 
+def _digest_value(h, name: str, value: Any) -> None:
+    """Feed ``value`` into hash ``h`` by content (for :meth:`ImageSplit.cache_key`)."""
+    import os
+
+    if isinstance(value, ImageSplit):
+        h.update(f"split:{value.cache_key()}".encode())
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor:{t.dtype}:{tuple(value.shape)}:".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    elif isinstance(value, np.ndarray):
+        h.update(f"array:{value.dtype}:{value.shape}:".encode())
+        h.update(repr(value.tolist()).encode() if value.dtype == object else np.ascontiguousarray(value).tobytes())
+    elif name == "paths" and isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        lines = []
+        for p in value:  # a file replaced in place changes size or mtime, hence the key
+            try:
+                st = os.stat(p)
+                lines.append(f"{p}\t{st.st_size}\t{st.st_mtime_ns}")
+            except OSError:
+                lines.append(f"{p}\tmissing")
+        h.update(f"paths:{len(value)}:".encode())
+        h.update("\n".join(lines).encode())
+    elif isinstance(value, dict):
+        h.update(f"dict:{len(value)}:".encode())
+        for k in sorted(value, key=repr):
+            h.update(f"{k!r}=".encode())
+            _digest_value(h, str(k), value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}:{len(value)}:".encode())
+        for v in value:
+            _digest_value(h, "", v)
+    else:  # scalars, strings, None; anything else by repr (an address in it only makes the key never reused)
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+
+
 @dataclass
 class ImageSplit(abc.ABC):
     """One split: labels, and a way to get images. Subclasses decide where images live.
@@ -56,6 +93,26 @@ class ImageSplit(abc.ABC):
     @abc.abstractmethod
     def images(self, indices: Indices = None) -> torch.Tensor:
         """Images at ``indices`` (all if None) as a float tensor [n, 3, H, W] in [0, 1], native size."""
+
+    def cache_key(self) -> str:
+        """Hex digest of everything this split's images depend on (keys on-disk feature caches, fedlit.features).
+
+        Covers the class, the dataset identity :func:`get_dataset` stamps (name, root, seed, arguments) and every
+        instance attribute: tensors/arrays by content, ``paths`` with each file's size and mtime, nested splits
+        by their own key, other values by ``repr``. Computed once per object (splits are immutable).
+        """
+        memo = self.__dict__.get("_cache_key_memo")
+        if memo is None:
+            import hashlib
+
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{type(self).__module__}.{type(self).__qualname__}".encode())
+            for name in sorted(vars(self)):
+                if name != "_cache_key_memo":
+                    h.update(f"|{name}=".encode())
+                    _digest_value(h, name, getattr(self, name))
+            memo = self.__dict__["_cache_key_memo"] = h.hexdigest()
+        return memo
 
 
 @dataclass
@@ -173,6 +230,9 @@ def get_dataset(name: str, root: str | None = None, seed: int = 0, **kwargs: Any
     key = _cache_key(name, root, seed, kwargs)
     if key not in _CACHE:
         _CACHE[key] = _FACTORIES[name](root, seed, **kwargs)
+        identity = {"name": name, "root": key[1], "seed": key[2], "args": dict(key[3])}
+        for split in (_CACHE[key].train, _CACHE[key].val, _CACHE[key].test):
+            split.__dict__.setdefault("_dataset_identity", identity)  # read by ImageSplit.cache_key
     return _CACHE[key]
 
 
