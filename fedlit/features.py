@@ -158,11 +158,12 @@ class _MemoryStore:
         pass
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
+def _atomic_write(path: Path, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then ``os.replace`` it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -170,20 +171,14 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _crc_rows(arr: np.ndarray) -> np.ndarray:
