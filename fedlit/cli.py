@@ -201,7 +201,8 @@ def _config_digest(parser, cfg) -> str:
     d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
-    for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every"):
+    for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
+                "feature_cache", "cache_dir"):  # where exact features are cached never changes the numbers
         d.get("trainer", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
