@@ -73,11 +73,7 @@ class Evaluator:
                 preds[name] = self.predict(ev.task, ev.idx)
             return preds[name]
 
-        out = {}
-        for cid in list(cids):
-            res = self._client_results(cid, pred, local_among_own=True)
-            out[cid] = res
-        return out
+        return {cid: self._client_results(cid, pred, local_among_own=True) for cid in cids}
 
     # ------------------------------------------------------------------------------------ one client
     def _client_results(self, cid: int, pred: Callable[[str], torch.Tensor], local_among_own: bool) -> dict:

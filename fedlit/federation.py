@@ -79,9 +79,8 @@ class Orchestrator:
         self.module = ClientModule(clip, method).to(fabric.device)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
-                                kind=method.image_input, cache=getattr(trainer, "feature_cache", "memory"),
-                                cache_dir=getattr(trainer, "cache_dir", None),
-                                augment_views=getattr(trainer, "augment_views", 0), seed=seed)
+                                kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
+                                augment_views=trainer.augment_views, seed=seed)
         self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,
                                    trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()

@@ -74,6 +74,9 @@ class FedTrainer:
             (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
             (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
             (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
+            (feature_cache in ("memory", "disk"), f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'"),
+            (augment_views >= 0,
+             f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -94,10 +97,6 @@ class FedTrainer:
         self.checkpoint_every = checkpoint_every
         self.on_client_failure = on_client_failure
         self.progress = progress
-        if feature_cache not in ("memory", "disk"):
-            raise FedlitError(f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'")
-        if augment_views < 0:
-            raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
         self.augment_views = augment_views

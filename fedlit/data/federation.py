@@ -121,9 +121,10 @@ class ConcatSplit(ImageSplit):
                          else np.zeros(0, dtype=np.int64))
 
     def images(self, indices: Indices = None) -> torch.Tensor:
-        rows = np.arange(len(self)) if indices is None else np.arange(len(self))[indices] if isinstance(
-            indices, slice) else np.asarray(torch.as_tensor(indices).cpu() if isinstance(indices, torch.Tensor)
-                                            else indices, dtype=np.int64).reshape(-1)
+        if indices is None or isinstance(indices, slice):
+            rows = np.arange(len(self))[indices if indices is not None else slice(None)]
+        else:
+            rows = torch.as_tensor(indices).cpu().numpy().astype(np.int64).reshape(-1)
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         chunks, order = [], []
         for i in np.unique(which):
@@ -267,9 +268,9 @@ class FederatedData:
         order = self.names + self.eval_datasets
         data = concat_datasets([datasets[n] for n in order], shared_labels=False)
         multi = len(order) > 1
-        label_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].classnames) for n in order[:-1]]).tolist()))
-        tr_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].train) for n in order[:-1]]).tolist()))
-        te_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].test) for n in order[:-1]]).tolist()))
+        label_off = _offsets(order, lambda n: len(datasets[n].classnames))
+        tr_off = _offsets(order, lambda n: len(datasets[n].train))
+        te_off = _offsets(order, lambda n: len(datasets[n].test))
         clients, evals, client_evals, first_task = [], {}, {}, None
         for g in self.names:
             ds = datasets[g]
@@ -368,8 +369,8 @@ class FederatedData:
         n_cls = len(ref)
         train_classes = base_novel_classes(n_cls)[0] if self.subsample == "base" else list(range(n_cls))
         task = Task("domains", tuple(ref[c] for c in train_classes))
-        tr_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].train) for n in order[:-1]]).tolist()))
-        te_off = dict(zip(order, np.cumsum([0] + [len(datasets[n].test) for n in order[:-1]]).tolist()))
+        tr_off = _offsets(order, lambda n: len(datasets[n].train))
+        te_off = _offsets(order, lambda n: len(datasets[n].test))
         evals = {}
         for d in order:
             te = datasets[d].test.labels
@@ -404,6 +405,12 @@ class FederatedData:
 
     def _shots(self) -> int:
         return self.shots if self.shots > 0 else 10**9
+
+
+def _offsets(order: list[str], size) -> dict[str, int]:
+    """Where each dataset of ``order`` starts when their rows (or labels) are laid side by side."""
+    starts = np.cumsum([0] + [size(n) for n in order[:-1]]).tolist()
+    return dict(zip(order, starts))
 
 
 def _check_dataset_args(name: str, args: dict) -> None:

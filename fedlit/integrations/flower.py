@@ -119,19 +119,13 @@ class Runtime:
     identity: dict = field(default_factory=dict)
 
 
-def _parse(parser, parse):
-    from .. import cli
-
-    return cli.parse_fit(parser, parse)
-
-
 def build_runtime(config_text: str) -> Runtime:
     """Parse a resolved fit config and build everything with ``fedlit fit``'s own builder
     (:func:`fedlit.cli.build`), so the initial shared and personal tensors are the same."""
     from .. import cli
 
     parser = cli._fit_parser()
-    cfg, init = _parse(parser, lambda: parser.parse_string(config_text))
+    cfg, init = cli.parse_fit(parser, lambda: parser.parse_string(config_text))
     trainer = init.trainer
     if trainer.devices * trainer.num_nodes > 1:
         raise FedlitError(f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}: a Flower run "

@@ -25,7 +25,6 @@ from .flower import (  # noqa: F401  (imports Flower: a missing extra fails here
     OUT_KEY,
     OVERWRITE_KEY,
     TIMEOUT_KEY,
-    _parse,
     build_runtime,
     discover_partitions,
     from_record,
@@ -306,7 +305,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--local", type=bool, default=False,
                         help="Also run it here: a SuperLink and --supernodes SuperNodes as local processes.")
     parser.add_argument("--local_timeout", type=float, default=3600.0, help="Time limit of a --local run (s).")
-    cfg, init = _parse(parser, lambda: parser.parse_args(cli._rewrite_method_shortcut(argv)))
+    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args(cli._rewrite_method_shortcut(argv)))
     if cfg.supernodes < 1:
         raise FedlitError(f"--supernodes {cfg.supernodes}: needs at least 1")
     if init.trainer.devices * init.trainer.num_nodes > 1:
