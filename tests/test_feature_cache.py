@@ -96,7 +96,7 @@ def test_disk_cache_is_reused_across_orchestrators_with_the_same_results(clip, t
 
 
 def test_rows_are_claimed_only_after_a_flush_and_a_dropped_bank_flushes(clip, data, tmp_path, monkeypatch):
-    monkeypatch.setattr("fedlit.features._FLUSH_EVERY_S", 1e9)  # no periodic flush during this test
+    monkeypatch.setattr("fedlit.feature_store._FLUSH_EVERY_S", 1e9)  # no periodic flush during this test
     bank = _disk(clip, data, tmp_path)
     bank.features("train", ROWS)
     index = bank.cache_path("train") / "index.npy"
