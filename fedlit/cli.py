@@ -202,7 +202,7 @@ def _config_digest(parser, cfg) -> str:
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
     for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
-                "feature_cache", "cache_dir"):  # where exact features are cached never changes the numbers
+                "feature_cache", "cache_dir", "threads"):  # never change the numbers beyond kernel rounding
         d.get("trainer", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

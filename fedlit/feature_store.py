@@ -18,7 +18,7 @@ import torch
 
 
 #: Bump when anything that changes cached values without changing the key inputs changes (e.g. the resize).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows encoded in fixed blocks (features.block_layout)
 _FILLED = np.int64(1 << 32)
 _CRC_MASK = np.int64((1 << 32) - 1)
 _FLUSH_EVERY_S = 2.0

@@ -120,6 +120,28 @@ def augment_params(seed: int, row: int, view: int, height: int, width: int) -> t
     return top, left, h, w, bool(rng.random() < AUG_FLIP)
 
 
+def block_layout(rows: np.ndarray, block: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encoding passes for ``rows`` (sorted, distinct): row ``r`` always sits at slot ``r % block`` of a pass of
+    exactly ``block`` images, so its feature is the same computation whichever other rows are encoded with it
+    (CPU kernels are not batch-invariant on every processor: a row encoded in another batch composition can
+    differ in its last bits). Returns ``[(rows, slots), …]``, each with distinct slots; the slots of a pass that
+    no row fills are zeros. A whole split costs ``ceil(n / block)`` passes; a scattered subset a few more."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return []
+    slots = rows % block
+    order = np.lexsort((rows, slots))  # by slot, then row
+    sorted_slots = slots[order]
+    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
+    rank = np.empty(len(rows), dtype=np.int64)  # the k-th row of a slot goes to pass k
+    rank[order] = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    passes = []
+    for k in range(int(rank.max()) + 1):
+        sel = np.flatnonzero(rank == k)
+        passes.append((rows[sel], slots[sel]))
+    return passes
+
+
 # ----------------------------------------------------------------------------------------------- the bank
 class FeatureBank:
     """Per-split cache of frozen image features, filled lazily in batches.
@@ -127,7 +149,9 @@ class FeatureBank:
     Args:
         clip: the frozen backbone.
         splits: name → split (``train``, ``test`` …).
-        batch_size: encoding batch size (images per forward pass).
+        block_size: images per encoding pass. Every pass has exactly this many images and row ``r`` of a split
+            always sits at position ``r % block`` (:func:`block_layout`), so a cached feature never depends on
+            which rows were asked for first, by which process, or whether it was re-encoded after damage.
         autocast: a context-manager factory for mixed precision (e.g. ``fabric.autocast``).
         kind: ``features`` (pooled), ``tokens`` (all projected tokens, FedOTP) or ``images`` (no cache:
             :meth:`inputs` returns normalised images, for methods that prompt the image tower).
@@ -139,7 +163,7 @@ class FeatureBank:
         augment_split: the split that :meth:`train_views` augments (evaluation splits never are).
     """
 
-    def __init__(self, clip: FrozenCLIP, splits: dict[str, ImageSplit], batch_size: int = 256,
+    def __init__(self, clip: FrozenCLIP, splits: dict[str, ImageSplit], block_size: int = 32,
                  autocast=None, kind: str = "features", cache: str = "memory",
                  cache_dir: str | os.PathLike | None = None, augment_views: int = 0, seed: int = 0,
                  augment_split: str = "train"):
@@ -151,7 +175,7 @@ class FeatureBank:
             raise FedlitError(f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views")
         self.clip = clip
         self.splits = splits
-        self.batch_size = batch_size
+        self.block_size = int(block_size)
         self.autocast = autocast
         self.kind = kind
         self.cache = cache
@@ -220,7 +244,7 @@ class FeatureBank:
                    "ratio": list(AUG_RATIO), "flip": AUG_FLIP, "algorithm": "rrc-bicubic-antialias-v1"}
         return {"format": FORMAT_VERSION, "backbone": self._backbone_identity(),
                 "dataset": getattr(data, "_dataset_identity", None), "split": split, "split_content": key_fn(),
-                "rows": len(data), "kind": self.kind, "augment": aug}
+                "rows": len(data), "kind": self.kind, "augment": aug, "block": self.block_rows(split, augmented)}
 
     def cache_path(self, split: str, augmented: bool = False) -> Path:
         """Directory of the disk cache of ``split`` (readable prefix + 32-hex digest of :meth:`cache_key`)."""
@@ -243,16 +267,26 @@ class FeatureBank:
         return st
 
     # -------------------------------------------------------------------------------------------- features
-    def _encode(self, split: str, rows: np.ndarray, augmented: bool) -> torch.Tensor:
+    def block_rows(self, split: str, augmented: bool = False) -> int:
+        """Rows per encoding pass of ``split`` (see :func:`block_layout`): ``block_size`` images, ``K`` views of a
+        row counting as ``K`` images, never more rows than the split has."""
+        per = self.augment_views if augmented else 1
+        return max(1, min(self.block_size // per, len(self.splits[split])))
+
+    def _encode(self, split: str, rows: np.ndarray, augmented: bool, slots: np.ndarray, block: int) -> torch.Tensor:
+        """Encode ``rows`` placed at ``slots`` of a full pass of ``block`` rows (the other slots hold zeros)."""
         encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
+        k = self.augment_views if augmented else 1
         if augmented:
-            k = self.augment_views
             x = self.augmented_images(split, np.repeat(rows, k), np.tile(np.arange(k), len(rows)))
         else:
             x = self.images(split, rows)
+        full = x.new_zeros(block, k, *x.shape[1:])
+        full[torch.as_tensor(slots, device=x.device)] = x.reshape(len(rows), k, *x.shape[1:])
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-            f = encode(x).float()
-        return f.reshape(len(rows), self.augment_views, *f.shape[1:]) if augmented else f
+            f = encode(full.flatten(0, 1)).float()
+        f = f.reshape(block, k, *f.shape[1:])[torch.as_tensor(slots, device=f.device)]
+        return f if augmented else f[:, 0]
 
     @torch.no_grad()
     def features(self, split: str, idx: Sequence[int] | np.ndarray,
@@ -267,10 +301,9 @@ class FeatureBank:
             raise ValueError("view numbers given but augment_views is 0")
         store = self._store(split, augmented)
         todo = store.missing(idx)
-        per_batch = max(1, self.batch_size // self.augment_views) if augmented else self.batch_size
-        for s in range(0, len(todo), per_batch):
-            rows = todo[s : s + per_batch]
-            store.write(rows, self._encode(split, rows, augmented))
+        block = self.block_rows(split, augmented)
+        for rows, slots in block_layout(todo, block):
+            store.write(rows, self._encode(split, rows, augmented, slots, block))
             self.encoded += len(rows) * (self.augment_views if augmented else 1)
         if len(todo):
             store.flush()

@@ -78,7 +78,7 @@ class Orchestrator:
         method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
-                                batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
+                                autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed)
         self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,

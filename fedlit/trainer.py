@@ -3,6 +3,7 @@ evaluation cadence, precision, devices, feature cache, checkpoints, failing clie
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import lightning as L
@@ -38,6 +39,10 @@ class FedTrainer:
             (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
             augmentation; reused across runs and processes). Same values either way.
         cache_dir: directory of the disk cache (``null``: ``$FEDLIT_CACHE``, else ``~/.cache/fedlit/features``).
+        threads: intra-op CPU threads of every process of the run (``torch.set_num_threads``, and
+            ``OMP_NUM_THREADS`` for the processes Fabric launches). ``null``: torch's choice, which Lightning
+            lowers to cores ÷ processes when it launches several. CPU kernels round differently with a different
+            thread count, so runs are bit-identical across process counts only when this is set (the same).
         augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
             + flip views per training image, encoded once, one drawn per sample and step from
             (seed, round, client, epoch). Evaluation is never augmented.
@@ -64,6 +69,7 @@ class FedTrainer:
         feature_cache: Literal["memory", "disk"] = "memory",
         cache_dir: str | None = None,
         augment_views: int = 0,
+        threads: int | None = None,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -75,6 +81,7 @@ class FedTrainer:
             (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
             (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
             (feature_cache in ("memory", "disk"), f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'"),
+            (threads is None or threads >= 1, f"trainer.threads={threads}: use null (torch's choice) or >= 1"),
             (augment_views >= 0,
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
         ]
@@ -100,8 +107,14 @@ class FedTrainer:
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
         self.augment_views = augment_views
+        self.threads = threads
 
     def make_fabric(self) -> L.Fabric:
+        """The run's Fabric (not launched). With ``threads`` set, this process and every process Fabric
+        launches compute with that many intra-op threads."""
+        if self.threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)  # inherited by launched processes; Lightning keeps it
+            torch.set_num_threads(self.threads)
         cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
         precision = self.precision if self.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
         strategy = self.strategy

@@ -42,6 +42,7 @@ CASES = [
     (["--trainer.checkpoint_every", "-2"], ["trainer.checkpoint_every=-2"]),
     (["--trainer.on_client_failure", "explode"], ["trainer.on_client_failure", "explode"]),
     (["--data.beta", "0"], ["data.beta=0"]),
+    (["--trainer.threads", "0"], ["trainer.threads=0"]),
 ]
 
 

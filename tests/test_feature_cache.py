@@ -40,11 +40,25 @@ def _splits(data):
 
 
 @torch.no_grad()
-def _uncached(clip, split, idx, encode=None):
-    """Encode exactly as the bank does (the distinct rows, sorted, in one batch), then pick ``idx``."""
-    rows = np.unique(idx)
-    f = (encode or clip.encode_image)(clip.normalize_images(split.images(rows)))
-    return f[torch.as_tensor(np.searchsorted(rows, idx))]
+def _uncached(clip, split, idx, encode=None, block=32):
+    """The bank's layout, row by row: row ``r`` alone at position ``r % B`` of a pass of ``B`` images whose other
+    positions are zeros. The bank encodes many rows per pass, so equality also shows that a row's feature does not
+    depend on the other rows of its pass."""
+    encode = encode or clip.encode_image
+    b = min(block, len(split))
+    out = []
+    for r in np.asarray(idx):
+        x = clip.normalize_images(split.images(np.array([r])))
+        full = x.new_zeros(b, *x.shape[1:])
+        full[r % b] = x[0]
+        out.append(encode(full)[r % b])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def _plain(clip, split, idx, encode=None):
+    """One ordinary batch of the requested rows: equal to the cache up to kernel rounding only."""
+    return (encode or clip.encode_image)(clip.normalize_images(split.images(np.asarray(idx))))
 
 
 def _disk(clip, data, tmp_path, **kw):
@@ -106,6 +120,31 @@ def test_rows_are_claimed_only_after_a_flush_and_a_dropped_bank_flushes(clip, da
     assert (np.load(index) >> 32).sum() == len(np.unique(ROWS))
     again = _disk(clip, data, tmp_path)
     assert torch.equal(again.features("train", ROWS), _uncached(clip, data.train, ROWS)) and again.encoded == 0
+
+
+def test_block_layout_places_each_row_at_its_fixed_slot_once():
+    from fedlit.features import block_layout
+
+    rows = np.array([0, 1, 4, 5, 8, 9, 12, 30])
+    passes = block_layout(rows, 4)
+    assert [p[0].tolist() for p in passes] == [[0, 1, 30], [4, 5], [8, 9], [12]]
+    for got_rows, slots in passes:
+        assert slots.tolist() == (got_rows % 4).tolist() and len(set(slots.tolist())) == len(slots)
+    assert len(block_layout(np.arange(10), 4)) == 3  # a contiguous range fills whole passes
+    assert block_layout(np.array([], dtype=np.int64), 4) == []
+
+
+def test_cached_features_do_not_depend_on_request_order_and_match_a_plain_batch(clip, data):
+    """Two banks asked for rows in different orders and groupings (as two processes or a resumed run would)
+    hold bit-identical rows; a plain batch of the same images differs from them only by kernel rounding."""
+    a, b = FeatureBank(clip, _splits(data)), FeatureBank(clip, _splits(data))
+    every = np.arange(len(data.train))
+    got_a = a.features("train", every)  # all at once
+    for part in np.array_split(np.random.default_rng(0).permutation(every), 7):  # scattered groups
+        b.features("train", part)
+    assert torch.equal(b.features("train", every), got_a)
+    plain = _plain(clip, data.train, every)
+    assert torch.allclose(got_a, plain, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- keys
