@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(FEDLIT) fit --config configs/quickstart.yaml --method zeroshot
 	$(FEDLIT) fit --config configs/quickstart.yaml
+	@echo ""
+	@echo "Next, from this folder (or 'source $(VENV)/bin/activate' once, then plain 'fedlit ...'):"
+	@echo "  $(FEDLIT) methods                                                 # what can run"
+	@echo "  $(FEDLIT) fit --config configs/fedpgp.yaml --config configs/embedded.yaml   # FedPGP on the embedded default"
+	@echo "  $(FEDLIT) summarize runs                                         # one table of every finished run"
+	@echo "  $(FEDLIT) plot runs --out runs/figure                            # accuracy figure (PNG + PDF)"
+	@echo "  $(VENV)/bin/tensorboard --logdir runs                            # curves in the browser"
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -30,9 +37,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
 
-# Regenerate the embedded model's weights (deterministic; ~5 min on 2 idle CPU cores).
+# Pretrain the embedded model again with the bundled weights' recipe (~5 min on 2 idle CPU cores) into
+# runs/fedlit-toy.safetensors (a new file; the bundled weights are never overwritten by default).
 pretrain-toy: $(STAMP)
-	$(FEDLIT) pretrain-toy
+	$(FEDLIT) pretrain-toy --out runs/fedlit-toy.safetensors
 
 # FedPGP Table 1 (8 methods × 5 datasets × SEEDS) → results/table1.md + .csv, paper numbers beside ours.
 # Finished cells are skipped, interrupted ones resumed. BACKBONE=fedlit-toy: the embedded grid (CPU, minutes;

@@ -286,19 +286,28 @@ def fit(parser, cfg, init) -> int:
 
 # ----------------------------------------------------------------------------------------- others
 def cmd_pretrain_toy(argv: list[str]) -> int:
+    from pathlib import Path
+
     from jsonargparse import ArgumentParser
 
     from .backbones.pretrain import WEIGHTS, pretrain_toy
 
-    p = ArgumentParser(prog="fedlit pretrain-toy", description="Regenerate the embedded fedlit-toy weights.")
+    p = ArgumentParser(prog="fedlit pretrain-toy",
+                       description="Pretrain a fedlit-toy CLIP from scratch (the recipe of the bundled weights).")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=str, default=str(WEIGHTS))
+    p.add_argument("--out", type=str, default="runs/fedlit-toy.safetensors",
+                   help=f"Weights file to write (a new file; the bundled weights are {WEIGHTS}).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace an existing --out file.")
     a = p.parse_args(argv)
-    m = pretrain_toy(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=a.out)
-    print(f"wrote {a.out} in {m['train_seconds']} s; zero-shot: {m['zero_shot']}")
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise FedlitError(f"{out} exists; choose another --out, or --overwrite true to replace it")
+    m = pretrain_toy(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, out=out)
+    print(f"wrote {out} in {m['train_seconds']} s; zero-shot: {m['zero_shot']}")
+    print(f"use it with: fedlit fit --config configs/quickstart.yaml --backbone.pretrained {out}")
     return 0
 
 
@@ -320,15 +329,15 @@ def cmd_list(what: str) -> int:
 
 
 def cmd_plot(argv: list[str]) -> int:
-    """``fedlit plot RUN_DIR… --out DIR``: PNGs of finished runs (see :mod:`fedlit.plot`)."""
+    """``fedlit plot RUN_DIR… --out DIR``: figures of finished runs (see :mod:`fedlit.plot`)."""
     from jsonargparse import ArgumentError, ArgumentParser
 
     from .plot import plot_runs
 
     p = ArgumentParser(prog="fedlit plot", exit_on_error=False,
                        description="Plot finished runs: accuracy vs round, per-client bars, methods compared.")
-    p.add_argument("run_dirs", nargs="+", type=str, help="Run directories (each holding results.json).")
-    p.add_argument("--out", type=str, required=True, help="Directory the PNGs are written to.")
+    p.add_argument("run_dirs", nargs="+", type=str, help="Run directories (or folders holding them).")
+    p.add_argument("--out", type=str, required=True, help="Directory the figures (PNG + PDF) are written to.")
     try:
         a = p.parse_args(argv)
     except ArgumentError as e:

@@ -184,6 +184,7 @@ class FeatureBank:
         self.seed = int(seed)
         self.augment_split = augment_split
         self._stores: dict[tuple[str, bool], _MemoryStore | _DiskStore] = {}
+        self._expected: dict[str, np.ndarray] = {}
         self.encoded = 0  # images (views) encoded so far (a cache that works keeps this at one per image)
 
     # -------------------------------------------------------------------------------------------- images
@@ -288,6 +289,12 @@ class FeatureBank:
         f = f.reshape(block, k, *f.shape[1:])[torch.as_tensor(slots, device=f.device)]
         return f if augmented else f[:, 0]
 
+    def expect(self, split: str, rows: Sequence[int] | np.ndarray) -> None:
+        """Rows of ``split`` that will be asked for: the first request that encodes anything encodes the missing
+        ones of them too, in the same passes (a scattered subset asked for client by client would otherwise cost
+        a pass per slot collision each time). Values do not change: only how many passes the rows take."""
+        self._expected[split] = np.unique(np.asarray(rows, dtype=np.int64))
+
     @torch.no_grad()
     def features(self, split: str, idx: Sequence[int] | np.ndarray,
                  views: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
@@ -301,6 +308,8 @@ class FeatureBank:
             raise ValueError("view numbers given but augment_views is 0")
         store = self._store(split, augmented)
         todo = store.missing(idx)
+        if len(todo) and split in self._expected:  # fill the passes with rows asked for later, not with zeros
+            todo = np.union1d(todo, store.missing(self._expected[split]))
         block = self.block_rows(split, augmented)
         for rows, slots in block_layout(todo, block):
             store.write(rows, self._encode(split, rows, augmented, slots, block))

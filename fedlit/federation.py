@@ -81,6 +81,9 @@ class Orchestrator:
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed)
+        self.bank.expect("train", np.concatenate([c.train_idx for c in federation.clients]))
+        self.bank.expect("test", np.concatenate([c.test_idx for c in federation.clients]
+                                                + [ev.idx for ev in federation.evals.values()]))
         self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,
                                    trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()

@@ -1,20 +1,27 @@
-"""Figures of finished runs, from their ``results.json`` (``fedlit plot RUN_DIR… --out DIR``).
+"""Figures of finished runs, from their ``results.json`` (``fedlit plot RUN_DIR_OR_FOLDER… --out DIR``).
 
-    accuracy_vs_round.png      one panel per metric (Local / Base / Novel / HM), one line per run
-    per_client_<run>.png       Local / Base / Novel bars for every client of one run (final evaluation)
-    methods.png                Local / Base / Novel / HM grouped bars, one group per run
+    accuracy_vs_round.{png,pdf}   one panel per metric (Local / Base / Novel / HM): a line per method, mean over
+                                  seeds with a ± std band; methods with nothing to train (zero-shot CLIP) are a
+                                  dashed reference line
+    methods.{png,pdf}             final Local / Base / Novel / HM per method: bars = mean over seeds, whiskers =
+                                  ± std, black diamonds = the paper's value where a paper printed that cell
+    per_client_<method>.{png,pdf} Local / Base / Novel bars for every client of a method's run (first seed)
+
+Runs are grouped like ``fedlit summarize`` groups them: one group per (method, dataset, backbone), its seeds
+averaged, reruns of one seed counted once. Titles name the dataset and backbone; labels name only what differs
+between groups; the accuracy axis spans the data (not 0–100), so gaps of a few points stay visible.
 
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas — no pyplot state, no display,
-nothing changes the backend of a notebook that imports this module. The same per-client figure is logged
-to TensorBoard after each evaluation (``eval/per_client_accuracy``).
+nothing changes the backend of a notebook that imports this module. The per-client figure is also logged to
+TensorBoard after each evaluation (``eval/per_client_accuracy``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FedlitError
@@ -22,31 +29,125 @@ from .errors import FedlitError
 METRICS = ("local", "base", "novel", "hm")
 LABELS = {"local": "Local", "base": "Base", "novel": "Novel", "hm": "HM"}
 COLORS = {"local": "#4C72B0", "base": "#55A868", "novel": "#C44E52", "hm": "#8172B2"}
+FORMATS = ("png", "pdf")
 
 
 def _figure(width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib ships with the test extra
+    except ImportError:  # pragma: no cover - matplotlib is a core dependency
         raise FedlitError("plotting needs matplotlib; install it with `pip install matplotlib`") from None
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)
     return fig
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _present(rows, metrics=METRICS) -> list[str]:
     """Metrics that at least one row holds as a finite number (pFedPG/VPT have no Novel)."""
-    return [m for m in metrics if any(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for r in rows)]
+    return [m for m in metrics if any(_finite(r.get(m)) for r in rows)]
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def _accuracy_axis(ax, values: list[float], pad: float = 4.0) -> None:
+    """Y range around the data (with ``pad`` points of room), inside [0, 100]."""
+    vals = [v for v in values if _finite(v)]
+    if vals:
+        lo, hi = max(0.0, min(vals) - pad), min(100.0, max(vals) + pad)
+        ax.set_ylim(lo, hi if hi > lo else lo + 1.0)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@dataclass
+class Group:
+    """The runs of one (method, dataset, backbone): one per seed."""
+
+    method: str
+    dataset: str
+    backbone: str
+    runs: list[dict]
+    label: str = ""
+
+    @property
+    def single_evaluation(self) -> bool:
+        """Every run evaluated once (zero-shot CLIP: nothing to train, one evaluation is the result)."""
+        return all(len(r.get("history", [])) <= 1 for r in self.runs)
+
+    def final(self, metric: str) -> tuple[float, float] | None:
+        vals = [float(r["final"][metric]) for r in self.runs if _finite(r.get("final", {}).get(metric))]
+        return _mean_std(vals) if vals else None
+
+    def curve(self, metric: str) -> tuple[list[int], list[float], list[float]]:
+        """Rounds every seed evaluated, with the mean and std over seeds there."""
+        per_run = [{h["round"]: h[metric] for h in r.get("history", []) if _finite(h.get(metric)) and "round" in h}
+                   for r in self.runs]
+        rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+        stats = [_mean_std([p[t] for p in per_run]) for t in rounds]
+        return rounds, [s[0] for s in stats], [s[1] for s in stats]
+
+
+def group_runs(runs: list[dict]) -> list[Group]:
+    """Groups in the paper's order (as ``fedlit summarize`` orders rows), labelled by what differs between them."""
+    from .paper_results import DATASET_NAMES, METHOD_NAMES, TABLE1_DATASETS, TABLE1_METHODS
+    from .summarize import expand_groups, one_run_per_seed
+
+    by: dict[tuple[str, str, str], list[dict]] = {}
+    for r in expand_groups(runs):
+        by.setdefault((str(r["method"]), r["dataset"], str(r.get("backbone", "?"))), []).append(r)
+
+    def order(key):
+        m, d, b = key
+        return (b, TABLE1_METHODS.index(m) if m in TABLE1_METHODS else len(TABLE1_METHODS), m,
+                TABLE1_DATASETS.index(d) if d in TABLE1_DATASETS else len(TABLE1_DATASETS), d)
+
+    groups = [Group(m, d, b, one_run_per_seed(rs, _warn)) for (m, d, b), rs in sorted(by.items(), key=lambda kv:
+                                                                                        order(kv[0]))]
+    vary_d = len({g.dataset for g in groups}) > 1
+    vary_b = len({g.backbone for g in groups}) > 1
+    for g in groups:
+        parts = [METHOD_NAMES.get(g.method, g.method)]
+        if vary_d:
+            parts.append(DATASET_NAMES.get(g.dataset, g.dataset))
+        if vary_b:
+            parts.append(g.backbone)
+        g.label = " · ".join(parts)
+    return groups
+
+
+def _title(groups: list[Group], what: str) -> str:
+    from .paper_results import DATASET_NAMES
+
+    ds = {g.dataset for g in groups}
+    bb = {g.backbone for g in groups}
+    where = []
+    if len(ds) == 1:
+        where.append(DATASET_NAMES.get(next(iter(ds)), next(iter(ds))))
+    if len(bb) == 1:
+        where.append(next(iter(bb)))
+    seeds = sorted({len(g.runs) for g in groups})
+    n = f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]} seeds"
+    return f"{what} — {', '.join(where)} ({n})" if where else f"{what} ({n})"
+
+
+# ----------------------------------------------------------------------------------------------- figures
 def per_client_figure(per_client: dict, title: str = "per-client accuracy"):
     """Grouped bars: for every client its Local / Base / Novel accuracy (percent)."""
     clients = sorted(per_client, key=lambda c: int(c))
     rows = [per_client[c] for c in clients]
     metrics = _present(rows, ("local", "base", "novel"))
-    # width capped at 40 in (4,000 px): with 1,000 clients an uncapped canvas (90,000 px) cost ~800 MB of peak memory
-    fig = _figure(min(max(4.0, 0.9 * len(clients) + 2.0), 40.0), 3.2)
+    # width capped at 40 in (4,800 px): with 1,000 clients an uncapped canvas (90,000 px) cost ~800 MB of peak memory
+    fig = _figure(min(max(4.5, 0.9 * len(clients) + 2.0), 40.0), 3.4)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(metrics), 1)
     for j, m in enumerate(metrics):
@@ -56,120 +157,144 @@ def per_client_figure(per_client: dict, title: str = "per-client accuracy"):
     ax.set_xticks(range(0, len(clients), every))
     ax.set_xticklabels([str(int(c)) for c in clients[::every]])
     ax.set_xlabel("client")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    _accuracy_axis(ax, [r.get(m) for r in rows for m in metrics], pad=8.0)
     ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    if metrics:
-        ax.legend(loc="upper right", ncols=len(metrics), fontsize="small")
+    if metrics:  # legend outside the bars
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
 
 
-def accuracy_figure(runs: list[dict]):
-    """Accuracy against round: one panel per metric, one line per run."""
-    metrics = _present([h for r in runs for h in r.get("history", [])]) or list(METRICS)
+def accuracy_figure(groups: list[Group], title: str | None = None):
+    """Accuracy against round, one panel per metric: mean over seeds ± std band per method; methods with nothing
+    to train are dashed horizontal reference lines at their (single) evaluation."""
+    metrics = _present([h for g in groups for r in g.runs for h in r.get("history", [])]) or list(METRICS)
     cols = 2 if len(metrics) > 1 else 1
-    rows = math.ceil(len(metrics) / cols)
-    fig = _figure(5.0 * cols, 3.2 * rows)
+    nrows = math.ceil(len(metrics) / cols)
+    fig = _figure(5.2 * cols + 1.6, 3.0 * nrows + 0.6)
+    colors = _group_colors(groups)
+    last_round = max([h.get("round", 1) for g in groups for r in g.runs for h in r.get("history", [])] or [1])
     for k, m in enumerate(metrics):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        for run in runs:
-            pts = [(h["round"], h[m]) for h in run.get("history", []) if m in h and "round" in h]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=run["label"])
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        values = []
+        for g in groups:
+            rounds, mean, std = g.curve(m)
+            if not rounds:
+                continue
+            if g.single_evaluation and last_round > 1:
+                ax.axhline(mean[-1], color=colors[g.label], linestyle="--", linewidth=1.2, label=g.label)
+                values.append(mean[-1])
+                continue
+            ax.plot(rounds, mean, marker="o", markersize=3, color=colors[g.label], label=g.label)
+            if any(s > 0 for s in std):
+                ax.fill_between(rounds, [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
+                                color=colors[g.label], alpha=0.2, linewidth=0)
+            values += [a - s for a, s in zip(mean, std)] + [a + s for a, s in zip(mean, std)]
         ax.set_title(LABELS[m])
+        ax.set_xlim(0.5, last_round + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
         ax.set_xlabel("round")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize="small")
-    fig.tight_layout()
+        _accuracy_axis(ax, values)
+    handles, labels = fig.axes[0].get_legend_handles_labels() if fig.axes else ([], [])
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize="small", frameon=False)
+    fig.suptitle(title or _title(groups, "Accuracy against round"))
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     return fig
 
 
-def methods_figure(runs: list[dict]):
-    """Final Local / Base / Novel / HM as grouped bars, one group per run."""
-    metrics = _present([r.get("final", {}) for r in runs]) or list(METRICS)
-    fig = _figure(max(5.0, 1.4 * len(runs) + 2.0), 3.6)
+def methods_figure(groups: list[Group], title: str | None = None):
+    """Final Local / Base / Novel / HM per method: bars = mean over seeds, whiskers = ± std, black diamonds =
+    the paper's value for that (method, dataset) where one is known."""
+    from .summarize import paper_for
+
+    finals = [{m: (g.final(m) or (float("nan"), 0.0))[0] for m in METRICS} for g in groups]
+    metrics = _present(finals) or list(METRICS)
+    fig = _figure(max(6.0, 1.3 * len(groups) * max(1, len(metrics)) / 3 + 2.5), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(metrics)
+    values, marked = [], False
     for j, m in enumerate(metrics):
-        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(runs))]
-        ax.bar(xs, [r.get("final", {}).get(m, float("nan")) for r in runs], width, label=LABELS[m], color=COLORS[m])
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([r["label"] for r in runs], rotation=20 if len(runs) > 4 else 0, ha="right" if len(runs) > 4 else "center")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("final accuracy")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", ncols=len(metrics), fontsize="small")
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(groups))]
+        stats = [g.final(m) for g in groups]
+        means = [s[0] if s else float("nan") for s in stats]
+        errs = [s[1] if s else 0.0 for s in stats]
+        ax.bar(xs, means, width, label=LABELS[m], color=COLORS[m])
+        if any(errs):  # whiskers only where there is a spread (several seeds)
+            ax.errorbar(xs, means, yerr=[e if e > 0 else float("nan") for e in errs], fmt="none", ecolor="black",
+                        capsize=2, linewidth=1)
+        values += [a - e for a, e in zip(means, errs)] + [a + e for a, e in zip(means, errs)]
+        for x, g in zip(xs, groups):
+            paper = paper_for(g.method, g.dataset)[0].get(m)  # ({metric: value}, paper name)
+            if _finite(paper):
+                ax.plot([x], [paper], marker="D", markersize=4, color="black", linestyle="none",
+                        label=None if marked else "paper")
+                values.append(paper)
+                marked = True
+    ax.set_xticks(range(len(groups)))
+    long = len(groups) > 4 or max((len(g.label) for g in groups), default=0) > 12
+    ax.set_xticklabels([g.label for g in groups], rotation=25 if long else 0, ha="right" if long else "center")
+    _accuracy_axis(ax, values, pad=6.0)
+    ax.set_title(title or _title(groups, "Final accuracy"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
 
 
-def load_run(path: str | Path) -> dict | None:
-    """A finished run's results (``path`` = run directory or its ``results.json``); ``None`` with a warning
-    on stderr when there is nothing usable (missing, unfinished, unreadable)."""
-    path = Path(path)
-    file = path if path.suffix == ".json" else path / "results.json"
-    if not file.is_file():
-        why = "does not exist" if not path.exists() else "has no results.json (unfinished or not a run directory)"
-        print(f"warning: skipping {path}: {why}", file=sys.stderr)
-        return None
-    try:
-        results = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        print(f"warning: skipping {path}: unreadable results.json ({e})", file=sys.stderr)
-        return None
-    if not isinstance(results, dict) or not (results.get("history") or results.get("final")):
-        print(f"warning: skipping {path}: results.json holds no evaluation", file=sys.stderr)
-        return None
-    results.setdefault("history", [])
-    results.setdefault("per_client", {})
-    results.setdefault("final", {})
-    results["path"] = str(file.parent)
-    return results
+def _group_colors(groups: list[Group]) -> dict[str, str]:
+    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B2", "#937860", "#DA8BC3", "#8C8C8C",
+               "#CCB974", "#64B5CD"]
+    return {g.label: palette[i % len(palette)] for i, g in enumerate(groups)}
 
 
-def _labels(runs: list[dict]) -> None:
-    """``label`` = method name, or ``method (run dir)`` where several runs share a method."""
-    names = [str(r.get("method", Path(r["path"]).name)) for r in runs]
-    for run, name in zip(runs, names):
-        run["label"] = name if names.count(name) == 1 else f"{name} ({Path(run['path']).name})"
+# ----------------------------------------------------------------------------------------------- files
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
-    """Write the PNGs of the finished runs among ``run_dirs`` into ``out``; returns their paths."""
-    runs = [r for r in (load_run(p) for p in run_dirs) if r is not None]
+def save(fig, stem: Path, formats=FORMATS) -> list[Path]:
+    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` (by default)."""
+    out = []
+    for ext in formats:
+        path = stem.with_name(f"{stem.name}.{ext}")
+        fig.savefig(path, bbox_inches="tight")
+        out.append(path)
+    return out
+
+
+def plot_runs(paths: list[str | Path], out: str | Path, formats=FORMATS) -> list[Path]:
+    """Write the figures of the finished runs in ``paths`` (run directories or folders holding them) into
+    ``out``; returns the files written."""
+    from .summarize import find_runs
+
+    runs = [r for r in find_runs(paths, warn=_warn) if r.get("history") or r.get("final")]
     if not runs:
-        raise FedlitError(f"no finished run among {len(run_dirs)} path(s) (a finished run directory holds "
-                          f"results.json); pass run directories written by `fedlit fit`")
-    _labels(runs)
+        raise FedlitError(f"no finished run among {len(paths)} path(s) (a finished run directory holds "
+                          f"results.json); pass run directories written by `fedlit fit`, or folders holding them")
+    groups = group_runs(runs)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FedlitError(f"cannot create output directory {out} ({e.strerror}); choose another --out") from None
-    figures = [("accuracy_vs_round.png", accuracy_figure(runs)), ("methods.png", methods_figure(runs))]
+    written = save(accuracy_figure(groups), out / "accuracy_vs_round", formats)
+    written += save(methods_figure(groups), out / "methods", formats)
     used = set()
-    for run in runs:
-        if run["per_client"]:
-            name = f"per_client_{_slug(run['label'])}.png"
+    for g in groups:
+        run = g.runs[0]
+        if run.get("per_client"):
+            name = f"per_client_{_slug(g.label)}"
             while name in used:
-                name = name[:-4] + "_.png"
+                name += "_"
             used.add(name)
-            figures.append((name, per_client_figure(run["per_client"], f"{run['label']}: per-client accuracy")))
-    written = []
-    for name, fig in figures:
-        fig.savefig(out / name)
-        written.append(out / name)
+            seed = f", seed {run.get('seed', '?')}" if len(g.runs) > 1 else ""
+            fig = per_client_figure(run["per_client"], f"{g.label}: per-client accuracy{seed}")
+            written += save(fig, out / name, formats)
     return written
 
 
-__all__ = ["accuracy_figure", "load_run", "methods_figure", "per_client_figure", "plot_runs"]
+__all__ = ["Group", "accuracy_figure", "group_runs", "methods_figure", "per_client_figure", "plot_runs", "save"]

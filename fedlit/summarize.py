@@ -42,7 +42,7 @@ class Row:
     paper_dataset: str = ""  # the dataset the paper value refers to (alias target), "" = same as dataset
     paper: dict[str, float] = field(default_factory=dict)
     paper_name: str = ""
-    status: str = "ok"  # "ok" | "failed: …"
+    status: str = "ok"  # "ok" | "failed: …" | "pending"
 
     @property
     def diff(self) -> dict[str, float]:
@@ -113,7 +113,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
 
 
-def _paper_for(paper: str, method: str, dataset: str) -> tuple[dict[str, float], str]:
+def paper_for(method: str, dataset: str, paper: str = "auto") -> tuple[dict[str, float], str]:
+    """The paper's Local/Base/Novel/HM for (method, dataset) and the paper's name (``{}, ""`` if none printed it)."""
     names = [p for p in PAPERS] if paper == "auto" else ([] if paper == "none" else [paper])
     for name in names:
         v = paper_value(name, method, dataset)
@@ -123,12 +124,14 @@ def _paper_for(paper: str, method: str, dataset: str) -> tuple[dict[str, float],
 
 
 def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mapping[str, str] | None = None,
-                   failed: Sequence[Mapping] = ()) -> list[Row]:
+                   failed: Sequence[Mapping] = (), warn=_warn) -> list[Row]:
     """Rows of the table: one per (method, dataset, backbone), then an Average row per (method, backbone).
 
     ``aliases`` maps a run's dataset to the dataset whose paper numbers it stands in for (the embedded
     benchmark: ``{"shapes-dark": "oxford_pets", …}``). ``failed``: grid cells that did not finish
-    (``{"method", "dataset", "backbone", "seed", "reason"}``), listed as failed rows when no seed of that cell finished.
+    (``{"method", "dataset", "backbone", "seed", "reason"}``, or ``"status": "pending"`` for cells not run yet),
+    listed as such rows when no seed of that cell finished. Several runs of one seed count once: the newest
+    (``results.json`` written last) is used and the others are named in a warning.
     """
     if paper not in PAPER_CHOICES:
         raise FedlitError(f"unknown paper '{paper}'; choose one of {', '.join(PAPER_CHOICES)}")
@@ -137,8 +140,8 @@ def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mappin
     for r in expand_groups(runs):
         groups.setdefault((r["method"], r["dataset"], str(r["backbone"])), []).append(r)
     rows: list[Row] = []
-    for (method, dataset, backbone), rs in sorted(groups.items(), key=lambda kv: _order(*kv[0])):
-        rs = sorted(rs, key=lambda r: r["seed"])
+    for (method, dataset, backbone), rs in groups.items():
+        rs = one_run_per_seed(rs, warn)
         mean, std = {}, {}
         for k in KEYS:
             vals = [float(r["final"][k]) for r in rs if k in r["final"] and r["final"][k] == r["final"][k]]
@@ -150,7 +153,7 @@ def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mappin
         if present:
             mean["hm"] = harmonic_mean(present)
         target = aliases.get(dataset, dataset)
-        pv, pname = _paper_for(paper, method, target)
+        pv, pname = paper_for(method, target, paper)
         rows.append(Row(method, dataset, backbone, [int(r["seed"]) for r in rs], mean, std,
                         paper_dataset=target if target != dataset else "", paper=pv, paper_name=pname))
     done = {(r.method, r.dataset, r.backbone) for r in rows}
@@ -159,13 +162,36 @@ def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mappin
         if key in done:
             continue
         target = aliases.get(f["dataset"], f["dataset"])
-        pv, pname = _paper_for(paper, f["method"], target)
-        rows.append(Row(f["method"], f["dataset"], str(f["backbone"]), [int(f["seed"])], {}, {},
+        pv, pname = paper_for(f["method"], target, paper)
+        rows.append(Row(f["method"], f["dataset"], str(f["backbone"]), [], {}, {},  # no seed finished
                         paper_dataset=target if target != f["dataset"] else "", paper=pv, paper_name=pname,
-                        status=f"failed: {f.get('reason', '?')}"))
+                        status=f.get("status") or f"failed: {f.get('reason', '?')}"))
         done.add(key)
-    rows.sort(key=lambda r: _order(r.method, r.dataset, r.backbone))
+    rows.sort(key=_order)
     return rows + _average_rows(rows, paper)
+
+
+def one_run_per_seed(runs: Sequence[Mapping], warn) -> list[Mapping]:
+    """The newest run of each seed, sorted by seed; reruns of a seed are named in a warning, never averaged."""
+    by_seed: dict[int, list[Mapping]] = {}
+    for r in runs:
+        by_seed.setdefault(int(r["seed"]), []).append(r)
+    out = []
+    for seed in sorted(by_seed):
+        rs = sorted(by_seed[seed], key=_written_at)
+        if len(rs) > 1:
+            r = rs[-1]
+            warn(f"{r['method']} on {r['dataset']}: {len(rs)} runs of seed {seed}; counting the newest once "
+                 f"({r.get('_dir', '?')}), not {', '.join(str(x.get('_dir', '?')) for x in rs[:-1])}")
+        out.append(rs[-1])
+    return out
+
+
+def _written_at(run: Mapping) -> float:
+    try:
+        return (Path(run["_dir"]) / "results.json").stat().st_mtime
+    except (KeyError, OSError):
+        return 0.0
 
 
 def _average_rows(rows: Sequence[Row], paper: str) -> list[Row]:
@@ -183,15 +209,18 @@ def _average_rows(rows: Sequence[Row], paper: str) -> list[Row]:
         present = [mean[k] for k in KEYS if k in mean]
         if present:
             mean["hm"] = harmonic_mean(present)
-        pv, pname = _paper_for(paper, method, "average")
+        pv, pname = paper_for(method, "average", paper)
         seeds = sorted(set.intersection(*(set(c.seeds) for c in cells)))
         out.append(Row(method, "average", backbone, seeds, mean, {}, paper=pv, paper_name=pname))
-    return sorted(out, key=lambda r: _order(r.method, r.dataset, r.backbone))
+    return sorted(out, key=_order)
 
 
-def _order(method: str, dataset: str, backbone: str):
-    mi = TABLE1_METHODS.index(method) if method in TABLE1_METHODS else len(TABLE1_METHODS)
-    return (backbone, mi, method, dataset)
+def _order(row: Row):
+    """The paper's order: methods and datasets as in FedPGP's Table 1, others after them by name."""
+    mi = TABLE1_METHODS.index(row.method) if row.method in TABLE1_METHODS else len(TABLE1_METHODS)
+    ds = row.paper_dataset or row.dataset
+    di = TABLE1_DATASETS.index(ds) if ds in TABLE1_DATASETS else len(TABLE1_DATASETS)
+    return (row.backbone, mi, row.method, di, row.dataset)
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -232,9 +261,10 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
             if with_paper:
                 cells += [_fmt(r.paper.get(k)), _fmt(r.diff.get(k), signed=True) if r.paper else "—"]
         lines.append("| " + " | ".join(cells) + " |")
-    foot = ["\nLocal/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed); "
-            "HM = harmonic mean of the three mean values (the papers' convention), not the mean of per-seed HMs. "
-            "Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."]
+    foot = ["\nLocal/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed; reruns of a seed count "
+            "once); HM = harmonic mean of the three mean values (the papers' convention), not the mean of per-seed "
+            "HMs." + (" Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."
+                       if any(r.dataset == "average" for r in rows) else "")]
     used = sorted({r.paper_name for r in rows if r.paper_name})
     if used:
         foot.append("paper = " + " ".join(PAPERS[p] for p in used) + " Δ = ours − paper.")
@@ -268,16 +298,17 @@ def _csv(v: float | None) -> str:
 
 def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary", paper: str = "auto",
               aliases: Mapping[str, str] | None = None, title: str | None = None, notes: Sequence[str] = (),
-              failed: Sequence[Mapping] = ()) -> tuple[str, list[Row], list[Path]]:
+              failed: Sequence[Mapping] = (), warn=None) -> tuple[str, list[Row], list[Path]]:
     """Read the runs, build the rows, write ``<out>.md`` and ``<out>.csv`` (unless ``out`` is None).
 
     Returns (markdown, rows, written paths). No finished run at all (and nothing failed) → FedlitError.
     """
-    runs = find_runs(run_dirs)
+    warn = warn or _warn
+    runs = find_runs(run_dirs, warn=warn)
     if not runs and not failed:
         raise FedlitError(f"no finished run (results.json) in {', '.join(map(str, run_dirs))}; "
                           "pass run directories written by `fedlit fit`")
-    rows = summarize_runs(runs, paper=paper, aliases=aliases, failed=failed)
+    rows = summarize_runs(runs, paper=paper, aliases=aliases, failed=failed, warn=warn)
     md = to_markdown(rows, title=title, notes=notes)
     written = []
     if out is not None:
@@ -296,4 +327,5 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary"
     return md, rows, written
 
 
-__all__ = ["Row", "find_runs", "mean_std", "summarize_runs", "to_markdown", "write_csv", "summarize"]
+__all__ = ["Row", "find_runs", "mean_std", "one_run_per_seed", "paper_for", "summarize_runs", "to_markdown",
+           "write_csv", "summarize"]

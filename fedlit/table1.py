@@ -4,12 +4,15 @@
     python -m fedlit.table1 --backbone fedlit-toy --out results/        # embedded benchmark, CPU, minutes
     make reproduce-table1 [BACKBONE=fedlit-toy] [SEEDS="1 2 3"] [METHODS="promptfl fedpgp"] [DATASETS="dtd"]
 
-Every cell runs ``fedlit fit --config configs/<method>.yaml --data.dataset D --seed S`` as a subprocess (a failing
-cell is recorded as failed and the grid goes on) into ``<out>/table1/<backbone>/<method>/<dataset>/seed<S>``;
+Every cell runs ``fedlit fit --config configs/<method>.yaml --data.dataset D --seed S`` — in this process (imports
+and the backbone shared by the cells), or as a child process with ``--isolate``, ``--timeout`` or several devices —
+in the paper's order (a failing cell is recorded as failed and the grid goes on) into
+``<out>/table1/<backbone>/<method>/<dataset>/seed<S>``;
 its output goes to ``<out>/table1/<backbone>/logs/<method>-<dataset>-seed<S>.log``. A cell whose run directory
 holds ``results.json`` is skipped; an interrupted one is resumed from its checkpoint (the CLI does that when the
 same command is run again). The table is written to ``<out>/table1.md`` + ``.csv`` (``table1-<backbone>.md`` for
-another backbone than ViT-B-16) by :func:`fedlit.summarize.summarize`.
+another backbone than ViT-B-16) by :func:`fedlit.summarize.summarize` after every cell, cells not run yet marked
+pending. SIGINT/SIGTERM stop the running cell (a child gets the same signal), write the table and exit.
 
 On ``fedlit-toy`` every run adds ``--config configs/embedded.yaml``, the datasets are the embedded procedural
 domains standing in for the real ones (:data:`TOY_DATASETS`), rounds are cut to 2 and FedMaPLe's prompt depth to 2
@@ -19,7 +22,10 @@ domains standing in for the real ones (:data:`TOY_DATASETS`), rounds are cut to 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,45 +80,130 @@ def _tail(path: Path, n: int = 1) -> str:
     return (errs[-1] if errs else " | ".join(lines[-n:]))[:160]
 
 
+class Interrupted(KeyboardInterrupt):
+    """The driver got SIGINT/SIGTERM; the running cell was stopped (it resumes when the grid is run again). A
+    KeyboardInterrupt, so an in-process cell stops the way ``fedlit fit`` stops on Ctrl-C."""
+
+    last_signum: int = signal.SIGINT
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _isolated(extra: list[str]) -> bool:
+    """A cell that launches several processes must run as its own process: Lightning relaunches ``sys.argv``."""
+    return any(a.split("=")[0] in ("--trainer.devices", "--trainer.num_nodes") for a in extra)
+
+
+def _run_in_process(cmd: list[str], log) -> int:
+    """One cell in this process (imports, backbone and its caches are shared by the cells): ``fedlit fit``'s own
+    SIGINT handling stops it at once, leaving its last checkpoint for the next run of the grid."""
+    from .cli import main as fedlit_main
+
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = fedlit_main(cmd[cmd.index("fit"):])
+    gc.collect()
+    return rc
+
+
+def _run_subprocess(cmd: list[str], log, env: dict, timeout: float | None) -> int | str:
+    """One cell as a child process; a SIGINT/SIGTERM to the driver is passed on to it before the driver stops."""
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return "timeout"
+    except Interrupted as e:
+        child.send_signal(e.signum)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+
+
+def _signals_raise():
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the driver (restored by the returned function)."""
+    def handler(signum, frame):
+        Interrupted.last_signum = signum
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
 def run_grid(backbone: str, out: Path, methods: list[str], datasets: list[str], seeds: list[int],
-             rounds: int | None = None, extra: list[str] | None = None, timeout: float | None = None) -> list[dict]:
-    """Run every missing cell; returns the failed cells (``method, dataset, backbone, seed, reason``)."""
+             rounds: int | None = None, extra: list[str] | None = None, timeout: float | None = None,
+             isolate: bool | None = None) -> list[dict]:
+    """Run every missing cell, in the paper's order, rewriting the table after each one (cells not run yet are
+    marked pending). Cells run in this process unless ``isolate`` (default: when ``extra`` asks for several devices
+    or nodes; ``timeout`` needs it too). Returns the failed cells (``method, dataset, backbone, seed, reason``).
+    On SIGINT/SIGTERM the running cell is stopped (a child gets the same signal), the table is written and
+    :class:`Interrupted` is raised."""
+    extra = list(extra or [])
+    isolate = (_isolated(extra) or timeout is not None) if isolate is None else isolate
     root = out / "table1" / backbone
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cells = [(m, d, s) for m in methods for d in datasets for s in seeds]
-    failed = []
+    name = (lambda d: TOY_DATASETS.get(d, d)) if backbone == TOY else (lambda d: d)
+    failed: list[dict] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for i, (m, d, s) in enumerate(cells, 1):
-        run_dir = root / m / d / f"seed{s}"
-        tag = f"[{i}/{len(cells)}] {m} {d} seed {s}"
-        if (run_dir / "results.json").is_file():
-            print(f"{tag}: done already ({run_dir})", flush=True)
-            continue
-        action = "resuming" if any(run_dir.glob("checkpoint*")) else "running"
-        print(f"{tag}: {action} …", end=" ", flush=True)
-        cmd = fit_command(m, d, s, backbone, run_dir, rounds=rounds, extra=extra)
-        log = logs / f"{m}-{d}-seed{s}.log"
-        t0 = time.time()
-        with open(log, "a") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
-            f.flush()
-            try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        wall = time.time() - t0
-        if rc == 0 and (run_dir / "results.json").is_file():
-            print(f"ok ({wall:.0f} s)", flush=True)
-            continue
-        reason = f"exit {rc}" + (f" ({_tail(log)})" if _tail(log) else "")
-        print(f"FAILED, {reason}; log {log}", flush=True)
-        failed.append({"method": m, "dataset": TOY_DATASETS.get(d, d) if backbone == TOY else d,
-                       "backbone": backbone, "seed": s, "reason": f"exit {rc}", "log": str(log)})
+    restore = _signals_raise()
+    try:
+        for i, (m, d, s) in enumerate(cells, 1):
+            run_dir = root / m / d / f"seed{s}"
+            tag = f"[{i}/{len(cells)}] {m} {d} seed {s}"
+            if (run_dir / "results.json").is_file():
+                print(f"{tag}: done already ({run_dir})", flush=True)
+                continue
+            action = "resuming" if any(run_dir.glob("checkpoint*")) else "running"
+            print(f"{tag}: {action} …", end=" ", flush=True)
+            cmd = fit_command(m, d, s, backbone, run_dir, rounds=rounds, extra=extra)
+            log_path = logs / f"{m}-{d}-seed{s}.log"
+            t0 = time.time()
+            with open(log_path, "a") as log:
+                log.write("$ " + " ".join(cmd) + "\n")
+                log.flush()
+                try:
+                    rc = _run_subprocess(cmd, log, env, timeout) if isolate else _run_in_process(cmd, log)
+                except Interrupted:
+                    print("interrupted", flush=True)
+                    raise
+            wall = time.time() - t0
+            if rc == 0 and (run_dir / "results.json").is_file():
+                print(f"ok ({wall:.0f} s)", flush=True)
+            else:
+                if rc == 130:  # the in-process cell got Ctrl-C (fedlit fit's own handler)
+                    print("interrupted", flush=True)
+                    raise Interrupted(Interrupted.last_signum)
+                reason = f"exit {rc}" + (f" ({_tail(log_path)})" if _tail(log_path) else "")
+                print(f"FAILED, {reason}; log {log_path}", flush=True)
+                failed.append({"method": m, "dataset": name(d), "backbone": backbone, "seed": s,
+                               "reason": f"exit {rc}", "log": str(log_path)})
+            if i < len(cells):
+                write_table(backbone, out, failed + _pending(cells[i:], root, name, backbone), rounds, quiet=True)
+    except Interrupted:
+        done = [c for c in cells if not (root / c[0] / c[1] / f"seed{c[2]}" / "results.json").is_file()]
+        write_table(backbone, out, failed + _pending(done, root, name, backbone), rounds, quiet=True)
+        raise
+    finally:
+        restore()
     return failed
 
 
-def write_table(backbone: str, out: Path, failed: list[dict] = (), rounds: int | None = None) -> list[Path]:
+def _pending(cells, root: Path, name, backbone: str) -> list[dict]:
+    """Grid cells without results yet, as rows marked ``pending`` in the table being written."""
+    return [{"method": m, "dataset": name(d), "backbone": backbone, "seed": s, "status": "pending"}
+            for m, d, s in cells if not (root / m / d / f"seed{s}" / "results.json").is_file()]
+
+
+def write_table(backbone: str, out: Path, failed: list[dict] = (), rounds: int | None = None,
+                quiet: bool = False) -> list[Path]:
     from .summarize import summarize
 
     root = out / "table1" / backbone
@@ -127,12 +218,16 @@ def write_table(backbone: str, out: Path, failed: list[dict] = (), rounds: int |
     else:
         title = f"FedPGP Table 1 reproduced with fedlit ({backbone})"
         notes, aliases = [], {}
-    if failed:
-        cells = [f"{f['method']}/{f['dataset']}/seed{f['seed']} ({f['reason']}, log {f['log']})" for f in failed]
+    bad = [f for f in failed if f.get("status") != "pending"]
+    if bad:
+        cells = [f"{f['method']}/{f['dataset']}/seed{f['seed']} ({f['reason']}, log {f['log']})" for f in bad]
         notes = [*notes, "Failed cells: " + "; ".join(cells)]
+    if any(f.get("status") == "pending" for f in failed):
+        notes = [*notes, "Pending cells have not finished yet: run the same command again to complete the grid."]
     md, _, written = summarize([root], out=out / name, paper="fedpgp-table1", aliases=aliases, title=title,
-                               notes=notes, failed=failed)
-    print(md, end="")
+                               notes=notes, failed=failed, warn=(lambda msg: None) if quiet else None)
+    if not quiet:
+        print(md, end="")
     return written
 
 
@@ -147,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"Override trainer.rounds (default: each config's; {TOY_ROUNDS} on fedlit-toy).")
     p.add_argument("--timeout", type=float, default=None, help="Seconds per cell before it counts as failed.")
     p.add_argument("--fit_args", default="", help="Extra `fedlit fit` arguments for every cell (one string).")
+    p.add_argument("--isolate", action="store_true",
+                   help="Run every cell as its own process (automatic with --timeout or several devices/nodes).")
     a = p.parse_args(argv)
     try:
         bad = [d for d in a.datasets if d not in TABLE1_DATASETS]
@@ -160,10 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         import shlex
 
         out = Path(a.out)
-        failed = run_grid(a.backbone, out, a.methods, a.datasets, a.seeds, rounds=a.rounds,
-                          extra=shlex.split(a.fit_args), timeout=a.timeout)
+        methods = [m for m in TABLE1_METHODS if m in a.methods] + [m for m in a.methods if m not in TABLE1_METHODS]
+        datasets = [d for d in TABLE1_DATASETS if d in a.datasets]
+        failed = run_grid(a.backbone, out, methods, datasets, a.seeds, rounds=a.rounds,
+                          extra=shlex.split(a.fit_args), timeout=a.timeout, isolate=a.isolate or None)
         for path in write_table(a.backbone, out, failed, rounds=a.rounds):
             print(f"wrote {path}")
+    except Interrupted as e:
+        name = "table1" if a.backbone == PAPER_BACKBONE else f"table1-{a.backbone}"
+        print(f"interrupted ({e}); partial table in {Path(a.out) / name}.md — run the same command again to "
+              "finish the grid", file=sys.stderr)
+        return 128 + e.signum
     except FedlitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

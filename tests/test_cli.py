@@ -127,3 +127,12 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
                "--out_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "beagle_1.jpg" in err and len(err.splitlines()) <= 2 and "Traceback" not in err
+
+
+def test_pretrain_toy_never_writes_over_an_existing_file(tmp_path, capsys):
+    existing = tmp_path / "weights.safetensors"
+    existing.write_bytes(b"earlier weights")
+    assert main(["pretrain-toy", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--overwrite true" in err and len(err.splitlines()) == 1
+    assert existing.read_bytes() == b"earlier weights"

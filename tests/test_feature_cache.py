@@ -143,6 +143,10 @@ def test_cached_features_do_not_depend_on_request_order_and_match_a_plain_batch(
     for part in np.array_split(np.random.default_rng(0).permutation(every), 7):  # scattered groups
         b.features("train", part)
     assert torch.equal(b.features("train", every), got_a)
+    c = FeatureBank(clip, _splits(data))  # told which rows will come: the first request encodes them all
+    c.expect("train", every[::3])
+    assert torch.equal(c.features("train", every[3:9:3]), got_a[3:9:3]) and c.encoded == len(every[::3])
+    assert torch.equal(c.features("train", every[::3]), got_a[::3]) and c.encoded == len(every[::3])
     plain = _plain(clip, data.train, every)
     assert torch.allclose(got_a, plain, rtol=1e-4, atol=1e-5)
 

@@ -137,7 +137,7 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
 
 
 # ------------------------------------------------------------------------------- fedlit plot
-def test_fedlit_plot_writes_nonblank_pngs_and_skips_unfinished(runs, tmp_path, capsys):
+def test_fedlit_plot_writes_nonblank_pngs_and_pdfs_and_skips_unfinished(runs, tmp_path, capsys):
     from PIL import Image
 
     unfinished = tmp_path / "unfinished"
@@ -146,15 +146,17 @@ def test_fedlit_plot_writes_nonblank_pngs_and_skips_unfinished(runs, tmp_path, c
     rc = main(["plot", str(runs["promptfl"]), str(runs["zeroshot"]), str(unfinished), str(tmp_path / "nope"), "--out", str(out)])
     assert rc == 0
     err = capsys.readouterr().err
-    assert f"skipping {unfinished}: has no results.json" in err and f"skipping {tmp_path / 'nope'}: does not exist" in err
+    assert f"skipping {unfinished}: no results.json" in err and f"skipping {tmp_path / 'nope'}: does not exist" in err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["accuracy_vs_round.png", "methods.png", "per_client_promptfl.png", "per_client_zeroshot.png"]
-    for name in names:
-        with Image.open(out / name) as im:
+    stems = ["accuracy_vs_round", "methods", "per_client_CLIP", "per_client_PromptFL"]
+    assert names == sorted(f"{s}.{e}" for s in stems for e in ("pdf", "png"))
+    for stem in stems:
+        with Image.open(out / f"{stem}.png") as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 300
             pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
         assert pixels.std() > 0
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # bars/lines in several colours, not a flat fill
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_fedlit_plot_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
@@ -164,15 +166,52 @@ def test_fedlit_plot_without_finished_runs_is_a_one_line_error(tmp_path, capsys)
     assert err[-1].startswith("error: no finished run") and not (tmp_path / "plots").exists()
 
 
+def _result(method, seed, history, dataset="oxford_pets", backbone="ViT-B-16"):
+    return {"method": method, "dataset": dataset, "backbone": backbone, "seed": seed, "_dir": f"/r/{method}-{seed}",
+            "history": [{"round": i + 1, **h} for i, h in enumerate(history)], "final": history[-1],
+            "per_client": {}}
+
+
+def test_figures_for_a_paper_seeds_averaged_reference_lines_paper_markers_and_readable_labels():
+    from fedlit.plot import accuracy_figure, group_runs, methods_figure
+
+    runs = [_result("zeroshot", 0, [{"local": 80.0, "base": 80.0, "novel": 90.0, "hm": 83.1}]),
+            _result("promptfl", 1, [{"local": 85.0, "base": 85.0, "novel": 86.0, "hm": 85.3},
+                                    {"local": 90.0, "base": 90.0, "novel": 88.0, "hm": 89.3}]),
+            _result("promptfl", 2, [{"local": 87.0, "base": 87.0, "novel": 84.0, "hm": 86.0},
+                                    {"local": 92.0, "base": 92.0, "novel": 86.0, "hm": 90.0}])]
+    groups = group_runs(runs)
+    assert [(g.label, len(g.runs)) for g in groups] == [("CLIP", 1), ("PromptFL", 2)]  # no run-dir names
+    fig = accuracy_figure(groups)
+    assert "OxfordPets" in fig._suptitle.get_text() and "ViT-B-16" in fig._suptitle.get_text()
+    local = fig.axes[0]
+    ref = [ln for ln in local.get_lines() if ln.get_label() == "CLIP"][0]
+    assert ref.get_linestyle() == "--" and list(ref.get_ydata()) == [80.0, 80.0]  # a reference line, not a dot
+    line = [ln for ln in local.get_lines() if ln.get_label() == "PromptFL"][0]
+    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [86.0, 91.0]  # mean over seeds
+    assert len(local.collections) == 1  # the ± std band
+    lo, hi = local.get_ylim()
+    assert lo > 60 and hi < 100  # the data's range, not 0-100
+    fig = methods_figure(groups)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["CLIP", "PromptFL"]
+    diamonds = [ln for ln in ax.get_lines() if ln.get_marker() == "D"]
+    # FedPGP Table 1 (b) OxfordPets prints CLIP and PromptFL: 4 metrics each
+    assert len(diamonds) == 8 and 95.12 in [ln.get_ydata()[0] for ln in diamonds]
+    assert "paper" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_figures_skip_metrics_a_method_does_not_have():
-    from fedlit.plot import methods_figure, per_client_figure
+    from fedlit.plot import Group, methods_figure, per_client_figure
 
     fig = per_client_figure({"0": {"local": 50.0, "base": 40.0, "hm": 44.4}, "1": {"local": 70.0, "base": 40.0, "hm": 50.9}})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["Local", "Base"]  # a linear-head method (pFedPG/VPT) has no Novel
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == [50.0, 70.0, 40.0, 40.0]
-    fig = methods_figure([{"label": "a", "final": {"local": 1.0, "base": 2.0, "novel": 3.0, "hm": math.nan}}])
+    g = Group("pfedpg", "shapes", "fedlit-toy", [{"final": {"local": 1.0, "base": 2.0, "novel": 3.0, "hm": math.nan}}],
+              label="a")
+    fig = methods_figure([g])
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["Local", "Base", "Novel"]
 
 

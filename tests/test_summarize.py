@@ -100,6 +100,25 @@ def test_aliases_failed_cells_and_paper_none(tmp_path):
     assert tpg[0].diff == {"local": pytest.approx(-2.5), "base": pytest.approx(-2.5), "novel": pytest.approx(-1.7)}
 
 
+def test_reruns_of_one_seed_count_once_and_rows_follow_the_papers_order(tmp_path):
+    import os
+
+    first = _run(tmp_path / "a", "zeroshot", "oxford_pets", 0, 20.0, 20.0, 20.0)
+    _run(tmp_path / "a", "zeroshot", "food101", 0, 30.0, 30.0, 30.0)
+    _run(tmp_path / "a", "zeroshot", "dtd", 0, 30.0, 30.0, 30.0)
+    _run(tmp_path / "a", "fedpgp", "oxford_pets", 0, 30.0, 30.0, 30.0)
+    again = _run(tmp_path / "b", "zeroshot", "oxford_pets", 0, 26.0, 26.0, 26.0)
+    os.utime(first / "results.json", (1, 1))  # the first run is older
+    warnings = []
+    md, rows, _ = summarize([tmp_path], out=None, warn=warnings.append)
+    pets = next(r for r in rows if r.method == "zeroshot" and r.dataset == "oxford_pets")
+    assert pets.seeds == [0] and pets.mean["local"] == 26.0 and "local" not in pets.std  # the newest, once
+    assert len(warnings) == 1 and "2 runs of seed 0" in warnings[0] and str(again) in warnings[0]
+    assert [(r.method, r.dataset) for r in rows] == [("zeroshot", "oxford_pets"), ("zeroshot", "dtd"),
+                                                     ("zeroshot", "food101"), ("fedpgp", "oxford_pets")]
+    assert "Average = mean" not in md  # no method has all five datasets: the footnote does not describe one
+
+
 def test_cli_skips_non_run_dirs_and_searches_folders(runs, tmp_path, capsys):
     junk = tmp_path / "junk"
     junk.mkdir()
