@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(FEDLIT) fit --config configs/quickstart.yaml
 	@echo ""
 	@echo "Next, from this folder (or 'source $(VENV)/bin/activate' once, then plain 'fedlit ...'):"
-	@echo "  $(FEDLIT) methods                                                 # what can run"
-	@echo "  $(FEDLIT) fit --config configs/fedpgp.yaml --config configs/embedded.yaml   # FedPGP on the embedded default"
-	@echo "  $(FEDLIT) summarize runs                                         # one table of every finished run"
-	@echo "  $(FEDLIT) plot runs --out runs/figure                            # accuracy figure (PNG + PDF)"
-	@echo "  $(VENV)/bin/tensorboard --logdir runs                            # curves in the browser"
+	@echo "  $(FEDLIT) methods                                    # what can run"
+	@echo "  $(FEDLIT) fit --config configs/fedpgp.yaml --config configs/embedded.yaml"
+	@echo "  $(FEDLIT) summarize runs --out runs/summary          # one table of every finished run"
+	@echo "  $(FEDLIT) plot runs --out runs/figures               # figures (PNG + PDF)"
+	@echo "  $(VENV)/bin/tensorboard --logdir runs                 # curves in the browser"
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
