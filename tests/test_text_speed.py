@@ -191,3 +191,16 @@ def test_every_text_method_shared_prefix_equals_full_plain(clip, name, kwargs):
         assert len(grads) == len(ref_g) and grads
         for g, r in zip(grads, ref_g):
             assert _close(g, r, 1e-5), path
+
+
+def test_cli_backbone_text_path_option():
+    from fedlit import cli
+
+    parser = cli._fit_parser()
+    base = ["--config", "configs/quickstart.yaml"]
+    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args(base))
+    assert init.backbone.text_path == "shared_prefix"
+    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "plain"]))
+    assert init.backbone.text_path == "plain"
+    with pytest.raises(FedlitError):
+        cli.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "fast"]))
