@@ -60,6 +60,12 @@ class PromptTemplate:
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
     @cached_property
+    def length(self) -> int:
+        """The last EOT position + 1: where every text pass of this template stops (a Python int, so that the
+        pass needs no device sync to find it)."""
+        return int(self.eot.max()) + 1
+
+    @cached_property
     def common(self) -> int:
         """Number of leading positions whose token is the same for every class (≤ the first EOT): the prefix
         the shared-prefix path encodes once per context."""
@@ -87,18 +93,19 @@ def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, dee
         head = max(tpl.common - 1 - n, 0)  # class-independent tokens after the context (MaPLe's "of a")
         prefix = torch.cat([tpl.prefix[:1].expand(n_pre, -1, -1), ctxs,
                             tpl.suffix[:1, :head].expand(n_pre, -1, -1)], dim=1)
-        feats = clip.encode_text_shared(prefix, tpl.suffix[:, head:], tpl.eot, deep, 1, first_deep_block)
+        feats = clip.encode_text_shared(prefix, tpl.suffix[:, head:], tpl.eot, deep, 1, first_deep_block,
+                                        length=tpl.length)
     else:
         emb = torch.cat([tpl.prefix.unsqueeze(0).expand(n_pre, -1, -1, -1),
                          ctxs.unsqueeze(1).expand(-1, c, -1, -1),
                          tpl.suffix.unsqueeze(0).expand(n_pre, -1, -1, -1)], dim=2)
         if clip.can_truncate:  # cut before materialising P·C full-length sequences
-            emb = emb[:, :, : max(int(tpl.eot.max()) + 1, 1 + n)]
+            emb = emb[:, :, : max(tpl.length, 1 + n)]
         emb = emb.reshape(n_pre * c, emb.shape[2], emb.shape[3])
         if deep is not None:
             deep = [p if p is None or p.dim() == 2 else p.expand(n_pre, -1, -1).repeat_interleave(c, dim=0)
                     for p in deep]
-        feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(n_pre), deep, 1, first_deep_block)
+        feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(n_pre), deep, 1, first_deep_block, length=tpl.length)
         feats = feats.reshape(n_pre, c, -1)
     if normalize:
         feats = feats / feats.norm(dim=-1, keepdim=True)

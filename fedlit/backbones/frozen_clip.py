@@ -179,13 +179,14 @@ class FrozenCLIP(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(tokens), self.eot_index(tokens))
 
     def encode_text_shared(self, prefix, suffix, eot_idx, deep_prompts=None, deep_start: int = 1,
-                           first_deep_block: int = 1) -> torch.Tensor:
+                           first_deep_block: int = 1, length: int | None = None) -> torch.Tensor:
         """Features ``[P, C, embed_dim]`` of prompts ``prefix[p] ‖ suffix[c]``, the shared prefix encoded once per
         distinct context (see :func:`fedlit.backbones.shared_prefix.encode_shared_prefix`)."""
         if not self.can_share_prefix:
             raise FedlitError(f"backbone '{self.name}': its text tower is not a plain causal open_clip transformer; "
                               "use backbone.text_path=plain")
-        return _sp.encode_shared_prefix(self, prefix, suffix, eot_idx, deep_prompts, deep_start, first_deep_block)
+        return _sp.encode_shared_prefix(self, prefix, suffix, eot_idx, deep_prompts, deep_start, first_deep_block,
+                                        length)
 
     @staticmethod
     def _run_blocks(transformer, x, attn_mask, prompts, start: int, first: int) -> torch.Tensor:
@@ -211,20 +212,22 @@ class FrozenCLIP(nn.Module):
         deep_prompts: _TensorList | None = None,
         deep_start: int = 1,
         first_deep_block: int = 1,
+        length: int | None = None,
     ) -> torch.Tensor:
         """CoOp injection path: embeddings [N, L, W] -> text features [N, embed_dim] (not normalised).
 
         ``deep_prompts[j]`` ([n, W] or [N, n, W]) replaces positions ``deep_start:deep_start+n`` at the input of
         text block ``j + first_deep_block``. On a causal tower the sequence is first cut after the batch's last
         EOT (and after the deep prompts' positions): the pooled features are unchanged, the work shrinks.
+        ``length`` (``max(eot_idx) + 1`` when known, e.g. cached by the prompt template) saves a device sync.
         """
         m = self.model
         dtype = m.transformer.get_cast_dtype()
-        length = emb.shape[1]
         if self.can_truncate:
             n_deep = max((p.shape[-2] for p in deep_prompts or [] if p is not None), default=0)
-            length = min(length, max(int(eot_idx.max()) + 1, deep_start + n_deep if n_deep else 0))
-            emb = emb[:, :length]
+            last = length if length is not None else int(eot_idx.max()) + 1
+            emb = emb[:, : max(last, deep_start + n_deep if n_deep else 0)]
+        length = emb.shape[1]
         x = emb.to(dtype) + m.positional_embedding[:length].to(dtype)
         mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
         x = self._run_blocks(m.transformer, x, mask, deep_prompts, deep_start, first_deep_block)

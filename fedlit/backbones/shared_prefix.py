@@ -115,6 +115,7 @@ def encode_shared_prefix(
     deep_prompts: Sequence[torch.Tensor | None] | None = None,
     deep_start: int = 1,
     first_deep_block: int = 1,
+    length: int | None = None,
 ) -> torch.Tensor:
     """Text features ``[P, C, embed_dim]`` (not normalised) of the ``P × C`` prompts ``prefix[p] ‖ suffix[c]``.
 
@@ -126,13 +127,16 @@ def encode_shared_prefix(
         eot_idx: ``[C]`` absolute EOT positions (each ``≥ Lp``).
         deep_prompts: ``deep_prompts[j]`` (``[n, W]`` or ``[P, n, W]``) replaces positions
             ``deep_start : deep_start + n`` (inside the prefix) at the input of block ``j + first_deep_block``.
+        length: ``max(eot_idx) + 1`` when the caller knows it (no device sync); the caller then guarantees
+            ``min(eot_idx) ≥ Lp`` (checked here otherwise).
     """
     m = clip.model
     dtype = m.transformer.get_cast_dtype()
     n_pre, lp = prefix.shape[0], prefix.shape[1]
-    length = int(eot_idx.max()) + 1
-    if int(eot_idx.min()) < lp:
-        raise ValueError(f"an EOT position {int(eot_idx.min())} lies inside the shared prefix of {lp} tokens")
+    if length is None:
+        length = int(eot_idx.max()) + 1
+        if int(eot_idx.min()) < lp:
+                raise ValueError(f"an EOT position {int(eot_idx.min())} lies inside the shared prefix of {lp} tokens")
     pos = m.positional_embedding[:length].to(dtype)
     xp = prefix.to(dtype) + pos[:lp]
     xs = (suffix[:, : length - lp].to(dtype) + pos[lp:]).unsqueeze(0).expand(n_pre, -1, -1, -1)
