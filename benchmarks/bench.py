@@ -221,7 +221,7 @@ def speed(args) -> dict:
         orch.apply([orch.safe_update(c, r) for c in range(len(fed.clients))])
         t_fedlit.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        with text_mode(clip, "old"):
+        with text_mode(clip, args.naive_text):
             _naive_round(orch2, r)
         t_naive.append(time.perf_counter() - t0)
         t, steps = _floor_round(orch, "new")
@@ -311,6 +311,7 @@ def text(args) -> dict:
         "speedup_vs_old (median)": {k: round(med[ref] / v, 2) for k, v in med.items()},
         "max_abs_feature_diff_vs_old": {k: float((feats[k] - feats[ref]).abs().max()) for k in feats},
         "max_abs_grad_diff_vs_old": {k: float((grads[k] - grads[ref]).abs().max()) for k in grads},
+        "max_abs_grad_old": float(grads[ref].abs().max()),
     }
 
 
@@ -423,6 +424,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=5, help="text: interleaved repetitions per path")
     p.add_argument("--n-ctx", type=int, default=16, help="text: context tokens")
+    p.add_argument("--naive-text", choices=["old", "new"], default="old",
+                   help="speed: the naive path's text pass (old: full length, plain, as the official code bases)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
