@@ -2,6 +2,8 @@
 
     python benchmarks/bench.py speed  --method promptfl                  # (a) vs naive, (b) vs compute floor
     python benchmarks/bench.py speed  --method fedtpg                    #     FedTPG's protocol (own classes)
+    python benchmarks/bench.py speed  --method fedpgp                    #     FedPGP (two contexts per step)
+    python benchmarks/bench.py text   --backbone ViT-B-16 --pretrained none   # one text step: today vs cut vs shared
     python benchmarks/bench.py speed  --backbone ViT-B-16 --pretrained none --clients 2 --shots 1 --batch 12 --rounds 2
     python benchmarks/bench.py memory --method fedpgp --clients-list 10 100 1000   # (c) peak memory vs clients
     python benchmarks/bench.py procs                                   # (d) 1 vs 2 processes (gloo on CPU)
@@ -11,8 +13,13 @@
     the client model (backbone included) per client (what the official code bases do, spec §9), same
     data order and hyper-parameters, compared at the final accuracy and global state;
 (b) fedlit's round vs the *compute floor*: per local step one forward+backward of the method's text side
-    (``text_features``) over the classes the client trains among, nothing else; plus one image encoding
-    per distinct training image, paid once per run;
+    over the classes the client trains among, nothing else; plus one image encoding per distinct training
+    image, paid once per run. The *old floor* runs that text side as before issue 15 (every class prompt at the
+    full context length, the plain path); the *new floor* runs it as fedlit now does (cut at the last EOT, the
+    shared ``[SOS][ctx]`` prefix encoded once per context: ``backbone.text_path=shared_prefix``). The naive path
+    keeps the old text pass (the official code bases encode all 77 positions of every prompt);
+(text) one text step (forward+backward of CoOp's context, n_ctx 16, 50 CoOp-length class names) on the old
+    path, the truncated plain path and the shared-prefix path, interleaved, medians;
 (c) peak resident memory of whole runs (``fedlit fit``) with 10, 100 and 1,000 clients on the same data
     (FedPGP: every client keeps personal U, V); (d) wall time with 1 and 2 processes;
 (cache) feature encoding with ``trainer.feature_cache=disk``: a first process encodes and writes the cache,
@@ -35,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import contextlib
 
 import numpy as np
 import torch
@@ -66,7 +75,33 @@ def _method(name: str):
 
         torch.manual_seed(0)  # the generator's initialisation (identical for both paths)
         return FedTPG()  # official hyper-parameters (spec §2.4): n_ctx 4, SGD lr 0.003, unweighted mean
-    raise SystemExit(f"--method {name}: promptfl or fedtpg")
+    if name == "fedpgp":
+        from fedlit.methods.fedpgp import FedPGP
+
+        torch.manual_seed(0)
+        return FedPGP()  # official hyper-parameters: n_ctx 16, rank 8, mu 0.5, tau 0.5, SGD lr 0.001
+    raise SystemExit(f"--method {name}: promptfl, fedtpg or fedpgp")
+
+
+@contextlib.contextmanager
+def text_mode(clip, mode: str):
+    """``old``: the text pass before issue 15 (plain path, full context length); ``new``: fedlit's current one."""
+    saved = clip.text_path, clip.can_truncate
+    if mode == "old":
+        clip.text_path, clip.can_truncate = "plain", False
+    try:
+        yield
+    finally:
+        clip.text_path, clip.can_truncate = saved
+
+
+def _text_side(method, m, clip, task):
+    """The method's text work of one local step (what the floor times)."""
+    if method.name == "fedpgp":
+        from fedlit.methods.fedpgp import encode_contexts
+
+        return encode_contexts(clip, task, torch.cat([m.prompt.sigma, m.prompt.personal_context()]))
+    return method.text_features(m.prompt, clip, task)
 
 
 def _orchestrator(args, method):
@@ -149,9 +184,10 @@ def _naive_round(orch, rnd: int) -> None:
     orch.apply(updates)
 
 
-def _floor_round(orch) -> tuple[float, int]:
+def _floor_round(orch, mode: str = "new") -> tuple[float, int]:
     """Per local step, one forward+backward of the method's text side over the classes the client trains
-    among (FedTPG: its own classes), on the live module; returns (seconds, steps)."""
+    among (FedTPG: its own classes), on the live module, with the ``old`` or ``new`` text pass (see
+    :func:`text_mode`); returns (seconds, steps)."""
     from fedlit.methods.fedtpg import client_task
 
     m, method, clip = orch.module, orch.method, orch.clip
@@ -163,9 +199,10 @@ def _floor_round(orch) -> tuple[float, int]:
             task = client_task(m, m.task, torch.as_tensor(client.train_y))[0]
         n_steps = -(-client.num_samples // orch.cfg.batch_size) * orch.cfg.local_epochs
         t0 = time.perf_counter()
-        for _ in range(n_steps):
-            f = method.text_features(m.prompt, clip, task)
-            f.float().sum().backward()
+        with text_mode(clip, mode):
+            for _ in range(n_steps):
+                f = _text_side(method, m, clip, task)
+                f.float().sum().backward()
         t += time.perf_counter() - t0
         m.prompt.zero_grad(set_to_none=True)
         steps += n_steps
@@ -178,16 +215,18 @@ def speed(args) -> dict:
     R = args.rounds
     orch, clip, fed = _orchestrator(args, _method(args.method))
     orch2, _, _ = _orchestrator(args, _method(args.method))  # naive: same start, data order, hyper-parameters
-    t_fedlit, t_naive, t_floor = [], [], []
+    t_fedlit, t_naive, t_floor, t_old_floor = [], [], [], []
     for r in range(R):
         t0 = time.perf_counter()
         orch.apply([orch.safe_update(c, r) for c in range(len(fed.clients))])
         t_fedlit.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _naive_round(orch2, r)
+        with text_mode(clip, args.naive_text):
+            _naive_round(orch2, r)
         t_naive.append(time.perf_counter() - t0)
-        t, steps = _floor_round(orch)
+        t, steps = _floor_round(orch, "new")
         t_floor.append(t)
+        t_old_floor.append(_floor_round(orch, "old")[0])
     acc_fedlit = orch.evaluate(R - 1)["mean"]
     acc_naive = orch2.evaluate(R - 1)["mean"]
     state_fedlit = orch.global_state
@@ -199,7 +238,7 @@ def speed(args) -> dict:
     t_img = time.perf_counter() - t0
 
     steady = lambda ts: float(np.median(ts[1:])) if len(ts) > 1 else ts[0]  # noqa: E731
-    fl, nv, fo = steady(t_fedlit), steady(t_naive), steady(t_floor)
+    fl, nv, fo, old = steady(t_fedlit), steady(t_naive), steady(t_floor), steady(t_old_floor)
     return {
         "method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "image_size": clip.image_size,
         "clients": len(fed.clients), "train_images": len(distinct), "batch": orch.cfg.batch_size,
@@ -209,6 +248,8 @@ def speed(args) -> dict:
         "speedup_vs_naive": round(nv / fl, 2),
         "floor_round_s": [round(t, 3) for t in t_floor], "floor_steady_round_s": round(fo, 3),
         "fedlit_over_floor": round(fl / fo, 2),
+        "old_floor_round_s": [round(t, 3) for t in t_old_floor], "old_floor_steady_round_s": round(old, 3),
+        "fedlit_over_old_floor": round(fl / old, 2), "old_floor_over_new_floor": round(old / fo, 2),
         "best_of_rounds (min over rounds 2..R)": {
             "fedlit_s": round(min(t_fedlit[1:] or t_fedlit), 3), "naive_s": round(min(t_naive[1:] or t_naive), 3),
             "floor_s": round(min(t_floor[1:] or t_floor), 3),
@@ -219,6 +260,58 @@ def speed(args) -> dict:
         "acc_naive": {k: round(v, 2) for k, v in acc_naive.items()},
         "max_acc_diff_points": round(max(abs(acc_fedlit[k] - acc_naive[k]) for k in acc_fedlit), 3),
         "state_max_abs_diff": float(max((state_fedlit[k] - orch2.global_state[k]).abs().max() for k in state_fedlit)),
+    }
+
+
+COOP50 = (  # 37 Oxford-Pets breeds + 13 Food-101 dishes: CoOp-length class names
+    "Abyssinian", "American Bulldog", "American Pit Bull Terrier", "Basset Hound", "Beagle", "Bengal", "Birman",
+    "Bombay", "Boxer", "British Shorthair", "Chihuahua", "Egyptian Mau", "English Cocker Spaniel", "English Setter",
+    "German Shorthaired", "Great Pyrenees", "Havanese", "Japanese Chin", "Keeshond", "Leonberger", "Maine Coon",
+    "Miniature Pinscher", "Newfoundland", "Persian", "Pomeranian", "Pug", "Ragdoll", "Russian Blue", "Saint Bernard",
+    "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese", "Sphynx", "Staffordshire Bull Terrier", "Wheaten Terrier",
+    "Yorkshire Terrier", "apple pie", "baby back ribs", "baklava", "beef carpaccio", "beef tartare", "beet salad",
+    "beignets", "bibimbap", "bread pudding", "breakfast burrito", "bruschetta", "caesar salad", "cannoli")
+
+
+def text(args) -> dict:
+    """One text step (forward + backward into CoOp's context) on three paths, interleaved ``--reps`` times."""
+    from fedlit.backbones import load_backbone
+    from fedlit.prompts import ContextPrompt, Task, prompt_template
+
+    clip = load_backbone(args.backbone, args.pretrained)
+    task = Task("coop50", COOP50)
+    torch.manual_seed(0)
+    prompt = ContextPrompt(clip, n_ctx=args.n_ctx)
+    w = torch.randn(len(task), clip.embed_dim)
+    paths = {"old (plain, full length)": ("old", "plain"), "plain, cut at last EOT": ("new", "plain"),
+             "shared prefix (default)": ("new", "shared_prefix")}
+    times = {k: [] for k in paths}
+    feats, grads = {}, {}
+    for _ in range(args.reps):
+        for key, (mode, path) in paths.items():
+            with text_mode(clip, mode):
+                saved, clip.text_path = clip.text_path, path if mode == "new" else clip.text_path
+                try:
+                    prompt.zero_grad(set_to_none=True)
+                    t0 = time.perf_counter()
+                    f = prompt.text_features(clip, task)
+                    (f * w).sum().backward()
+                    times[key].append(time.perf_counter() - t0)
+                finally:
+                    clip.text_path = saved
+            feats[key], grads[key] = f.detach(), prompt.ctx.grad.clone()
+    ref = "old (plain, full length)"
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    tpl = prompt_template(clip, task, args.n_ctx)
+    return {
+        "backbone": f"{args.backbone}:{args.pretrained}", "classes": len(task), "n_ctx": args.n_ctx,
+        "context_length": clip.context_length, "last_eot_plus_1": int(tpl.eot.max()) + 1, "shared_prefix": tpl.common,
+        "reps": args.reps, "step_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "median_step_s": {k: round(v, 4) for k, v in med.items()},
+        "speedup_vs_old (median)": {k: round(med[ref] / v, 2) for k, v in med.items()},
+        "max_abs_feature_diff_vs_old": {k: float((feats[k] - feats[ref]).abs().max()) for k in feats},
+        "max_abs_grad_diff_vs_old": {k: float((grads[k] - grads[ref]).abs().max()) for k in grads},
+        "max_abs_grad_old": float(grads[ref].abs().max()),
     }
 
 
@@ -315,8 +408,9 @@ def cache(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("which", choices=["speed", "memory", "procs", "cache"])
-    p.add_argument("--method", default=None, help="speed: promptfl (default) or fedtpg; memory: fedpgp (default), coop …")
+    p.add_argument("which", choices=["speed", "memory", "procs", "cache", "text"])
+    p.add_argument("--method", default=None,
+                   help="speed: promptfl (default), fedtpg or fedpgp; memory: fedpgp (default), coop …")
     p.add_argument("--backbone", default="fedlit-toy")
     p.add_argument("--pretrained", default="default")
     p.add_argument("--clients", type=int, default=6)
@@ -328,12 +422,16 @@ def main() -> None:
     p.add_argument("--train-per-class", type=int, default=512, help="memory: shapes images per class")
     p.add_argument("--test-per-class", type=int, default=128, help="memory: shapes test images per class")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5, help="text: interleaved repetitions per path")
+    p.add_argument("--n-ctx", type=int, default=16, help="text: context tokens")
+    p.add_argument("--naive-text", choices=["old", "new"], default="old",
+                   help="speed: the naive path's text pass (old: full length, plain, as the official code bases)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.method = args.method or {"speed": "promptfl", "memory": "fedpgp"}.get(args.which)
-    res = {"speed": speed, "memory": memory, "procs": procs, "cache": cache}[args.which](args)
+    res = {"speed": speed, "memory": memory, "procs": procs, "cache": cache, "text": text}[args.which](args)
     print(json.dumps({"machine": machine(), "command": " ".join(["python", *sys.argv]), "result": res}, indent=2))
 
 

@@ -23,6 +23,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from .errors import FedlitError
 
@@ -34,11 +35,15 @@ class Backbone:
         name: ``fedlit-toy`` (embedded) or an open_clip architecture (``ViT-B-16``; CoOp's ``ViT-B/16`` works too).
         pretrained: ``default`` (bundled weights for fedlit-toy, ``openai`` otherwise), an open_clip tag,
             a local checkpoint file, or ``none`` for random init.
+        text_path: ``shared_prefix`` (default: the prompt positions shared by every class are encoded once per
+            context) or ``plain`` (one full sequence per class, the reference); both are exact to float rounding.
     """
 
-    def __init__(self, name: str = "fedlit-toy", pretrained: str | None = "default"):
+    def __init__(self, name: str = "fedlit-toy", pretrained: str | None = "default",
+                 text_path: Literal["shared_prefix", "plain"] = "shared_prefix"):
         self.name = name
         self.pretrained = pretrained
+        self.text_path = text_path
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -249,6 +254,8 @@ def build(parser, cfg, init):
     L.seed_everything(cfg.seed, verbose=False)
     federation = data.setup(cfg.seed)
     clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
+    if clip.has_text:
+        clip.set_text_path(init.backbone.text_path)
     identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
                 "dataset": data.dataset, "seed": cfg.seed, "config_digest": _config_digest(parser, cfg)}
     meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}

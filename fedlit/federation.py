@@ -31,6 +31,7 @@ from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
+from .heap import release_free_memory
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
 from .trainer import FedTrainer  # noqa: F401  (re-exported: the trainer section of a config)
@@ -206,6 +207,7 @@ class Orchestrator:
         if not update.ok and self.cfg.on_client_failure == "stop":
             raise FedlitError(f"client {cid} failed in round {rnd + 1}: {update.error} "
                               f"(trainer.on_client_failure=skip leaves such clients out instead)")
+        release_free_memory()  # the step buffers' pages: resident memory stays flat with many clients
         return update
 
     def local_update(self, cid: int, rnd: int) -> Update:
@@ -314,6 +316,7 @@ class Orchestrator:
         personal = self.init_personal if cid is None else self.personal.get(cid, self.init_personal)
         self.module.load_prompt_state(sent, personal)
         self.module.eval()
+        release_free_memory()
 
     # ------------------------------------------------------------------------------------ plumbing
     def _gather(self, updates: list[Update]) -> list[Update]:

@@ -5,11 +5,17 @@ all novel classes …). For a task and a context length ``n_ctx`` the frozen par
 ``[SOS] X X … X {class} . [EOT]`` — the SOS embedding, the class-name/suffix embeddings and the EOT
 positions — are computed **once** (:class:`PromptTemplate`, cached per backbone) and every step only
 splices the learned context between them and runs the text transformer in one batched pass.
+
+:func:`encode_context` is the one entry point every CoOp-style method uses for that pass: ``P`` contexts ×
+``C`` classes, with deep prompts, on the backbone's ``text_path`` — ``shared_prefix`` (the positions shared by
+every class, ``[SOS][ctx]`` and any common class-name head, are encoded once per context) or ``plain`` (one
+sequence per (context, class)). Both cut the sequence after the last EOT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -52,6 +58,58 @@ class PromptTemplate:
             ctx = ctx.unsqueeze(0).expand(c, -1, -1)
         ctx = ctx.to(self.prefix.dtype)
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+
+    @cached_property
+    def length(self) -> int:
+        """The last EOT position + 1: where every text pass of this template stops (a Python int, so that the
+        pass needs no device sync to find it)."""
+        return int(self.eot.max()) + 1
+
+    @cached_property
+    def common(self) -> int:
+        """Number of leading positions whose token is the same for every class (≤ the first EOT): the prefix
+        the shared-prefix path encodes once per context."""
+        t = self.tokens
+        same = (t == t[:1]).all(dim=0)
+        run = int(same.int().cumprod(0).sum())
+        return max(1, min(run, int(self.eot.min())))
+
+
+def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, deep_prompts=None,
+                   first_deep_block: int = 1, normalize: bool = True) -> torch.Tensor:
+    """Text features of a template with contexts spliced at positions ``1 … n``.
+
+    ``ctx`` ``[n, W]`` (shared by all classes) → ``[C, D]``; ``[P, n, W]`` (``P`` contexts: CoCoOp's per image,
+    FedPGP's σ and σ+UV, FedOTP's N prompts) → ``[P, C, D]``. ``deep_prompts[j]`` (``[n, W]`` or ``[P, n, W]``)
+    replaces positions ``1 … n`` at the input of text block ``j + first_deep_block``. L2-normalised unless
+    ``normalize=False``. Runs in one batched pass on ``clip.text_path``.
+    """
+    single = ctx.dim() == 2
+    ctxs = (ctx.unsqueeze(0) if single else ctx).to(tpl.prefix.dtype)
+    n_pre, n = ctxs.shape[0], ctxs.shape[1]
+    c = tpl.prefix.shape[0]
+    deep = list(deep_prompts) if deep_prompts else None
+    if clip.shares_prefix:
+        head = max(tpl.common - 1 - n, 0)  # class-independent tokens after the context (MaPLe's "of a")
+        prefix = torch.cat([tpl.prefix[:1].expand(n_pre, -1, -1), ctxs,
+                            tpl.suffix[:1, :head].expand(n_pre, -1, -1)], dim=1)
+        feats = clip.encode_text_shared(prefix, tpl.suffix[:, head:], tpl.eot, deep, 1, first_deep_block,
+                                        length=tpl.length)
+    else:
+        emb = torch.cat([tpl.prefix.unsqueeze(0).expand(n_pre, -1, -1, -1),
+                         ctxs.unsqueeze(1).expand(-1, c, -1, -1),
+                         tpl.suffix.unsqueeze(0).expand(n_pre, -1, -1, -1)], dim=2)
+        if clip.can_truncate:  # cut before materialising P·C full-length sequences
+            emb = emb[:, :, : max(tpl.length, 1 + n)]
+        emb = emb.reshape(n_pre * c, emb.shape[2], emb.shape[3])
+        if deep is not None:
+            deep = [p if p is None or p.dim() == 2 else p.expand(n_pre, -1, -1).repeat_interleave(c, dim=0)
+                    for p in deep]
+        feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(n_pre), deep, 1, first_deep_block, length=tpl.length)
+        feats = feats.reshape(n_pre, c, -1)
+    if normalize:
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+    return feats[0] if single else feats
 
 
 @dataclass
@@ -100,7 +158,7 @@ def handcrafted_features(clip: FrozenCLIP, task: Task, template: str = "a photo 
     key = (task.key, template)
     if key not in cache.features:
         tokens = clip.tokenize([template.format(clean_classname(c)) for c in task.classnames])
-        feats = clip.encode_text(tokens.to(clip.device)).float()
+        feats = clip.encode_tokens(tokens).float()  # cut at the last EOT: equals clip.encode_text
         cache.features[key] = feats / feats.norm(dim=-1, keepdim=True)
     return cache.features[key]
 
@@ -141,7 +199,4 @@ class ContextPrompt(nn.Module):
 
     def text_features(self, clip: FrozenCLIP, task: Task, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text features ``[C, D]`` of all classes of ``task`` in one batched pass."""
-        tpl = prompt_template(clip, task, self.n_ctx)
-        emb = tpl.splice(self.ctx if ctx is None else ctx)
-        feats = clip.encode_text_embeddings(emb, tpl.eot)
-        return feats / feats.norm(dim=-1, keepdim=True)
+        return encode_context(clip, prompt_template(clip, task, self.n_ctx), self.ctx if ctx is None else ctx)

@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlit.backbones import shared_prefix as _sp
 from fedlit.errors import FedlitError
 
+TEXT_PATHS = ("plain", "shared_prefix")
 _TensorList = Sequence[torch.Tensor]
 
 
@@ -75,6 +77,10 @@ class FrozenCLIP(nn.Module):
     """
 
     has_text = True
+    #: ``shared_prefix`` (default): encode a CoOp-style prompt's shared ``[SOS][ctx]`` prefix once per distinct
+    #: context (:mod:`fedlit.backbones.shared_prefix`); ``plain``: one full pass per (context, class) prompt.
+    #: Both truncate at the batch's last EOT. Set per run by the ``backbone.text_path`` option.
+    text_path: str = "shared_prefix"
 
     def __init__(self, model: nn.Module, tokenizer, name: str, preprocess_cfg: dict | None = None):
         super().__init__()
@@ -109,6 +115,11 @@ class FrozenCLIP(nn.Module):
         self.mean = tuple(float(m) for m in cfg["mean"])
         self.std = tuple(float(s) for s in cfg["std"])
         self.interpolation = cfg.get("interpolation", "bicubic")
+        pool_ok = model.text_pool_type in ("argmax", "eos", "first")
+        #: causal text tower pooled at a token position: positions after the last EOT can be dropped (exact)
+        self.can_truncate = pool_ok and _sp.causal_mask_ok(model)
+        #: ... and its blocks are open_clip's plain ones: the shared-prefix path is available
+        self.can_share_prefix = self.can_truncate and _sp.blocks_ok(model.transformer)
 
     # ----------------------------------------------------------------------------------------------- basics
     def train(self, mode: bool = True):  # noqa: D102 - frozen: always eval (no dropout, no patch dropout)
@@ -146,9 +157,36 @@ class FrozenCLIP(nn.Module):
         return self.model.token_embedding(tokens.to(self.device))
 
     # ----------------------------------------------------------------------------------------------- text
+    def set_text_path(self, text_path: str) -> None:
+        """Choose ``shared_prefix`` (default) or ``plain`` for prompt encoding (:data:`TEXT_PATHS`)."""
+        if text_path not in TEXT_PATHS:
+            raise FedlitError(f"backbone.text_path='{text_path}': use one of {', '.join(TEXT_PATHS)}")
+        self.text_path = text_path
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether prompt encoders should take the shared-prefix path (chosen and available)."""
+        return self.text_path == "shared_prefix" and self.can_share_prefix
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """open_clip's own ``encode_text`` (reference path, not normalised) -> [N, embed_dim]."""
+        """open_clip's own ``encode_text`` (reference path, full context length, not normalised) -> [N, embed_dim]."""
         return self.model.encode_text(tokens.to(self.device))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, L] -> text features [N, embed_dim] (not normalised), cut at the batch's last EOT:
+        equals :meth:`encode_text` (causal tower) at a fraction of the cost."""
+        tokens = tokens.to(self.device)
+        return self.encode_text_embeddings(self.token_embedding(tokens), self.eot_index(tokens))
+
+    def encode_text_shared(self, prefix, suffix, eot_idx, deep_prompts=None, deep_start: int = 1,
+                           first_deep_block: int = 1, length: int | None = None) -> torch.Tensor:
+        """Features ``[P, C, embed_dim]`` of prompts ``prefix[p] ‖ suffix[c]``, the shared prefix encoded once per
+        distinct context (see :func:`fedlit.backbones.shared_prefix.encode_shared_prefix`)."""
+        if not self.can_share_prefix:
+            raise FedlitError(f"backbone '{self.name}': its text tower is not a plain causal open_clip transformer; "
+                              "use backbone.text_path=plain")
+        return _sp.encode_shared_prefix(self, prefix, suffix, eot_idx, deep_prompts, deep_start, first_deep_block,
+                                        length)
 
     @staticmethod
     def _run_blocks(transformer, x, attn_mask, prompts, start: int, first: int) -> torch.Tensor:
@@ -174,14 +212,21 @@ class FrozenCLIP(nn.Module):
         deep_prompts: _TensorList | None = None,
         deep_start: int = 1,
         first_deep_block: int = 1,
+        length: int | None = None,
     ) -> torch.Tensor:
         """CoOp injection path: embeddings [N, L, W] -> text features [N, embed_dim] (not normalised).
 
         ``deep_prompts[j]`` ([n, W] or [N, n, W]) replaces positions ``deep_start:deep_start+n`` at the input of
-        text block ``j + first_deep_block``.
+        text block ``j + first_deep_block``. On a causal tower the sequence is first cut after the batch's last
+        EOT (and after the deep prompts' positions): the pooled features are unchanged, the work shrinks.
+        ``length`` (``max(eot_idx) + 1`` when known, e.g. cached by the prompt template) saves a device sync.
         """
         m = self.model
         dtype = m.transformer.get_cast_dtype()
+        if self.can_truncate:
+            n_deep = max((p.shape[-2] for p in deep_prompts or [] if p is not None), default=0)
+            last = length if length is not None else int(eot_idx.max()) + 1
+            emb = emb[:, : max(last, deep_start + n_deep if n_deep else 0)]
         length = emb.shape[1]
         x = emb.to(dtype) + m.positional_embedding[:length].to(dtype)
         mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None

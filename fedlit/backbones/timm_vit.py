@@ -53,7 +53,8 @@ from fedlit.errors import FedlitError
 PREFIX = "timm/"
 #: FrozenCLIP's text interface: each raises the no-text-tower error on a TimmViT.
 TEXT_ATTRS = ("tokenizer", "context_length", "text_width", "logit_scale", "tokenize", "eot_index",
-              "token_embedding", "encode_text", "encode_text_embeddings")
+              "token_embedding", "encode_text", "encode_text_embeddings", "encode_tokens", "encode_text_shared",
+              "set_text_path", "text_path", "shares_prefix", "can_truncate", "can_share_prefix")
 #: open_clip ``CLIP`` text parts that methods reach through ``clip.model``.
 MODEL_TEXT_ATTRS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection",
                     "logit_scale", "attn_mask", "text_pool_type", "text_eos_id", "encode_text", "context_length",

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backbones import FrozenCLIP
-from ..prompts import Task, init_context, prompt_template
+from ..prompts import Task, encode_context, init_context, prompt_template
 from .base import FedMethod
 
 
@@ -53,20 +53,8 @@ class CoCoOpPrompt(nn.Module):
     def text_features(self, clip: FrozenCLIP, task: Task, image_features: torch.Tensor) -> torch.Tensor:
         """Per-image normalised class text features ``[B, C, D]`` from normalised image features ``[B, D]``,
         the text tower run once over all ``B·C`` prompts."""
-        tpl = prompt_template(clip, task, self.n_ctx)
-        ctx = self.conditional_context(image_features)  # [B, n, W]
-        b, c = ctx.shape[0], tpl.prefix.shape[0]
-        ctx = ctx.to(tpl.prefix.dtype)
-        prefix = tpl.prefix.unsqueeze(0).expand(b, -1, -1, -1)  # [B, C, 1, W]
-        suffix = tpl.suffix.unsqueeze(0).expand(b, -1, -1, -1)  # [B, C, L-1-n, W]
-        ctx = ctx.unsqueeze(1).expand(-1, c, -1, -1)  # [B, C, n, W]
-        emb = torch.cat([prefix, ctx, suffix], dim=2)
-        if clip.model.attn_mask is not None:  # causal text tower: tokens after the last EOT cannot change the
-            emb = emb[:, :, : int(tpl.eot.max()) + 1]  # pooled features, so drop the padding (exact, ~4× cheaper)
-        emb = emb.reshape(b * c, -1, ctx.shape[-1])
-        feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(b))
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        return feats.reshape(b, c, -1)
+        ctx = self.conditional_context(image_features)  # [B, n, W]: one shared prefix per image
+        return encode_context(clip, prompt_template(clip, task, self.n_ctx), ctx)
 
 
 class FedCoCoOp(FedMethod):

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import PromptTemplate, Task, check_prompt_depth, clean_classname, text_cache
+from ..prompts import PromptTemplate, Task, check_prompt_depth, clean_classname, encode_context, text_cache
 from .base import FedMethod
 
 
@@ -91,8 +91,7 @@ class MaPLePrompt(nn.Module):
 
     def text_features(self, clip: FrozenCLIP, task: Task) -> torch.Tensor:
         tpl = prefixed_template(clip, task, self.ctx_init, self.n_ctx)
-        feats = clip.encode_text_embeddings(tpl.splice(self.ctx), tpl.eot, deep_prompts=list(self.deep_text))
-        return feats / feats.norm(dim=-1, keepdim=True)
+        return encode_context(clip, tpl, self.ctx, deep_prompts=list(self.deep_text))
 
     def vision_prompts(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(shallow ``[n_ctx, W_vision]``, deep list) vision prompts coupled from the text prompts."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import Task, prompt_template
+from ..prompts import Task, encode_context, prompt_template
 from .base import FedMethod
 
 OTKind = Literal["cot", "sinkhorn"]
@@ -168,15 +168,7 @@ class OTPrompt(nn.Module):
 
     def text_features(self, clip: FrozenCLIP, task: Task) -> torch.Tensor:
         """Normalised text features ``[N, C, D]`` of every (prompt, class) pair, one batched pass."""
-        tpl = prompt_template(clip, task, self.n_ctx)
-        ctx = self.ctx.to(tpl.prefix.dtype)
-        n, c = ctx.shape[0], tpl.prefix.shape[0]
-        emb = torch.cat([tpl.prefix.unsqueeze(0).expand(n, -1, -1, -1),
-                         ctx.unsqueeze(1).expand(-1, c, -1, -1),
-                         tpl.suffix.unsqueeze(0).expand(n, -1, -1, -1)], dim=2).reshape(n * c, -1, ctx.shape[-1])
-        feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(n))
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        return feats.reshape(n, c, -1)
+        return encode_context(clip, prompt_template(clip, task, self.n_ctx), self.ctx)
 
 
 class FedOTP(FedMethod):

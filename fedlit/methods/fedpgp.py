@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FedlitError
-from ..prompts import Task, handcrafted_features, prompt_template
+from ..prompts import Task, encode_context, handcrafted_features, prompt_template
 from .base import FedMethod
 
 ANCHOR_TEMPLATE = "a photo of a {}."
@@ -71,17 +71,7 @@ class PGPPrompt(nn.Module):
 
 def encode_contexts(clip, task: Task, ctx: torch.Tensor) -> torch.Tensor:
     """Normalised text features ``[M, C, D]`` of ``M`` contexts ``[M, n_ctx, W]`` in one encoder pass."""
-    m, n_ctx = ctx.shape[0], ctx.shape[1]
-    tpl = prompt_template(clip, task, n_ctx)
-    c = tpl.prefix.shape[0]
-    emb = torch.cat([
-        tpl.prefix.unsqueeze(0).expand(m, -1, -1, -1),
-        ctx.to(tpl.prefix.dtype).unsqueeze(1).expand(-1, c, -1, -1),
-        tpl.suffix.unsqueeze(0).expand(m, -1, -1, -1),
-    ], dim=2).reshape(m * c, -1, tpl.prefix.shape[-1])
-    feats = clip.encode_text_embeddings(emb, tpl.eot.repeat(m))
-    feats = feats / feats.norm(dim=-1, keepdim=True)
-    return feats.reshape(m, c, -1)
+    return encode_context(clip, prompt_template(clip, task, ctx.shape[1]), ctx)
 
 
 class FedPGP(FedMethod):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FedlitError
-from ..prompts import Task, handcrafted_features, prompt_template
+from ..prompts import Task, encode_context, handcrafted_features, prompt_template
 from .base import FedMethod
 
 
@@ -168,8 +168,7 @@ class FedTPG(FedMethod):
         tpl = prompt_template(clip, task, self.n_ctx)
         deep = list(ctx[1:]) if self.depth > 1 else None
         first = 0 if self.official_deep_offset else 1
-        feats = clip.encode_text_embeddings(tpl.splice(ctx[0]), tpl.eot, deep_prompts=deep, first_deep_block=first)
-        return feats / feats.norm(dim=-1, keepdim=True)
+        return encode_context(clip, tpl, ctx[0], deep_prompts=deep, first_deep_block=first)
 
     def loss(self, module, x, y, task):
         own, y_own = client_task(module, task, y)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import Task, check_prompt_depth, prompt_template
+from ..prompts import Task, check_prompt_depth, encode_context, prompt_template
 from .base import FedMethod
 
 
@@ -38,8 +38,7 @@ class VLPPrompt(nn.Module):
     def text_features(self, clip: FrozenCLIP, task: Task) -> torch.Tensor:
         tpl = prompt_template(clip, task, self.n_ctx)
         deep = [self.text_ctx[i] for i in range(1, self.depth)]
-        feats = clip.encode_text_embeddings(tpl.splice(self.text_ctx[0]), tpl.eot, deep_prompts=deep)
-        return feats / feats.norm(dim=-1, keepdim=True)
+        return encode_context(clip, tpl, self.text_ctx[0], deep_prompts=deep)
 
     def image_features(self, clip: FrozenCLIP, images: torch.Tensor) -> torch.Tensor:
         deep = [self.vis_ctx[i] for i in range(1, self.depth)]
