@@ -74,7 +74,8 @@ def _orchestrator(args, method):
 
     from fedlit.backbones import load_backbone
     from fedlit.data.federation import FederatedData
-    from fedlit.federation import FedTrainer, Orchestrator
+    from fedlit.orchestrator import Orchestrator
+    from fedlit.trainer import FedTrainer
 
     clip = load_backbone(args.backbone, args.pretrained)
     fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,

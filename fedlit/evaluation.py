@@ -26,7 +26,7 @@ from .data.protocol import relabel
 from .features import FeatureBank
 from .metrics import accuracy, harmonic_mean
 from .methods.base import FedMethod
-from .prompts import Task
+from .data.task import Task
 
 Results = dict[int, dict[str, float]]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write as _atomic_write
 
 #: Bump when anything that changes cached values without changing the key inputs changes (e.g. the resize).
 FORMAT_VERSION = 1
@@ -51,21 +52,6 @@ class _MemoryStore:
 
     def flush(self, force: bool = False) -> None:
         pass
-
-
-def _atomic_write(path: Path, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then ``os.replace`` it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:

@@ -18,7 +18,8 @@ from fedlit.data.federation import FederatedData
 from fedlit.data.registry import TensorImageSplit, get_dataset
 from fedlit.errors import FedlitError
 from fedlit.features import FeatureBank, augment_params
-from fedlit.federation import FedTrainer, Orchestrator
+from fedlit.orchestrator import Orchestrator
+from fedlit.trainer import FedTrainer
 from fedlit.methods import PromptFL
 from fedlit.prompts import Task
 

@@ -11,7 +11,7 @@ import torch
 
 from fedlit.aggregation import fedavg, uniform_mean, weighted_mean
 from fedlit.cli import main
-from fedlit.federation import sample_clients, shard
+from fedlit.rounds import sample_clients, shard
 from fedlit.metrics import harmonic_mean, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,10 +143,9 @@ def test_fedprox_term_has_a_gradient_and_official_flag_has_none():
     for detached, expect_grad in ((False, True), (True, False)):
         m = ClientModule(clip, FedProx(mu=2.0, n_ctx=4, prox_detached=detached))
         g = {k: torch.zeros_like(v) for k, v in m.prompt.state_dict().items()}
-        m.global_state = g
         with torch.no_grad():
             m.prompt.ctx.fill_(0.5)
-        term = m.proximal_term(2.0, detached=detached)
+        term = m.proximal_term(2.0, g, detached=detached)
         # μ/2 · Σ (0.5 − 0)² over n_ctx × width entries
         assert term.item() == pytest.approx(0.5 * 2.0 * 0.25 * m.prompt.ctx.numel(), rel=1e-5)
         m.prompt.ctx.grad = None

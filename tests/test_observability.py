@@ -19,7 +19,8 @@ from fedlit import checkpoint as ckpt
 from fedlit.backbones import load_backbone
 from fedlit.cli import main
 from fedlit.data.federation import FederatedData
-from fedlit.federation import FedTrainer, Orchestrator
+from fedlit.orchestrator import Orchestrator
+from fedlit.trainer import FedTrainer
 from fedlit.methods import PromptFL, ZeroShot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -82,7 +82,7 @@ def test_checkpoint_write_is_atomic_and_loading_checks(tmp_path, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr("fedlit.atomic.os.fsync", disk_full)  # the write itself fails, after the temporary file exists
     with pytest.raises(FedlitError, match="previous checkpoint is intact"):
         ckpt.save(path, ckpt.RunState(round=3, global_state={"ctx": torch.zeros(2, 3)}, personal={}))
     assert path.read_bytes() == before and not (tmp_path / (ckpt.NAME + ".tmp")).exists()

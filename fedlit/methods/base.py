@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +34,13 @@ from torch import nn
 from ..aggregation import fedavg, uniform_mean
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import Task
+from ..data.task import Task
 
 
 @dataclass
 class Update:
-    """What one client returns after its local steps (personal tensors never leave the client's process
-    in a real deployment; in simulation they are kept by the orchestrator's per-client registry)."""
+    """What one client returns after its local steps. Only ``shared`` (and the numbers) reach the server in a
+    real deployment; ``personal`` and ``optim`` stay with the client (:class:`fedlit.rounds.ClientState`)."""
 
     cid: int
     shared: dict[str, torch.Tensor]
@@ -49,7 +49,13 @@ class Update:
     loss: float
     steps: int = 0
     error: str | None = None
-    extra: dict = field(default_factory=dict)
+    #: the client's optimiser state / schedule step after this round (``None``: the method keeps none)
+    optim: dict[str, torch.Tensor] | None = None
+    #: the learning rate the client used this round (per-client schedules)
+    lr: float | None = None
+    #: what the server sent this client this round (filled in by the round protocol before ``aggregate``;
+    #: pFedPG's server step needs it)
+    sent: dict[str, torch.Tensor] | None = None
 
     @property
     def ok(self) -> bool:
@@ -140,8 +146,10 @@ class FedMethod:
             return x[:, 0]
         return x
 
-    def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
-        """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`."""
+    def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task,
+             classes: Sequence[int] | None = None) -> torch.Tensor:
+        """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`, ``task`` the class list
+        the client trains among and ``classes`` the positions in it of the classes the client holds."""
         return F.cross_entropy(module(x, task).float(), y)
 
     # ----------------------------------------------------------------------------- local optimisation
@@ -165,8 +173,14 @@ class FedMethod:
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The shared tensors the server sends to client ``cid`` this round."""
+        """The shared tensors the server sends to client ``cid`` this round (its *payload*; what a client keeps
+        between rounds is :class:`fedlit.rounds.ClientState`)."""
         return global_state
+
+    @property
+    def client_specific(self) -> bool:
+        """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG)."""
+        return type(self).client_state is not FedMethod.client_state
 
     def server_state_dict(self) -> dict[str, torch.Tensor]:
         """Server-side trainable state beyond the shared tensors (pFedPG's generator), for checkpoints."""
