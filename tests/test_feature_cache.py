@@ -20,7 +20,7 @@ from fedlit.errors import FedlitError
 from fedlit.features import FeatureBank, augment_params
 from fedlit.orchestrator import Orchestrator
 from fedlit.trainer import FedTrainer
-from fedlit.methods import PromptFL
+from fedlit.methods.promptfl import PromptFL
 from fedlit.prompts import Task
 
 ROWS = np.array([5, 3, 3, 100, 7, 191])

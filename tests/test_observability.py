@@ -21,7 +21,8 @@ from fedlit.cli import main
 from fedlit.data.federation import FederatedData
 from fedlit.orchestrator import Orchestrator
 from fedlit.trainer import FedTrainer
-from fedlit.methods import PromptFL, ZeroShot
+from fedlit.methods.promptfl import PromptFL
+from fedlit.methods.zeroshot import ZeroShot
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -62,6 +62,10 @@ class Update:
         return self.error is None
 
 
+#: short name → method class: every subclass of :class:`FedMethod` that sets its own ``name``
+METHODS: dict[str, type[FedMethod]] = {}
+
+
 class FedMethod:
     """Base class of every method.
 
@@ -98,6 +102,15 @@ class FedMethod:
     #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
     lr_schedule: str = "constant"
     schedule_rounds: int = 500
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            other = METHODS.get(cls.name)
+            if other is not None and other.__qualname__ != cls.__qualname__:
+                raise FedlitError(f"method name '{cls.name}' is taken by {other.__module__}.{other.__qualname__}")
+            METHODS[cls.name] = cls
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         self.lr = lr
