@@ -68,10 +68,10 @@ def cmd_list(what: str) -> int:
 
 
 def cmd_plot(argv: list[str]) -> int:
-    """``fedlit plot RUN_DIR… --out DIR``: PNGs of finished runs (see :mod:`fedlit.plot`)."""
+    """``fedlit plot RUN_DIR… --out DIR``: PNGs of finished runs (see :mod:`fedlit.apps.plot`)."""
     from jsonargparse import ArgumentError, ArgumentParser
 
-    from .plot import plot_runs
+    from .apps.plot import plot_runs
 
     p = ArgumentParser(prog="fedlit plot", exit_on_error=False,
                        description="Plot finished runs: accuracy vs round, per-client bars, methods compared.")
@@ -87,10 +87,10 @@ def cmd_plot(argv: list[str]) -> int:
 
 
 def cmd_summarize(argv: list[str]) -> int:
-    """``fedlit summarize RUN_DIR… [--out PREFIX] [--paper NAME]``: mean ± std table (see :mod:`fedlit.summarize`)."""
+    """``fedlit summarize RUN_DIR… [--out PREFIX] [--paper NAME]``: mean ± std table (see :mod:`fedlit.apps.summarize`)."""
     from jsonargparse import ArgumentError, ArgumentParser
 
-    from .summarize import PAPER_CHOICES, summarize
+    from .apps.summarize import PAPER_CHOICES, summarize
 
     p = ArgumentParser(prog="fedlit summarize", exit_on_error=False,
                        description="Mean ± std over seeds of finished runs, with the paper's numbers beside ours.")

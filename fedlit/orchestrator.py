@@ -275,7 +275,7 @@ class Orchestrator:
         if self.logger is None:
             return
         try:
-            from .plot import per_client_figure
+            from .figures import per_client_figure
 
             fig = per_client_figure(per_client, f"{self.method.name}, round {step}")
         except (ImportError, FedlitError):  # matplotlib missing: scalars only

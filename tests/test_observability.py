@@ -167,7 +167,7 @@ def test_fedlit_plot_without_finished_runs_is_a_one_line_error(tmp_path, capsys)
 
 
 def test_figures_skip_metrics_a_method_does_not_have():
-    from fedlit.plot import methods_figure, per_client_figure
+    from fedlit.apps.plot import methods_figure, per_client_figure
 
     fig = per_client_figure({"0": {"local": 50.0, "base": 40.0, "hm": 44.4}, "1": {"local": 70.0, "base": 40.0, "hm": 50.9}})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

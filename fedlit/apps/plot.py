@@ -17,53 +17,10 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import FedlitError
-
-METRICS = ("local", "base", "novel", "hm")
-LABELS = {"local": "Local", "base": "Base", "novel": "Novel", "hm": "HM"}
-COLORS = {"local": "#4C72B0", "base": "#55A868", "novel": "#C44E52", "hm": "#8172B2"}
-
-
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib ships with the test extra
-        raise FedlitError("plotting needs matplotlib; install it with `pip install matplotlib`") from None
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _present(rows, metrics=METRICS) -> list[str]:
-    """Metrics that at least one row holds as a finite number (pFedPG/VPT have no Novel)."""
-    return [m for m in metrics if any(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for r in rows)]
-
-
-def per_client_figure(per_client: dict, title: str = "per-client accuracy"):
-    """Grouped bars: for every client its Local / Base / Novel accuracy (percent)."""
-    clients = sorted(per_client, key=lambda c: int(c))
-    rows = [per_client[c] for c in clients]
-    metrics = _present(rows, ("local", "base", "novel"))
-    # width capped at 40 in (4,000 px): with 1,000 clients an uncapped canvas (90,000 px) cost ~800 MB of peak memory
-    fig = _figure(min(max(4.0, 0.9 * len(clients) + 2.0), 40.0), 3.2)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(len(metrics), 1)
-    for j, m in enumerate(metrics):
-        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(clients))]
-        ax.bar(xs, [r.get(m, float("nan")) for r in rows], width, label=LABELS[m], color=COLORS[m])
-    every = max(1, len(clients) // 40)  # at most ~40 client labels
-    ax.set_xticks(range(0, len(clients), every))
-    ax.set_xticklabels([str(int(c)) for c in clients[::every]])
-    ax.set_xlabel("client")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    if metrics:
-        ax.legend(loc="upper right", ncols=len(metrics), fontsize="small")
-    fig.tight_layout()
-    return fig
+from ..errors import FedlitError
+from ..figures import COLORS, LABELS, METRICS, per_client_figure  # noqa: F401  (the library's, re-exported)
+from ..figures import figure as _figure
+from ..figures import present as _present
 
 
 def accuracy_figure(runs: list[dict]):
