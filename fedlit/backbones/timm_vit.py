@@ -263,7 +263,8 @@ def _hub_file(name: str, cfg: dict) -> str:
     from huggingface_hub import constants as hf_constants
     from huggingface_hub import hf_hub_download
 
-    from fedlit.backbones import _quiet, _socket_timeout
+    from fedlit.backbones.files import quiet as _quiet
+    from fedlit.backbones.files import socket_timeout as _socket_timeout
 
     repo = cfg.get("hf_hub_id")
     fix = "download the weights elsewhere and pass `--backbone.pretrained /path/to/weights.safetensors`"
@@ -296,7 +297,7 @@ def _hub_file(name: str, cfg: dict) -> str:
 
 
 def _load_file(vit: nn.Module, name: str, path: str) -> None:
-    from fedlit.backbones import read_state_dict
+    from fedlit.backbones.files import read_state_dict
 
     p = Path(path)
     if p.suffix == ".npz":  # an original Google JAX checkpoint; numpy.load(allow_pickle=False) inside timm
