@@ -3,7 +3,8 @@
 Adding a method is one file here (a :class:`FedMethod` subclass with its own ``name``) and one config: a subclass
 registers itself under its ``name`` when its module is imported (``FedMethod.__init_subclass__``), and the first
 lookup imports every module of this package (they depend on torch only, so this is cheap). A method defined
-elsewhere (a notebook, a test, a plug-in) is found once its module is imported.
+elsewhere (a notebook, a test, a plug-in) is found once its module is imported. ``fedlit.methods.<ClassName>`` also
+resolves every registered method (the class paths configs use).
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def class_path(name: str) -> str:
 
 def list_methods() -> list[str]:
     return sorted(_discover())
+
+
+def __getattr__(attr: str) -> type[FedMethod]:
+    """``fedlit.methods.<ClassName>`` (configs write ``class_path: fedlit.methods.PromptFL``): any registered method."""
+    for cls in _discover().values():
+        if cls.__name__ == attr:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 __all__ = ["FedMethod", "Update", "METHODS", "method_class", "class_path", "list_methods"]
