@@ -64,7 +64,7 @@ class Orchestrator:
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed)
-        self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,
+        self.evaluator = Evaluator(federation, method, self.module, self.bank, self.load_client_model,
                                    trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()
         self.init_personal = personal  # every client starts from the same initial personal tensors
@@ -241,7 +241,7 @@ class Orchestrator:
             out["per_group"] = per_group
         return out
 
-    def _client_model(self, cid: int | None) -> None:
+    def load_client_model(self, cid: int | None) -> None:
         """Load client ``cid``'s model (``None``: the global model with initial personal state)."""
         sent = self.global_state if cid is None else self.protocol.payload(cid)
         personal = (None if cid is None else self.protocol.state_of(cid).personal) or self.init_personal
