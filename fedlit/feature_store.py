@@ -1,5 +1,14 @@
 """Where cached frozen features live (:mod:`fedlit.features`): one in-memory tensor per split, or one memory-mapped
-``.npy`` per split on disk with a CRC-checked index of filled rows (file format in :mod:`fedlit.features`)."""
+``.npy`` per split on disk with a CRC-checked index of filled rows (what a cache directory's name digests is in
+:mod:`fedlit.features`).
+
+Files of one cache directory: ``data.npy`` (float32 ``[N, *row_shape]``, created once — written as a temporary
+file then ``os.replace``-d), ``index.npy`` (int64 ``[N]``: bit 32 set = row filled, low 32 bits = the row's
+CRC-32; rewritten atomically, after the rows it claims were flushed) and ``meta.json``. A crash can leave rows
+written but unclaimed (re-encoded next time), never a claimed row that was not written; a row whose bytes do not
+match its CRC (a damaged file) is re-encoded; an unreadable or truncated file is discarded and rebuilt. Creation
+and index updates hold an exclusive ``flock`` on ``<dir>.lock``, so two processes can fill one cache.
+"""
 
 from __future__ import annotations
 

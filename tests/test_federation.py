@@ -12,7 +12,8 @@ import torch
 from fedlit.aggregation import fedavg, uniform_mean, weighted_mean
 from fedlit.cli import main
 from fedlit.rounds import sample_clients, shard
-from fedlit.metrics import harmonic_mean, summarize
+from fedlit.evaluation import mean_with_hm
+from fedlit.metrics import harmonic_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -45,7 +46,7 @@ def test_harmonic_mean_matches_fedpgp_average_row():
 
 def test_summarize_means_over_clients_then_hm():
     per = {0: {"local": 80.0, "base": 60.0, "novel": 40.0}, 1: {"local": 100.0, "base": 60.0, "novel": 60.0}}
-    s = summarize(per)
+    s = mean_with_hm(list(per.values()))
     assert s["local"] == 90.0 and s["base"] == 60.0 and s["novel"] == 50.0
     assert s["hm"] == pytest.approx(3 / (1 / 90 + 1 / 60 + 1 / 50))
 
