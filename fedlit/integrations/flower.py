@@ -62,6 +62,7 @@ import torch
 from .. import experiment
 from ..errors import FedlitError
 from ..methods.base import Update
+from ..rounds import ClientState
 from .flower_records import (  # noqa: F401  (re-exported: the generated app, flower_deploy and tests use them)
     _RUNTIMES,
     CONFIG_KEY,
@@ -75,7 +76,6 @@ from .flower_records import (  # noqa: F401  (re-exported: the generated app, fl
     TIMEOUT_KEY,
     ArrayRecord,
     ClientApp,
-    ClientState,
     ConfigRecord,
     Context,
     Grid,
@@ -86,14 +86,14 @@ from .flower_records import (  # noqa: F401  (re-exported: the generated app, fl
     Runtime,
     ServerApp,
     Strategy,
-    _partition,
-    _restore_clients,
     build_runtime,
     discover_partitions,
     flwr,
     from_record,
     hosted_clients,
     node_runtime,
+    partition_of,
+    restore_clients,
     tensor_bytes,
     to_record,
 )
@@ -106,7 +106,7 @@ client_app = ClientApp()
 @client_app.query()
 def client_query(msg: Message, context: Context) -> Message:
     """Which partition this SuperNode is (the server maps fedlit clients to nodes with it)."""
-    pid, n = _partition(context)
+    pid, n = partition_of(context)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
 
 
@@ -114,7 +114,7 @@ def _instruction(msg: Message, context: Context) -> tuple[Runtime, int, list[int
     rt = node_runtime(str(context.run_config[CONFIG_KEY]))
     cfg = msg.content.config_records["config"]
     rnd, cids = int(cfg["fedlit-round"]), [int(c) for c in cfg["cids"]]
-    pid, n = _partition(context)
+    pid, n = partition_of(context)
     foreign = [c for c in cids if c % n != pid]
     if foreign:
         raise FedlitError(f"SuperNode partition {pid}/{n} was sent clients {foreign} it does not host; every "
@@ -130,7 +130,7 @@ def client_train(msg: Message, context: Context) -> Message:
     received = {cid: from_record(msg.content.array_records[f"client.{cid}"]) for cid in cids}
     reply = RecordDict()
     for cid in cids:
-        _restore_clients(orch.protocol, context, [cid])
+        restore_clients(orch.protocol, context, [cid])
         update = orch.safe_update(cid, rnd, received[cid])
         metrics = {"num-examples": int(update.num_samples), "loss": float(update.loss), "steps": int(update.steps)}
         if update.lr is not None:  # the client's learning rate this round (per-client schedules)
@@ -158,7 +158,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     arrays = msg.content.array_records
     orch.protocol.receive(from_record(arrays["global"]), {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
                                                           if f"client.{cid}" in arrays})
-    _restore_clients(orch.protocol, context, cids)
+    restore_clients(orch.protocol, context, cids)
     per_client = orch.evaluate_clients(cids)
     reply = RecordDict({f"eval.{cid}": MetricRecord({k: float(v) for k, v in res.items()})
                         for cid, res in sorted(per_client.items())})

@@ -101,7 +101,7 @@ def hosted_clients(partition: int, num_partitions: int, num_clients: int) -> lis
     return shard(list(range(num_clients)), partition, num_partitions)
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def partition_of(context: Context) -> tuple[int, int]:
     nc = context.node_config
     if "partition-id" not in nc or "num-partitions" not in nc:
         raise FedlitError("this SuperNode has no partition: start it with "
@@ -109,7 +109,7 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(nc["partition-id"]), int(nc["num-partitions"])
 
 
-def _restore_clients(protocol: RoundProtocol, context: Context, cids: list[int]) -> None:
+def restore_clients(protocol: RoundProtocol, context: Context, cids: list[int]) -> None:
     """Load each hosted client's :class:`ClientState` (personal tensors, optimiser state) from ``Context.state``."""
     for cid in cids:
         recs = [context.state.array_records.get(f"{prefix}{cid}") for prefix in (PERSONAL_PREFIX, OPTIM_PREFIX)]
