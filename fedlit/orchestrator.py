@@ -105,9 +105,12 @@ class Orchestrator:
         """The protocol's clients and payloads → my shard's local updates → all updates → aggregation → logs."""
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
-        updates = self._gather([self.safe_update(cid, rnd, sent[cid]) for cid in mine])
-        updates = self.protocol.aggregate(updates)
+        updates = self.apply(self._gather([self.safe_update(cid, rnd, sent[cid]) for cid in mine]))
         self.log_round(rnd, list(sent), updates)
+
+    def apply(self, updates: list[Update]) -> list[Update]:
+        """The round's updates into the global state and the clients' states (:meth:`RoundProtocol.aggregate`)."""
+        return self.protocol.aggregate(updates)
 
     def open_run(self, run_dir: str | Path, start: int = 0) -> None:
         """Where the run writes (``results.json``, TensorBoard on rank 0); ``start`` rounds are already done."""
@@ -149,7 +152,7 @@ class Orchestrator:
         return state.round
 
     # ------------------------------------------------------------------------------------ one client
-    def safe_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor]) -> Update:
+    def safe_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None) -> Update:
         """:meth:`local_update`, with a raising client turned into a failed update (``on_client_failure``)."""
         ckpt.fault_point(f"client:{rnd + 1}:{cid}")
         try:
@@ -161,9 +164,11 @@ class Orchestrator:
         self.protocol.check([update], rnd)
         return update
 
-    def local_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor]) -> Update:
-        """Load (``sent`` ∪ the client's personal state) → ``local_epochs`` passes over its data → an Update."""
+    def local_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None) -> Update:
+        """Load (``sent`` ∪ the client's personal state) → ``local_epochs`` passes over its data → an Update.
+        ``sent``: what the server sent the client this round (default: the protocol's payload for it)."""
         client, m, cfg, dev = self.fed.clients[cid], self.module, self.cfg, self.fabric.device
+        sent = self.protocol.payload(cid) if sent is None else sent
         own = self.protocol.state_of(cid)
         m.load_prompt_state(sent, own.personal or self.init_personal)
         received = {k: v.to(dev) for k, v in sent.items()}

@@ -141,9 +141,9 @@ class RoundProtocol:
                 print("warning: no client of this round succeeded; the global state stays as it was", file=sys.stderr)
         if not ok:
             return updates
-        for u in ok:
+        for u in ok:  # what each client was sent (unchanged since: the global state moves only here)
             if u.sent is None:
-                u.sent = self.sent.get(u.cid)
+                u.sent = self.sent[u.cid] if u.cid in self.sent else self.payload(u.cid)
         self.global_state = self.method.aggregate(ok, self.global_state)
         for u in ok:
             self.clients[u.cid] = self.state_of(u.cid).after(u)

@@ -54,6 +54,7 @@ Not supported over Flower: resuming (the personal state lives on the SuperNodes;
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -64,7 +65,6 @@ from ..errors import FedlitError
 from ..methods.base import Update
 from ..rounds import ClientState
 from .flower_records import (  # noqa: F401  (re-exported: the generated app, flower_deploy and tests use them)
-    _RUNTIMES,
     CONFIG_KEY,
     FLOWER_ARGS,
     FLWR_MIN,
@@ -91,12 +91,27 @@ from .flower_records import (  # noqa: F401  (re-exported: the generated app, fl
     flwr,
     from_record,
     hosted_clients,
-    node_runtime,
     partition_of,
     restore_clients,
     tensor_bytes,
     to_record,
 )
+
+
+# ============================================================================================ the runtime
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def node_runtime(config_text: str) -> Runtime:
+    """The SuperNode's runtime for a config, built once per process (backbone, data, features cached) and reused
+    for every message of the run. (Flower's deployment runtime starts one ``flwr-clientapp`` process per
+    message, so there the cache lives as long as that message; runtimes that keep the ClientApp process
+    alive between messages reuse it.)"""
+    key = hashlib.sha256(config_text.encode()).hexdigest()
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one run at a time per process: drop the previous backbone
+        _RUNTIMES[key] = build_runtime(config_text)
+    return _RUNTIMES[key]
 
 
 # ============================================================================================ ClientApp

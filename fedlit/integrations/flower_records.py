@@ -1,10 +1,9 @@
 """Flower plumbing of the fedlit apps (:mod:`fedlit.integrations.flower`): the Flower import guard, the run-config
-keys, tensors ⇄ ``ArrayRecord``, the per-process runtime (everything ``fedlit fit`` builds, built the same way),
-which clients a SuperNode hosts, and SuperNode discovery."""
+keys, tensors ⇄ ``ArrayRecord``, the runtime (everything ``fedlit fit`` builds, built the same way), which
+clients a SuperNode hosts, and SuperNode discovery."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -79,21 +78,6 @@ def build_runtime(config_text: str) -> Runtime:
                           f"uses one process per SuperNode; scale out with more SuperNodes (--supernodes)")
     orch, identity = experiment.build(parser, cfg, init)
     return Runtime(parser, cfg, init, orch, identity)
-
-
-_RUNTIMES: dict[str, Runtime] = {}
-
-
-def node_runtime(config_text: str) -> Runtime:
-    """The SuperNode's runtime for a config, built once per process (backbone, data, features cached) and reused
-    for every message of the run. (Flower's deployment runtime starts one ``flwr-clientapp`` process per
-    message, so there the cache lives as long as that message; runtimes that keep the ClientApp process
-    alive between messages reuse it.)"""
-    key = hashlib.sha256(config_text.encode()).hexdigest()
-    if key not in _RUNTIMES:
-        _RUNTIMES.clear()  # one run at a time per process: drop the previous backbone
-        _RUNTIMES[key] = build_runtime(config_text)
-    return _RUNTIMES[key]
 
 
 def hosted_clients(partition: int, num_partitions: int, num_clients: int) -> list[int]:
