@@ -30,7 +30,7 @@ def present(rows, metrics=METRICS) -> list[str]:
     return [m for m in metrics if any(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for r in rows)]
 
 
-def per_clientfigure(per_client: dict, title: str = "per-client accuracy"):
+def per_client_figure(per_client: dict, title: str = "per-client accuracy"):
     """Grouped bars: for every client its Local / Base / Novel accuracy (percent)."""
     clients = sorted(per_client, key=lambda c: int(c))
     rows = [per_client[c] for c in clients]

@@ -30,6 +30,7 @@ from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
+from .figures import per_client_figure
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
 from .rounds import ClientState, RoundProtocol, shard
@@ -280,10 +281,8 @@ class Orchestrator:
         if self.logger is None:
             return
         try:
-            from .figures import per_client_figure
-
             fig = per_client_figure(per_client, f"{self.method.name}, round {step}")
-        except (ImportError, FedlitError):  # matplotlib missing: scalars only
+        except FedlitError:  # matplotlib missing: scalars only
             return
         self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
