@@ -52,7 +52,7 @@ DATASETS ?= oxford_pets oxford_flowers dtd caltech101 food101
 ROUNDS ?=
 FIT_ARGS ?=
 reproduce-table1: $(STAMP)
-	$(PY) -m fedlit.table1 --backbone $(BACKBONE) --seeds $(SEEDS) --methods $(METHODS) --datasets $(DATASETS) \
+	$(PY) -m fedlit.apps.table1 --backbone $(BACKBONE) --seeds $(SEEDS) --methods $(METHODS) --datasets $(DATASETS) \
 		$(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(FIT_ARGS),--fit_args="$(FIT_ARGS)") --out results
 
 clean:

@@ -109,7 +109,8 @@ def _orchestrator(args, method):
 
     from fedlit.backbones import load_backbone
     from fedlit.data.federation import FederatedData
-    from fedlit.federation import FedTrainer, Orchestrator
+    from fedlit.orchestrator import Orchestrator
+    from fedlit.trainer import FedTrainer
 
     clip = load_backbone(args.backbone, args.pretrained)
     fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,
@@ -124,29 +125,27 @@ def _orchestrator(args, method):
 
 
 def _client_setup(orch, m, cid: int, rnd: int):
-    """What :meth:`Orchestrator.local_update` does before the steps (shared by the naive path and the floor)."""
+    """What :meth:`Orchestrator.local_update` does before the steps (shared by the naive path and the floor):
+    returns (client, task, classes, what the server sent it)."""
     client = orch.fed.clients[cid]
-    sent = orch.method.client_state(cid, orch.global_state)
-    m.load_prompt_state(sent, orch.personal.get(cid, orch.init_personal))
-    m.global_state = {k: v.clone() for k, v in sent.items()}
-    m.task, m.cid, m.round = orch.fed.task_of(cid), cid, rnd
-    pos = {name: i for i, name in enumerate(m.task.classnames)}
-    m.client_classes = [pos[orch.fed.data.classnames[c]] for c in client.classes]
+    sent = orch.protocol.payload(cid)
+    m.load_prompt_state(sent, orch.protocol.state_of(cid).personal or orch.init_personal)
+    task = orch.fed.task_of(cid)
+    pos = {name: i for i, name in enumerate(task.classnames)}
+    classes = [pos[orch.fed.data.classnames[c]] for c in client.classes]
     m.train()
-    return client
+    return client, task, classes, {k: v.clone() for k, v in sent.items()}
 
 
 def _optimizer_for(orch, m, cid: int):
     """The client's optimiser for module ``m``, built by the orchestrator's own rule (fresh, or restored from the
-    client's persistent state with its scheduled lr) -> (optimizer, tracked state or None)."""
-    if not hasattr(orch, "_client_optimizer"):
-        return m.configure_optimizers(), None
+    client's persistent state with its scheduled lr) -> (optimizer, tracked)."""
     saved, orch.module = orch.module, m
     try:
-        opt, state, _ = orch._client_optimizer(cid)
+        opt, tracked, _ = orch._client_optimizer(orch.protocol.state_of(cid))
     finally:
         orch.module = saved
-    return opt, state
+    return opt, tracked
 
 
 def _naive_round(orch, rnd: int) -> None:
@@ -156,8 +155,8 @@ def _naive_round(orch, rnd: int) -> None:
     updates = []
     for cid in range(len(orch.fed.clients)):
         m = copy.deepcopy(orch.module)  # per-client model copy (backbone included)
-        client = _client_setup(orch, m, cid, rnd)
-        opt, state = _optimizer_for(orch, m, cid)
+        client, task, classes, sent = _client_setup(orch, m, cid, rnd)
+        opt, tracked = _optimizer_for(orch, m, cid)
         y = torch.as_tensor(client.train_y)
         losses, step = [], 0
         for epoch in range(orch.cfg.local_epochs):
@@ -167,20 +166,21 @@ def _naive_round(orch, rnd: int) -> None:
                 x = orch.bank.images("train", client.train_idx[rows])
                 with torch.no_grad():
                     feats = m.clip.encode_image(x)  # frozen work, repeated every step
-                loss = m.training_step((feats, y[rows]), step)
+                loss = m.training_step((feats, y[rows]), step, task, classes, sent)
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
                 losses.append(loss.item())
                 step += 1
         shared, personal = m.export()
-        extra = {}
-        if state is not None:  # per-client optimiser state / schedule step, kept as fedlit keeps it (FedTPG)
+        optim = None
+        if tracked:  # per-client optimiser state / schedule step, kept as fedlit keeps it (FedTPG)
             from fedlit.client import optimizer_state_tensors
 
-            extra["optim"] = {**(optimizer_state_tensors(opt) if orch.method.persistent_optimizer else {}),
-                              "participations": state.get("participations", torch.tensor(0)) + 1}
-        updates.append(Update(cid, shared, personal, client.num_samples, float(np.mean(losses)), step, extra=extra))
+            own = orch.protocol.state_of(cid).optim
+            optim = {**(optimizer_state_tensors(opt) if orch.method.persistent_optimizer else {}),
+                     "participations": own.get("participations", torch.tensor(0)) + 1}
+        updates.append(Update(cid, shared, personal, client.num_samples, float(np.mean(losses)), step, optim=optim))
     orch.apply(updates)
 
 
@@ -188,15 +188,14 @@ def _floor_round(orch, mode: str = "new") -> tuple[float, int]:
     """Per local step, one forward+backward of the method's text side over the classes the client trains
     among (FedTPG: its own classes), on the live module, with the ``old`` or ``new`` text pass (see
     :func:`text_mode`); returns (seconds, steps)."""
-    from fedlit.methods.fedtpg import client_task
+    from fedlit.data.task import client_task
 
     m, method, clip = orch.module, orch.method, orch.clip
     steps, t = 0, 0.0
     for cid in range(len(orch.fed.clients)):
-        client = _client_setup(orch, m, cid, 0)
-        task = m.task
+        client, task, classes, _ = _client_setup(orch, m, cid, 0)
         if method.name == "fedtpg":
-            task = client_task(m, m.task, torch.as_tensor(client.train_y))[0]
+            task = client_task(task, classes, torch.as_tensor(client.train_y))[0]
         n_steps = -(-client.num_samples // orch.cfg.batch_size) * orch.cfg.local_epochs
         t0 = time.perf_counter()
         with text_mode(clip, mode):

@@ -174,8 +174,10 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     import lightning as L
 
     from fedlit.data.federation import FederatedData
-    from fedlit.federation import FedTrainer, Orchestrator
-    from fedlit.methods.fedtpg import FedTPG, client_task
+    from fedlit.data.task import client_task
+    from fedlit.methods.fedtpg import FedTPG
+    from fedlit.orchestrator import Orchestrator
+    from fedlit.trainer import FedTrainer
 
     counts = TINY_CLASSES if args.tiny else FEDTPG_CLASSES
     cpc, shots = (4, 2) if args.tiny else (20, 8)
@@ -207,11 +209,9 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     m = orch.module
     text_flops = 0
     for c in fed.clients:
-        m.client_classes = None
         task = fed.task_of(c.cid)
         pos = {name: i for i, name in enumerate(task.classnames)}
-        m.client_classes = [pos[fed.data.classnames[k]] for k in c.classes]
-        own = client_task(m, task, torch.as_tensor(c.train_y))[0]
+        own = client_task(task, [pos[fed.data.classnames[k]] for k in c.classes], torch.as_tensor(c.train_y))[0]
 
         def step(own=own):
             with fabric.autocast():

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _to_bytes
 
+from .atomic import atomic_write
 from .errors import FedlitError
 
 FORMAT = 1
@@ -59,17 +61,13 @@ def _flatten(state: RunState) -> dict[str, torch.Tensor]:
 def save(path: str | Path, state: RunState) -> None:
     """Atomically write ``state`` to ``path``; on any failure the previous file is untouched."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"format": FORMAT, "round": state.round, "history": state.history, "identity": state.identity,
             "extra": state.extra}
+    data = _to_bytes(_flatten(state), metadata={"fedlit": json.dumps(meta, allow_nan=True)})
     try:
-        save_file(_flatten(state), str(tmp), metadata={"fedlit": json.dumps(meta, allow_nan=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        fault_point(f"checkpoint-write:{state.round}")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data), unique=False,
+                     before_replace=lambda: fault_point(f"checkpoint-write:{state.round}"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FedlitError(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint is "
                           f"intact — free disk space or choose another --out_dir, then rerun to resume") from None
 

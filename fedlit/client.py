@@ -8,16 +8,27 @@ which the orchestrator loads into this module (:meth:`load_prompt_state`), train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import torch
 
 from .backbones import FrozenCLIP
+from .data.task import Task
 from .methods.base import FedMethod
-from .prompts import Task
 
 
 class ClientModule(L.LightningModule):
     """Frozen CLIP + a method's prompt component.
+
+    Why a LightningModule whose hooks are called by hand: Lightning's ``Trainer``/``fabric.fit`` loop owns one
+    model and one dataloader per run, while a federation trains *many* clients through *one* module, each for a
+    few steps on cached features, with per-client state swapped in and out between them. So the orchestrator
+    runs the local loop itself with Fabric's primitives (``fabric.autocast``, ``fabric.backward``,
+    ``fabric.setup_optimizers``, ``fabric.launch``/collectives, Fabric's TensorBoard logger) and this module keeps
+    Lightning's vocabulary (``forward``, ``training_step``, ``configure_optimizers``) so the method reads as
+    Lightning code. It is never wrapped by ``fabric.setup`` (no DDP: different processes train different
+    clients). Everything a training step depends on besides the batch is passed to it as an argument.
 
     Args:
         clip: the frozen backbone (shared, never copied).
@@ -29,12 +40,6 @@ class ClientModule(L.LightningModule):
         self.clip = clip
         self.method = method
         self.prompt = method.build(clip)
-        self.task: Task | None = None  # the class list the current client trains among
-        self.cid: int | None = None  # the client currently loaded, and the round (for hooks and logging)
-        self.round: int = 0
-        # positions in ``task`` of the classes the current client holds (FedTPG trains among these only)
-        self.client_classes: list[int] | None = None
-        self.global_state: dict[str, torch.Tensor] = {}  # snapshot received this round (FedProx & co.)
 
     # ------------------------------------------------------------------ state in / out
     def prompt_state(self) -> dict[str, torch.Tensor]:
@@ -68,22 +73,25 @@ class ClientModule(L.LightningModule):
     def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
         return self.method.logits(self.prompt, self.clip, x, task)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int, task: Task, classes: Sequence[int] | None = None,
+                      received: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The local loss of one batch: the client trains among ``task`` and holds the classes at positions
+        ``classes`` of it; ``received`` is what the server sent it this round (FedProx's anchor)."""
         x, y = batch
-        loss = self.method.loss(self, x, y, self.task)
+        loss = self.method.loss(self, x, y, task, classes=classes)
         if self.method.prox_mu > 0:
-            loss = loss + self.proximal_term(self.method.prox_mu, detached=self.method.prox_detached)
+            loss = loss + self.proximal_term(self.method.prox_mu, received or {}, detached=self.method.prox_detached)
         return loss
 
-    def proximal_term(self, mu: float, detached: bool = False) -> torch.Tensor:
-        """FedProx: ``μ/2 · Σ_k ‖θ_k − θ_k^global‖²`` over the shared tensors received this round.
+    def proximal_term(self, mu: float, received: dict[str, torch.Tensor], detached: bool = False) -> torch.Tensor:
+        """FedProx: ``μ/2 · Σ_k ‖θ_k − θ_k^global‖²`` over the shared tensors ``received`` this round.
 
         On the live parameters, so it has a gradient ``μ(θ − θ_global)``; ``detached=True`` reproduces the
         official FedOTP-codebase term computed from ``state_dict()`` (no gradient, spec §4.6).
         """
         params = dict(self.prompt.named_parameters()) if self.prompt is not None else {}
         term = torch.zeros((), device=self.device)
-        for k, g in self.global_state.items():
+        for k, g in received.items():
             if k in params:
                 p = params[k].detach() if detached else params[k]
                 term = term + (p.float() - g.to(p.device).float()).pow(2).sum()

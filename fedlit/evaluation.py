@@ -26,7 +26,7 @@ from .data.protocol import relabel
 from .features import FeatureBank
 from .metrics import accuracy, harmonic_mean
 from .methods.base import FedMethod
-from .prompts import Task
+from .data.task import Task
 
 Results = dict[int, dict[str, float]]
 
@@ -152,12 +152,13 @@ def summarize_clients(per_client: dict[int, dict[str, float]], fed: Federation) 
     by_group: dict[str, list[dict]] = {}
     for cid, res in sorted(per_client.items()):
         by_group.setdefault(fed.clients[cid].group, []).append(res)
-    per_group = {g: _mean_with_hm(rs) for g, rs in by_group.items()}
-    mean = _mean_with_hm(list(per_group.values()))
+    per_group = {g: mean_with_hm(rs) for g, rs in by_group.items()}
+    mean = mean_with_hm(list(per_group.values()))
     return mean, (per_group if len(per_group) > 1 else {})
 
 
-def _mean_with_hm(rows: list[dict]) -> dict[str, float]:
+def mean_with_hm(rows: list[dict]) -> dict[str, float]:
+    """Mean over rows (clients or groups) of each metric present (NaN skipped), plus ``hm`` of Local/Base/Novel."""
     keys = [k for k in ("local", "base", "novel") if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("acc/")})
     out: dict[str, float] = {}
@@ -171,4 +172,4 @@ def _mean_with_hm(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-__all__ = ["Evaluator", "summarize_clients"]
+__all__ = ["Evaluator", "mean_with_hm", "summarize_clients"]

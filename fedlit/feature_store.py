@@ -1,5 +1,14 @@
 """Where cached frozen features live (:mod:`fedlit.features`): one in-memory tensor per split, or one memory-mapped
-``.npy`` per split on disk with a CRC-checked index of filled rows (file format in :mod:`fedlit.features`)."""
+``.npy`` per split on disk with a CRC-checked index of filled rows (what a cache directory's name digests is in
+:mod:`fedlit.features`).
+
+Files of one cache directory: ``data.npy`` (float32 ``[N, *row_shape]``, created once — written as a temporary
+file then ``os.replace``-d), ``index.npy`` (int64 ``[N]``: bit 32 set = row filled, low 32 bits = the row's
+CRC-32; rewritten atomically, after the rows it claims were flushed) and ``meta.json``. A crash can leave rows
+written but unclaimed (re-encoded next time), never a claimed row that was not written; a row whose bytes do not
+match its CRC (a damaged file) is re-encoded; an unreadable or truncated file is discarded and rebuilt. Creation
+and index updates hold an exclusive ``flock`` on ``<dir>.lock``, so two processes can fill one cache.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write as _atomic_write
 
 #: Bump when anything that changes cached values without changing the key inputs changes (e.g. the resize).
 FORMAT_VERSION = 2  # 2: rows encoded in fixed blocks (features.block_layout)
@@ -51,21 +61,6 @@ class _MemoryStore:
 
     def flush(self, force: bool = False) -> None:
         pass
-
-
-def _atomic_write(path: Path, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then ``os.replace`` it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:

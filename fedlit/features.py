@@ -16,13 +16,7 @@ Where the cache lives (``trainer.feature_cache``):
   seed and arguments, labels, pixels or file paths with size and mtime); the split name; ``features``/``tokens``;
   the augmentation spec; and :data:`FORMAT_VERSION`. Change any of them and another file is used, so a stale
   cache is never read. ``meta.json`` repeats the full key and is compared on open (not only its digest).
-
-  Files of one cache directory: ``data.npy`` (float32 ``[N, *row_shape]``, created once — written as a temporary
-  file then ``os.replace``-d), ``index.npy`` (int64 ``[N]``: bit 32 set = row filled, low 32 bits = the row's
-  CRC-32; rewritten atomically, after the rows it claims were flushed) and ``meta.json``. A crash can leave rows
-  written but unclaimed (re-encoded next time), never a claimed row that was not written; a row whose bytes do not
-  match its CRC (a damaged file) is re-encoded; an unreadable or truncated file is discarded and rebuilt. Creation
-  and index updates hold an exclusive ``flock`` on ``<dir>.lock``, so two processes can fill one cache.
+  The files of a cache directory and their crash safety: :mod:`fedlit.feature_store`.
 
 Augmentation (``trainer.augment_views: K``): with ``K = 0`` (default) training images are not augmented and the
 cache is exact. With ``K > 0`` every training image gets ``K`` fixed views — random-resized-crop (scale

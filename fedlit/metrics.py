@@ -1,4 +1,5 @@
-"""Accuracy per client and per task, and the papers' summaries.
+"""Accuracy per client and per task, and the harmonic mean of the papers' summaries (the means over clients
+and groups are :func:`fedlit.evaluation.mean_with_hm`).
 
 FedPGP semantics (spec §7.4), the default ``eval_protocol: personalized``:
 
@@ -13,7 +14,7 @@ Accuracies are top-1, micro-averaged (``correct / total``, Dassl's), computed wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -37,16 +38,3 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in vals):
         return 0.0
     return len(vals) / sum(1.0 / v for v in vals)
-
-
-def summarize(per_client: Mapping[int, Mapping[str, float]], keys: Sequence[str] = ("local", "base", "novel")) -> dict[str, float]:
-    """Mean over clients of each key present, plus ``hm`` over those keys."""
-    out: dict[str, float] = {}
-    for k in keys:
-        vals = [m[k] for m in per_client.values() if k in m and m[k] == m[k]]
-        if vals:
-            out[k] = sum(vals) / len(vals)
-    present = [out[k] for k in keys if k in out]
-    if present:
-        out["hm"] = harmonic_mean(present)
-    return out

@@ -21,25 +21,11 @@ import torch
 from torch import nn
 
 from .backbones import FrozenCLIP
+from .data.task import Task
 
 
 def clean_classname(name: str) -> str:
     return name.replace("_", " ")
-
-
-@dataclass(frozen=True)
-class Task:
-    """An ordered class list to classify among; ``key`` identifies it in caches."""
-
-    name: str
-    classnames: tuple[str, ...]
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return self.classnames
-
-    def __len__(self) -> int:
-        return len(self.classnames)
 
 
 @dataclass

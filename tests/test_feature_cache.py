@@ -18,8 +18,9 @@ from fedlit.data.federation import FederatedData
 from fedlit.data.registry import TensorImageSplit, get_dataset
 from fedlit.errors import FedlitError
 from fedlit.features import FeatureBank, augment_params
-from fedlit.federation import FedTrainer, Orchestrator
-from fedlit.methods import PromptFL
+from fedlit.orchestrator import Orchestrator
+from fedlit.trainer import FedTrainer
+from fedlit.methods.promptfl import PromptFL
 from fedlit.prompts import Task
 
 ROWS = np.array([5, 3, 3, 100, 7, 191])

@@ -11,8 +11,9 @@ import torch
 
 from fedlit.aggregation import fedavg, uniform_mean, weighted_mean
 from fedlit.cli import main
-from fedlit.federation import sample_clients, shard
-from fedlit.metrics import harmonic_mean, summarize
+from fedlit.rounds import sample_clients, shard
+from fedlit.evaluation import mean_with_hm
+from fedlit.metrics import harmonic_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -45,7 +46,7 @@ def test_harmonic_mean_matches_fedpgp_average_row():
 
 def test_summarize_means_over_clients_then_hm():
     per = {0: {"local": 80.0, "base": 60.0, "novel": 40.0}, 1: {"local": 100.0, "base": 60.0, "novel": 60.0}}
-    s = summarize(per)
+    s = mean_with_hm(list(per.values()))
     assert s["local"] == 90.0 and s["base"] == 60.0 and s["novel"] == 50.0
     assert s["hm"] == pytest.approx(3 / (1 / 90 + 1 / 60 + 1 / 50))
 
@@ -143,10 +144,9 @@ def test_fedprox_term_has_a_gradient_and_official_flag_has_none():
     for detached, expect_grad in ((False, True), (True, False)):
         m = ClientModule(clip, FedProx(mu=2.0, n_ctx=4, prox_detached=detached))
         g = {k: torch.zeros_like(v) for k, v in m.prompt.state_dict().items()}
-        m.global_state = g
         with torch.no_grad():
             m.prompt.ctx.fill_(0.5)
-        term = m.proximal_term(2.0, detached=detached)
+        term = m.proximal_term(2.0, g, detached=detached)
         # μ/2 · Σ (0.5 − 0)² over n_ctx × width entries
         assert term.item() == pytest.approx(0.5 * 2.0 * 0.25 * m.prompt.ctx.numel(), rel=1e-5)
         m.prompt.ctx.grad = None

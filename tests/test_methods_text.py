@@ -18,7 +18,8 @@ from fedlit.methods import method_class
 from fedlit.methods.base import Update
 from fedlit.methods.fedkgcoop import FedKgCoOp, kg_score
 from fedlit.methods.fedpgp import FedPGP, contrastive_loss
-from fedlit.methods.fedtpg import FedTPG, PromptGenerator, client_task
+from fedlit.data.task import client_task
+from fedlit.methods.fedtpg import FedTPG, PromptGenerator
 from fedlit.prompts import ContextPrompt, Task, handcrafted_features
 
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
@@ -192,13 +193,12 @@ def test_fedtpg_builds_from_backbone_and_trains_on_own_classes(toy):
     x, y = _batch(toy)
     assert method.logits(m.prompt, toy, x, TASK).shape == (len(x), len(TASK))
     # the client holds classes 1 and 3 of the task: labels 3, 1 become 1, 0 and logits have 2 columns
-    own, y_own = client_task(type("M", (), {"client_classes": [1, 3]})(), TASK, torch.tensor([3, 1, 3]))
+    own, y_own = client_task(TASK, [1, 3], torch.tensor([3, 1, 3]))
     assert own.classnames == ("square", "star") and y_own.tolist() == [1, 0, 1]
-    m.client_classes = [1, 3]
     keep = (y == 1) | (y == 3)
-    loss = method.loss(m, x[keep], y[keep], TASK)
-    expected = F.cross_entropy(method.logits(m.prompt, toy, x[keep], own), client_task(m, TASK, y[keep])[1])
-    assert client_task(m, TASK, y[keep])[1].tolist() == [0, 1, 0]
+    loss = method.loss(m, x[keep], y[keep], TASK, classes=[1, 3])
+    expected = F.cross_entropy(method.logits(m.prompt, toy, x[keep], own), client_task(TASK, [1, 3], y[keep])[1])
+    assert client_task(TASK, [1, 3], y[keep])[1].tolist() == [0, 1, 0]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert m.prompt.soft_prompt.grad.abs().sum() > 0 and m.prompt.cross_attn.in_proj_weight.grad.abs().sum() > 0

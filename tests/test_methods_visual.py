@@ -140,10 +140,10 @@ def test_client_state_differs_per_client_and_is_deterministic(clip):
 def _one_server_step(m, cid, delta, width, other=None):
     gs = {"prompt": torch.zeros(10, width)}
     sent = m.client_state(cid, gs)
-    upd = [Update(cid, {"prompt": sent["prompt"] + delta}, {}, 8, 0.0, extra={"sent": sent})]
+    upd = [Update(cid, {"prompt": sent["prompt"] + delta}, {}, 8, 0.0, sent=sent)]
     if other is not None:
         s2 = m.client_state(other, gs)
-        upd.append(Update(other, {"prompt": s2["prompt"]}, {}, 8, 0.0, extra={"sent": s2}))
+        upd.append(Update(other, {"prompt": s2["prompt"]}, {}, 8, 0.0, sent=s2))
     out = m.aggregate(upd, gs)
     return sent["prompt"], m.client_state(cid, gs)["prompt"], out
 

@@ -19,8 +19,10 @@ from fedlit import checkpoint as ckpt
 from fedlit.backbones import load_backbone
 from fedlit.cli import main
 from fedlit.data.federation import FederatedData
-from fedlit.federation import FedTrainer, Orchestrator
-from fedlit.methods import PromptFL, ZeroShot
+from fedlit.orchestrator import Orchestrator
+from fedlit.trainer import FedTrainer
+from fedlit.methods.promptfl import PromptFL
+from fedlit.methods.zeroshot import ZeroShot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +175,7 @@ def _result(method, seed, history, dataset="oxford_pets", backbone="ViT-B-16"):
 
 
 def test_figures_for_a_paper_seeds_averaged_reference_lines_paper_markers_and_readable_labels():
-    from fedlit.plot import accuracy_figure, group_runs, methods_figure
+    from fedlit.apps.plot import accuracy_figure, group_runs, methods_figure
 
     runs = [_result("zeroshot", 0, [{"local": 80.0, "base": 80.0, "novel": 90.0, "hm": 83.1}]),
             _result("promptfl", 1, [{"local": 85.0, "base": 85.0, "novel": 86.0, "hm": 85.3},
@@ -202,7 +204,7 @@ def test_figures_for_a_paper_seeds_averaged_reference_lines_paper_markers_and_re
 
 
 def test_figures_skip_metrics_a_method_does_not_have():
-    from fedlit.plot import Group, methods_figure, per_client_figure
+    from fedlit.apps.plot import Group, methods_figure, per_client_figure
 
     fig = per_client_figure({"0": {"local": 50.0, "base": 40.0, "hm": 44.4}, "1": {"local": 70.0, "base": 40.0, "hm": 50.9}})
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

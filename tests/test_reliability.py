@@ -82,7 +82,7 @@ def test_checkpoint_write_is_atomic_and_loading_checks(tmp_path, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr("fedlit.atomic.os.fsync", disk_full)  # the write itself fails, after the temporary file exists
     with pytest.raises(FedlitError, match="previous checkpoint is intact"):
         ckpt.save(path, ckpt.RunState(round=3, global_state={"ctx": torch.zeros(2, 3)}, personal={}))
     assert path.read_bytes() == before and not (tmp_path / (ckpt.NAME + ".tmp")).exists()
@@ -104,22 +104,30 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path, capsys):
     assert rc == 2 and "another method" in err
 
 
-def _flaky(loss):
-    """Wraps a method's loss: client 1 raises, client 2's loss is NaN."""
+def _flaky(monkeypatch):
+    """Makes PromptFL's loss raise for client 1 and be NaN for client 2 (the client being trained is noted by a
+    wrapper around the orchestrator's local update: the loss itself is not told the client id)."""
+    from fedlit.methods.promptfl import PromptFL
+    from fedlit.orchestrator import Orchestrator
 
-    def wrapped(self, module, x, y, task):
-        if module.cid == 1:
+    current, local_update, loss = [None], Orchestrator.local_update, PromptFL.loss
+
+    def noting(self, cid, rnd, sent=None):
+        current[0] = cid
+        return local_update(self, cid, rnd, sent)
+
+    def flaky(self, module, x, y, task, classes=None):
+        if current[0] == 1:
             raise RuntimeError("injected failure")
-        out = loss(self, module, x, y, task)
-        return out * float("nan") if module.cid == 2 else out
+        out = loss(self, module, x, y, task, classes)
+        return out * float("nan") if current[0] == 2 else out
 
-    return wrapped
+    monkeypatch.setattr(Orchestrator, "local_update", noting)
+    monkeypatch.setattr(PromptFL, "loss", flaky)
 
 
 def test_failing_clients_are_left_out_and_counted(tmp_path, monkeypatch, capsys):
-    from fedlit.methods.promptfl import PromptFL
-
-    monkeypatch.setattr(PromptFL, "loss", _flaky(PromptFL.loss))
+    _flaky(monkeypatch)
     out = tmp_path / "flaky"
     assert main(["fit", "--config", QUICK, "--out_dir", str(out), "--trainer.rounds", "2"]) == 0
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Results tables (fedlit.summarize, `fedlit summarize`, fedlit.table1) and the transcribed paper numbers."""
+"""Results tables (fedlit.apps.summarize, `fedlit summarize`, fedlit.apps.table1) and the transcribed paper numbers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from fedlit.cli import main
 from fedlit.metrics import harmonic_mean
-from fedlit.paper_results import FEDPGP_TABLE1, TABLE1_DATASETS, TABLE1_INCONSISTENT, TABLE1_METHODS
-from fedlit.summarize import find_runs, summarize, summarize_runs
+from fedlit.apps.paper_results import FEDPGP_TABLE1, TABLE1_DATASETS, TABLE1_INCONSISTENT, TABLE1_METHODS
+from fedlit.apps.summarize import find_runs, summarize, summarize_runs
 
 
 def _run(root, method, dataset, seed, local, base, novel, backbone="ViT-B-16"):
@@ -86,7 +86,7 @@ def test_average_row_over_the_five_datasets(tmp_path):
 
 def test_aliases_failed_cells_and_paper_none(tmp_path):
     d = _run(tmp_path, "promptfl", "shapes-dark", 1, 50.0, 40.0, 30.0, backbone="fedlit-toy")
-    from fedlit.summarize import find_runs
+    from fedlit.apps.summarize import find_runs
 
     rows = summarize_runs(find_runs([d]), aliases={"shapes-dark": "oxford_pets", "shapes": "food101"},
                           failed=[{"method": "fedpgp", "dataset": "shapes", "backbone": "fedlit-toy", "seed": 1,
@@ -160,7 +160,7 @@ def test_paper_table1_transcription_is_consistent():
 
 @pytest.mark.slow
 def test_table1_toy_grid(tmp_path):
-    cmd = [sys.executable, "-m", "fedlit.table1", "--backbone", "fedlit-toy", "--methods", "zeroshot", "promptfl",
+    cmd = [sys.executable, "-m", "fedlit.apps.table1", "--backbone", "fedlit-toy", "--methods", "zeroshot", "promptfl",
            "--datasets", "oxford_pets", "--rounds", "1", "--out", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

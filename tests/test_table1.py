@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlit import table1
+from fedlit.apps import table1
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_sigterm_to_the_driver_reaches_an_isolated_cell_and_writes_the_table(tmp
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import sys
-        from fedlit import table1
+        from fedlit.apps import table1
         sleeper = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
         table1.fit_command = lambda *a, **k: [sys.executable, "-c", sleeper]
         sys.exit(table1.main(["--backbone", "fedlit-toy", "--methods", "zeroshot", "--datasets", "dtd",

@@ -194,13 +194,13 @@ def test_every_text_method_shared_prefix_equals_full_plain(clip, name, kwargs):
 
 
 def test_cli_backbone_text_path_option():
-    from fedlit import cli
+    from fedlit import experiment
 
-    parser = cli._fit_parser()
+    parser = experiment.fit_parser()
     base = ["--config", "configs/quickstart.yaml"]
-    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args(base))
+    cfg, init = experiment.parse_fit(parser, lambda: parser.parse_args(base))
     assert init.backbone.text_path == "shared_prefix"
-    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "plain"]))
+    cfg, init = experiment.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "plain"]))
     assert init.backbone.text_path == "plain"
     with pytest.raises(FedlitError):
-        cli.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "fast"]))
+        experiment.parse_fit(parser, lambda: parser.parse_args([*base, "--backbone.text_path", "fast"]))

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlit.backbones import shared_prefix as _sp
+from fedlit.backbones import visual_prompts as vp
+from fedlit.backbones.visual_prompts import expand as _expand
 from fedlit.errors import FedlitError
 
 TEXT_PATHS = ("plain", "shared_prefix")
@@ -49,15 +51,6 @@ _TensorList = Sequence[torch.Tensor]
 def _to_rgb(img):
     """PIL image -> RGB (a named function so that transforms pickle into DataLoader workers)."""
     return img.convert("RGB")
-
-
-def _expand(p: torch.Tensor, batch: int) -> torch.Tensor:
-    """[n, W] or [B, n, W] -> [B, n, W]."""
-    if p.dim() == 2:
-        return p.unsqueeze(0).expand(batch, -1, -1)
-    if p.dim() == 3 and p.shape[0] in (1, batch):
-        return p.expand(batch, -1, -1)
-    raise ValueError(f"prompt must have shape [n, W] or [{batch}, n, W], got {tuple(p.shape)}")
 
 
 def _replace(x: torch.Tensor, p: torch.Tensor, start: int) -> torch.Tensor:
@@ -241,8 +234,7 @@ class FrozenCLIP(nn.Module):
     # ----------------------------------------------------------------------------------------------- vision
     def _vit_tokens(self, images, visual_prompts, deep_visual_prompts, prompt_position, first_deep_block):
         """ViT tokens after the last block, prompt tokens removed: [B, 1+M, vision_width]."""
-        if prompt_position not in ("after_cls", "append"):
-            raise ValueError(f"prompt_position must be 'after_cls' or 'append', got {prompt_position!r}")
+        vp.check_position(prompt_position)
         v = self.model.visual
         x = v.conv1(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, grid**2, width]
@@ -250,26 +242,11 @@ class FrozenCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
-        n = start = 0
-        if visual_prompts is not None:
-            p = _expand(visual_prompts, x.shape[0]).to(x.dtype)
-            n = p.shape[1]
-            if prompt_position == "after_cls":
-                start = 1
-                x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
-            else:
-                start = x.shape[1]
-                x = torch.cat([x, p], dim=1)
-        deep = [d for d in (deep_visual_prompts or [])]
-        if deep and n == 0:
-            raise ValueError("deep_visual_prompts need visual_prompts (the input-layer prompt tokens)")
-        if any(d is not None and d.shape[-2] != n for d in deep):
-            raise ValueError(f"every deep visual prompt must have the same {n} tokens as visual_prompts")
+        x, start, n = vp.insert(x, visual_prompts, 1, prompt_position)
+        deep = vp.check_deep(deep_visual_prompts, n)
         x = v.ln_pre(x)
         x = self._run_blocks(v.transformer, x, None, deep, start, first_deep_block)
-        if n:
-            x = torch.cat([x[:, :start], x[:, start + n:]], dim=1)
-        return x
+        return vp.remove(x, start, n)
 
     @staticmethod
     def _global_pool(v, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from fedlit.backbones.frozen_clip import FrozenCLIP, _expand, _replace, _TensorList
+from fedlit.backbones import visual_prompts as vp
+from fedlit.backbones.frozen_clip import FrozenCLIP, _replace, _TensorList
 from fedlit.errors import FedlitError
 
 PREFIX = "timm/"
@@ -163,24 +164,14 @@ class TimmViT(nn.Module):
     # ----------------------------------------------------------------------------------------------- vision
     def _tokens(self, images, visual_prompts, deep_visual_prompts, prompt_position, first_deep_block):
         """Tokens after the final ``norm``, prompt tokens removed: [B, prefix + M, vision_width]."""
-        if prompt_position not in ("after_cls", "append"):
-            raise ValueError(f"prompt_position must be 'after_cls' or 'append', got {prompt_position!r}")
+        vp.check_position(prompt_position)
         v = self.model.visual
         w = v.patch_embed.proj.weight
         x = v.patch_embed(images.to(device=w.device, dtype=w.dtype))
         x = v._pos_embed(x)  # class / register tokens + position embedding (+ pos_drop)
         x = v.patch_drop(x)
-        n = start = 0
-        if visual_prompts is not None:
-            p = _expand(visual_prompts, x.shape[0]).to(x.dtype)
-            n = p.shape[1]
-            start = v.num_prefix_tokens if prompt_position == "after_cls" else x.shape[1]
-            x = torch.cat([x[:, :start], p, x[:, start:]], dim=1)
-        deep = list(deep_visual_prompts or [])
-        if deep and n == 0:
-            raise ValueError("deep_visual_prompts need visual_prompts (the input-layer prompt tokens)")
-        if any(d is not None and d.shape[-2] != n for d in deep):
-            raise ValueError(f"every deep visual prompt must have the same {n} tokens as visual_prompts")
+        x, start, n = vp.insert(x, visual_prompts, v.num_prefix_tokens, prompt_position)
+        deep = vp.check_deep(deep_visual_prompts, n)
         blocks = v.blocks
         if first_deep_block < 0 or len(deep) > len(blocks) - first_deep_block:
             raise ValueError(f"{len(deep)} deep prompts from block {first_deep_block} exceed {len(blocks)} blocks")
@@ -191,9 +182,7 @@ class TimmViT(nn.Module):
                 x = _replace(x, deep[j], start)
             x = blk(x)
         x = v.norm(x)
-        if n:
-            x = torch.cat([x[:, :start], x[:, start + n:]], dim=1)
-        return x
+        return vp.remove(x, start, n)
 
     def encode_image(
         self,
@@ -264,7 +253,8 @@ def _hub_file(name: str, cfg: dict) -> str:
     from huggingface_hub import constants as hf_constants
     from huggingface_hub import hf_hub_download
 
-    from fedlit.backbones import _quiet, _socket_timeout
+    from fedlit.backbones.files import quiet as _quiet
+    from fedlit.backbones.files import socket_timeout as _socket_timeout
 
     repo = cfg.get("hf_hub_id")
     fix = "download the weights elsewhere and pass `--backbone.pretrained /path/to/weights.safetensors`"
@@ -297,7 +287,7 @@ def _hub_file(name: str, cfg: dict) -> str:
 
 
 def _load_file(vit: nn.Module, name: str, path: str) -> None:
-    from fedlit.backbones import read_state_dict
+    from fedlit.backbones.files import read_state_dict
 
     p = Path(path)
     if p.suffix == ".npz":  # an original Google JAX checkpoint; numpy.load(allow_pickle=False) inside timm

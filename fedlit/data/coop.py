@@ -162,7 +162,7 @@ class FileImageSplit(ImageSplit):
 
 # --- helpers -------------------------------------------------------------------------------------------------
 
-def _data_root(root: str | None, name: str) -> str:
+def resolve_data_root(root: str | None, name: str) -> str:
     root = root or os.environ.get("FEDLIT_DATA")
     if not root:
         raise FedlitError(
@@ -182,7 +182,7 @@ def _require(path: str, name: str, what: str, also: str = "") -> str:
     return path
 
 
-def _check_first(paths: Sequence[str], name: str, listed_in: str) -> None:
+def check_first(paths: Sequence[str], name: str, listed_in: str) -> None:
     """Cheap sanity check of a whole layout: the first listed image must exist."""
     if paths and not os.path.exists(paths[0]):
         raise FedlitError(
@@ -190,7 +190,7 @@ def _check_first(paths: Sequence[str], name: str, listed_in: str) -> None:
         )
 
 
-def _listdir(path: str) -> list[str]:
+def list_visible(path: str) -> list[str]:
     """Non-hidden entries, sorted (CoOp's ``listdir_nohidden(sort=True)``)."""
     return sorted(e for e in os.listdir(path) if not e.startswith("."))
 
@@ -216,7 +216,7 @@ def _file_split(items: list, image_dir: str, size: int) -> FileImageSplit:
     )
 
 
-def _check_size(image_size: int) -> int:
+def check_size(image_size: int) -> int:
     if int(image_size) < 1:
         raise FedlitError(f"image_size must be >= 1; got {image_size}")
     return int(image_size)
@@ -266,8 +266,8 @@ def _coop_json_factory(name: str):
 
     def build(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> ClassificationData:
         del seed  # fixed CoOp split
-        size = _check_size(image_size)
-        base = os.path.join(_data_root(root, name), folder)
+        size = check_size(image_size)
+        base = os.path.join(resolve_data_root(root, name), folder)
         image_dir = os.path.join(base, image_folder) if image_folder else base
         split_path = os.path.join(base, split_file)
         _require(split_path, name, "split file", f"images expected in {image_dir}/")
@@ -276,7 +276,7 @@ def _coop_json_factory(name: str):
         classnames = _classnames_from_items(items, name, split_file)
         splits = {s: _file_split(items[s], image_dir, size) for s in ("train", "val", "test")}
         for s in splits.values():
-            _check_first(s.paths, name, split_file)
+            check_first(s.paths, name, split_file)
         return ClassificationData(name, classnames, **splits, image_size=size)
 
     build.__doc__ = f"CoOp {name}: images in $DATA/{folder}/{image_folder}, split {split_file}."
@@ -292,8 +292,8 @@ def _fgvc_aircraft(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_
     """FGVC-Aircraft (100 variants): ``variants.txt`` gives the class order, ``images_variant_*.txt`` the splits."""
     del seed
     name = "fgvc_aircraft"
-    size = _check_size(image_size)
-    base = os.path.join(_data_root(root, name), "fgvc_aircraft")
+    size = check_size(image_size)
+    base = os.path.join(resolve_data_root(root, name), "fgvc_aircraft")
     image_dir = os.path.join(base, "images")
     variants = _require(os.path.join(base, "variants.txt"), name, "class list")
     with open(variants, encoding="utf-8") as f:
@@ -314,7 +314,7 @@ def _fgvc_aircraft(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_
                     raise FedlitError(f"{name}: variant '{cname}' in {path} is not in variants.txt")
                 items.append((parts[0] + ".jpg", lab[cname], cname))
         splits[split] = _file_split(items, image_dir, size)
-        _check_first(splits[split].paths, name, os.path.basename(path))
+        check_first(splits[split].paths, name, os.path.basename(path))
     return ClassificationData(name, classnames, **splits, image_size=size)
 
 
@@ -341,7 +341,7 @@ def _folder_items(image_dir: str, folders: Sequence[str], labels: Sequence[int])
         d = os.path.join(image_dir, folder)
         if not os.path.isdir(d):
             continue
-        files = [os.path.join(d, f) for f in _listdir(d) if os.path.isfile(os.path.join(d, f))]
+        files = [os.path.join(d, f) for f in list_visible(d) if os.path.isfile(os.path.join(d, f))]
         paths += files
         ys += [y] * len(files)
     return paths, ys
@@ -352,14 +352,14 @@ def _imagenet(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE)
     """ImageNet-1k: ``images/train`` for training, ``images/val`` as test (and val), labels = sorted wnid order."""
     del seed
     name = "imagenet"
-    size = _check_size(image_size)
-    base = os.path.join(_data_root(root, name), "imagenet")
+    size = check_size(image_size)
+    base = os.path.join(resolve_data_root(root, name), "imagenet")
     cn = _read_imagenet_classnames(_require(os.path.join(base, "classnames.txt"), name, "class list"), name)
     wnids = sorted(cn)
     splits = {}
     for split, sub in (("train", "train"), ("test", "val")):
         d = _require(os.path.join(base, "images", sub), name, "image folder")
-        unknown = sorted(set(f for f in _listdir(d) if os.path.isdir(os.path.join(d, f))) - set(cn))
+        unknown = sorted(set(f for f in list_visible(d) if os.path.isdir(os.path.join(d, f))) - set(cn))
         if unknown:
             raise FedlitError(f"{name}: folders {unknown[:5]} in {d} are not in classnames.txt")
         paths, ys = _folder_items(d, wnids, range(len(wnids)))
@@ -384,8 +384,8 @@ def _imagenet_variant_factory(name: str):
 
     def build(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> ClassificationData:
         del seed
-        size = _check_size(image_size)
-        data_root = _data_root(root, name)
+        size = check_size(image_size)
+        data_root = resolve_data_root(root, name)
         base = os.path.join(data_root, folder)
         image_dir = _require(os.path.join(base, image_folder), name, "image folder")
         cn_path = os.path.join(base, "classnames.txt")
@@ -397,7 +397,7 @@ def _imagenet_variant_factory(name: str):
             wnids = sorted(cn)
             folders = [str(i) for i in range(len(wnids))]
         else:  # one folder per wnid present (200 for -A and -R), label = position in sorted order
-            folders = wnids = [f for f in _listdir(image_dir) if os.path.isdir(os.path.join(image_dir, f))]
+            folders = wnids = [f for f in list_visible(image_dir) if os.path.isdir(os.path.join(image_dir, f))]
             unknown = [w for w in wnids if w not in cn]
             if unknown:
                 raise FedlitError(f"{name}: folders {unknown[:5]} in {image_dir} are not in {cn_path}")

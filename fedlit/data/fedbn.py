@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from fedlit.data.arrays import SafeUnpickler
-from fedlit.data.coop import DEFAULT_IMAGE_SIZE, FileImageSplit, _check_first, _check_size, _data_root, _listdir
+from fedlit.data.coop import DEFAULT_IMAGE_SIZE, FileImageSplit, check_first, check_size, resolve_data_root, list_visible
 from fedlit.data.registry import ClassificationData, register_dataset
 from fedlit.errors import FedlitError
 
@@ -112,7 +112,7 @@ def _domain_items(dataset: str, name: str, data_root: str, domain: str, seed: in
             if not os.path.isdir(cdir):
                 continue
             found += 1
-            files = [os.path.join(cdir, f) for f in _listdir(cdir) if os.path.isfile(os.path.join(cdir, f))]
+            files = [os.path.join(cdir, f) for f in list_visible(cdir) if os.path.isfile(os.path.join(cdir, f))]
             perm = np.random.default_rng([seed, dom_id, c]).permutation(len(files))
             n_test, n_val = int(round(test_fraction * len(files))), int(round(val_fraction * len(files)))
             test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
@@ -124,7 +124,7 @@ def _domain_items(dataset: str, name: str, data_root: str, domain: str, seed: in
                 f"{name}: no class folder ({', '.join(c.replace(' ', '_') for c in classes)}) in {ddir}"
             )
     for split in ("train", "test"):
-        _check_first(out[split][0], name, f"{domain}_{split}.pkl" if use_pickles else f"{base}/{domain}")
+        check_first(out[split][0], name, f"{domain}_{split}.pkl" if use_pickles else f"{base}/{domain}")
     return out
 
 
@@ -134,10 +134,10 @@ def _multi_factory(dataset: str, domain: str | None):
 
     def build(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE, test_fraction: float = 0.2,
               val_fraction: float = 0.1) -> ClassificationData:
-        size = _check_size(image_size)
+        size = check_size(image_size)
         if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
             raise FedlitError(f"{name}: need 0 <= test_fraction, val_fraction and their sum < 1")
-        data_root = _data_root(root, name)
+        data_root = resolve_data_root(root, name)
         base = os.path.join(data_root, folder)
         if not os.path.isdir(base):
             raise FedlitError(f"{name}: folder not found: {base} (one sub-folder per domain: {', '.join(domains)}); "

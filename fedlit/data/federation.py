@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import FedlitError
-from ..prompts import Task
+from .task import Task
 from .protocol import (
     base_novel_classes,
     class_histogram,

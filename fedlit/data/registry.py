@@ -280,8 +280,3 @@ def _shapes_factory(domain: str) -> Factory:
 for _domain in shapes.DOMAINS:
     register_dataset("shapes" if _domain == "clean" else f"shapes-{_domain}")(_shapes_factory(_domain))
 del _domain
-
-# --- real datasets (CoOp $DATA layout, FedBN domains, Fashion-MNIST): registered on import, loaded lazily -----
-from fedlit.data import arrays as _arrays  # noqa: E402,F401  (at the bottom: they import the names above)
-from fedlit.data import coop as _coop  # noqa: E402,F401
-from fedlit.data import fedbn as _fedbn  # noqa: E402,F401

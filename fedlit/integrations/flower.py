@@ -7,15 +7,14 @@ machines) and in anything else that drives a Flower ``ServerApp``/``ClientApp``.
 Who runs what:
 
 - **ServerApp** (started by the SuperLink, on the server machine): builds the same
-  :class:`~fedlit.federation.Orchestrator` as ``fedlit fit`` from the same config (same seed, so the same
-  initial tensors), samples each round's clients with fedlit's :func:`~fedlit.federation.sample_clients`, asks
-  the method what each client is sent (:meth:`~fedlit.methods.base.FedMethod.client_state`), aggregates the
-  replies with the method (:meth:`Orchestrator.apply` → :meth:`FedMethod.aggregate`, updates sorted by client id
-  exactly as in-process) and writes ``config.yaml``, ``results.json`` and the TensorBoard scalars of an
+  :class:`~fedlit.orchestrator.Orchestrator` as ``fedlit fit`` from the same config (same seed, so the same
+  initial tensors), samples each round's clients with fedlit's :class:`~fedlit.rounds.RoundProtocol` (the one
+  the in-process loop uses: client sampling, what each client is sent, failure policy, aggregation sorted by client
+  id through :meth:`FedMethod.aggregate`, evaluation cadence) and writes ``config.yaml``, ``results.json`` and the TensorBoard scalars of an
   in-process run (through the orchestrator's own logging and :meth:`Orchestrator.evaluate`).
 - **ClientApp** (started by each SuperNode): the SuperNode started with ``--node-config "partition-id=i
   num-partitions=n"`` hosts fedlit clients ``i, i+n, i+2n, …`` (fedlit's own round-robin
-  :func:`~fedlit.federation.shard`, the split ``--trainer.devices n`` uses). It builds the frozen backbone, the
+  :func:`~fedlit.rounds.shard`, the split ``--trainer.devices n`` uses). It builds the frozen backbone, the
   data and the method's component once per process (cached, keyed by the run's config; Flower's deployment
   runtime starts one ClientApp process per message, runtimes that keep it alive reuse the cache) and runs
   :meth:`Orchestrator.safe_update` / the orchestrator's evaluator for its clients. Personal tensors (FedPGP's
@@ -56,84 +55,50 @@ Not supported over Flower: resuming (the personal state lives on the SuperNodes;
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import experiment
 from ..errors import FedlitError
-
-try:
-    import flwr
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import Strategy
-except ImportError as e:  # pragma: no cover - exercised without the extra
-    raise FedlitError("Flower is not installed (or older than 1.21); install the extra: "
-                      "pip install 'fedlit[flower]'") from e
-
-FLWR_MIN = "1.21"
-#: run_config keys of the generated Flower app
-CONFIG_KEY, OUT_KEY, OVERWRITE_KEY, NODES_KEY, TIMEOUT_KEY = (
-    "fedlit-config", "out-dir", "overwrite", "supernodes", "round-timeout")
-PERSONAL_PREFIX = "fedlit.personal."  # Context.state record of a client's personal tensors
-OPTIM_PREFIX = "fedlit.optim."  # … and of its optimiser state / schedule step (FedTPG's code base), also never sent
-#: keys of ``fedlit flower`` that are not part of the fit config
-FLOWER_ARGS = ("supernodes", "app_dir", "superlink", "round_timeout", "local", "local_timeout")
-
-
-# ============================================================================================ tensors ⇄ records
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of CPU copies of ``tensors`` (numpy serialisation, dtype and shape kept)."""
-    rec = ArrayRecord()
-    for k, v in tensors.items():
-        if v.dtype == torch.bfloat16:
-            raise FedlitError(f"tensor '{k}' is bfloat16, which Flower's numpy arrays cannot carry; "
-                              f"use --trainer.precision bf16-mixed or 32-true")
-        rec[k] = Array(v.detach().cpu().numpy())
-    return rec
-
-
-def from_record(rec: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in rec.items()}
-
-
-def tensor_bytes(rec: ArrayRecord) -> int:
-    """Bytes of the tensors a record carries (``numel · element size``: fedlit's accounting)."""
-    return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in rec.values())
+from ..methods.base import Update
+from ..rounds import ClientState
+from .flower_records import (  # noqa: F401  (re-exported: the generated app, flower_deploy and tests use them)
+    CONFIG_KEY,
+    FLOWER_ARGS,
+    FLWR_MIN,
+    NODES_KEY,
+    OPTIM_PREFIX,
+    OUT_KEY,
+    OVERWRITE_KEY,
+    PERSONAL_PREFIX,
+    TIMEOUT_KEY,
+    ArrayRecord,
+    ClientApp,
+    ConfigRecord,
+    Context,
+    Grid,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+    Runtime,
+    ServerApp,
+    Strategy,
+    build_runtime,
+    discover_partitions,
+    flwr,
+    from_record,
+    hosted_clients,
+    partition_of,
+    restore_clients,
+    tensor_bytes,
+    to_record,
+)
 
 
 # ============================================================================================ the runtime
-@dataclass
-class Runtime:
-    """Everything ``fedlit fit`` builds before its round loop, built the same way (same RNG order)."""
-
-    parser: object
-    cfg: object
-    init: object
-    orchestrator: object
-    identity: dict = field(default_factory=dict)
-
-
-def build_runtime(config_text: str) -> Runtime:
-    """Parse a resolved fit config and build everything with ``fedlit fit``'s own builder
-    (:func:`fedlit.cli.build`), so the initial shared and personal tensors are the same."""
-    from .. import cli
-
-    parser = cli._fit_parser()
-    cfg, init = cli.parse_fit(parser, lambda: parser.parse_string(config_text))
-    trainer = init.trainer
-    if trainer.devices * trainer.num_nodes > 1:
-        raise FedlitError(f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}: a Flower run "
-                          f"uses one process per SuperNode; scale out with more SuperNodes (--supernodes)")
-    orch, identity = cli.build(parser, cfg, init)
-    return Runtime(parser, cfg, init, orch, identity)
-
-
 _RUNTIMES: dict[str, Runtime] = {}
 
 
@@ -149,48 +114,6 @@ def node_runtime(config_text: str) -> Runtime:
     return _RUNTIMES[key]
 
 
-def hosted_clients(partition: int, num_partitions: int, num_clients: int) -> list[int]:
-    """fedlit clients SuperNode ``partition`` hosts: fedlit's round-robin shard (``partition, partition+n, …``)."""
-    from ..federation import shard
-
-    return shard(list(range(num_clients)), partition, num_partitions)
-
-
-def _partition(context: Context) -> tuple[int, int]:
-    nc = context.node_config
-    if "partition-id" not in nc or "num-partitions" not in nc:
-        raise FedlitError("this SuperNode has no partition: start it with "
-                          "--node-config \"partition-id=I num-partitions=N\" (I = 0 … N-1)")
-    return int(nc["partition-id"]), int(nc["num-partitions"])
-
-
-def _serve_received(method, received: dict[int, dict[str, torch.Tensor]]) -> None:
-    """On a SuperNode, what the server sent client ``cid`` *is* its state: the method's server-side hook
-    (pFedPG's generator) must not run here, so ``client_state`` returns the received tensors."""
-
-    def client_state(cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return received.get(cid, global_state)
-
-    method.client_state = client_state
-
-
-def _load_state(context: Context, prefix: str, cids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-    out = {}
-    for cid in cids:
-        rec = context.state.array_records.get(f"{prefix}{cid}")
-        if rec is not None:
-            out[cid] = from_record(rec)
-    return out
-
-
-def _restore_clients(orch, context: Context, cids: list[int]) -> None:
-    """Load the per-client state the orchestrator keeps between rounds (personal tensors, optimiser state) from
-    this SuperNode's ``Context.state``."""
-    personal, optim = _load_state(context, PERSONAL_PREFIX, cids), _load_state(context, OPTIM_PREFIX, cids)
-    for cid in cids:
-        orch.load_client_state(cid, {"personal": personal.get(cid), "optim": optim.get(cid)})
-
-
 # ============================================================================================ ClientApp
 client_app = ClientApp()
 
@@ -198,7 +121,7 @@ client_app = ClientApp()
 @client_app.query()
 def client_query(msg: Message, context: Context) -> Message:
     """Which partition this SuperNode is (the server maps fedlit clients to nodes with it)."""
-    pid, n = _partition(context)
+    pid, n = partition_of(context)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
 
 
@@ -206,7 +129,7 @@ def _instruction(msg: Message, context: Context) -> tuple[Runtime, int, list[int
     rt = node_runtime(str(context.run_config[CONFIG_KEY]))
     cfg = msg.content.config_records["config"]
     rnd, cids = int(cfg["fedlit-round"]), [int(c) for c in cfg["cids"]]
-    pid, n = _partition(context)
+    pid, n = partition_of(context)
     foreign = [c for c in cids if c % n != pid]
     if foreign:
         raise FedlitError(f"SuperNode partition {pid}/{n} was sent clients {foreign} it does not host; every "
@@ -220,15 +143,13 @@ def client_train(msg: Message, context: Context) -> Message:
     rt, rnd, cids = _instruction(msg, context)
     orch = rt.orchestrator
     received = {cid: from_record(msg.content.array_records[f"client.{cid}"]) for cid in cids}
-    _serve_received(orch.method, received)
     reply = RecordDict()
     for cid in cids:
-        orch.global_state = received[cid]
-        _restore_clients(orch, context, [cid])
-        update = orch.safe_update(cid, rnd)
+        restore_clients(orch.protocol, context, [cid])
+        update = orch.safe_update(cid, rnd, received[cid])
         metrics = {"num-examples": int(update.num_samples), "loss": float(update.loss), "steps": int(update.steps)}
-        if "lr" in update.extra:  # the client's learning rate this round (per-client schedules)
-            metrics["lr"] = float(update.extra["lr"])
+        if update.lr is not None:  # the client's learning rate this round (per-client schedules)
+            metrics["lr"] = float(update.lr)
         reply[f"metrics.{cid}"] = MetricRecord(metrics)
         if not update.ok:
             reply[f"error.{cid}"] = ConfigRecord({"error": str(update.error)})
@@ -237,10 +158,10 @@ def client_train(msg: Message, context: Context) -> Message:
         if leaked:  # cannot happen through ClientModule.export; a guard for custom methods
             raise FedlitError(f"client {cid} would send personal tensors {leaked}")
         reply[f"update.{cid}"] = to_record(update.shared)
-        kept = orch.kept_state(update)  # personal tensors, momentum / schedule step: on this SuperNode only
-        for kind, prefix in (("personal", PERSONAL_PREFIX), ("optim", OPTIM_PREFIX)):
-            if kind in kept:
-                context.state[f"{prefix}{cid}"] = to_record(kept[kind])
+        kept = ClientState().after(update)  # personal tensors, momentum / schedule step: on this SuperNode only
+        for tensors, prefix in ((kept.personal, PERSONAL_PREFIX), (kept.optim, OPTIM_PREFIX)):
+            if tensors:
+                context.state[f"{prefix}{cid}"] = to_record(tensors)
     return Message(reply, reply_to=msg)
 
 
@@ -250,10 +171,9 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     rt, rnd, cids = _instruction(msg, context)
     orch = rt.orchestrator
     arrays = msg.content.array_records
-    orch.global_state = from_record(arrays["global"])
-    _serve_received(orch.method, {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
-                                  if f"client.{cid}" in arrays})
-    _restore_clients(orch, context, cids)
+    orch.protocol.receive(from_record(arrays["global"]), {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
+                                                          if f"client.{cid}" in arrays})
+    restore_clients(orch.protocol, context, cids)
     per_client = orch.evaluate_clients(cids)
     reply = RecordDict({f"eval.{cid}": MetricRecord({k: float(v) for k, v in res.items()})
                         for cid, res in sorted(per_client.items())})
@@ -286,11 +206,6 @@ class FedlitStrategy(Strategy):
     def node_of(self, cid: int) -> int:
         return self.nodes[cid % self.n]
 
-    def _client_specific(self) -> bool:
-        from ..methods.base import FedMethod
-
-        return type(self.orch.method).client_state is not FedMethod.client_state
-
     def _config(self, config: ConfigRecord, server_round: int, cids: list[int]) -> ConfigRecord:
         return ConfigRecord({**dict(config.items()), "server-round": server_round, "fedlit-round": server_round - 1,
                              "cids": list(cids)})
@@ -305,16 +220,14 @@ class FedlitStrategy(Strategy):
 
     # ------------------------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """The method's round: fedlit's client sampling; client cid is sent ``method.client_state(cid, global)``."""
-        from ..federation import sample_clients
-
+        """The protocol's round: its clients, each sent its payload (``method.client_state(cid, global)``)."""
         o, rnd = self.orch, server_round - 1
         self._sent, self._expected = {}, {}
         if not o.method.trainable:
             return []
-        self._selected = sample_clients(o.seed, rnd, self.num_clients, o.cfg.participation, o.cfg.first_round_all)
+        self._sent = o.protocol.configure(rnd)
+        self._selected = list(self._sent)
         for cid in self._selected:
-            self._sent[cid] = o.method.client_state(cid, o.global_state)
             self._expected.setdefault(self.node_of(cid), []).append(cid)
         messages, down, down_tensors = [], 0, 0
         for node, cids in self._expected.items():
@@ -330,10 +243,8 @@ class FedlitStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies):
-        """Replies → fedlit ``Update``s (sorted by client) → ``Orchestrator.apply`` (the method's aggregate) and
-        the orchestrator's round logging (train/…, comm/…)."""
-        from ..methods.base import Update
-
+        """Replies → fedlit ``Update``s → the protocol's failure policy and aggregation (the method's aggregate, in
+        client order) → the orchestrator's round logging (train/…, comm/…)."""
         o, rnd = self.orch, server_round - 1
         if not o.method.trainable:
             return None, None
@@ -346,8 +257,7 @@ class FedlitStrategy(Strategy):
             if msg.has_error():
                 for cid in expected:
                     seen.add(cid)
-                    updates.append(Update(cid, {}, {}, o.fed.clients[cid].num_samples, float("nan"),
-                                          error=f"SuperNode {node}: {msg.error.reason}"))
+                    updates.append(o.protocol.failed(cid, f"SuperNode {node}: {msg.error.reason}"))
                 continue
             content = msg.content
             for key, rec in content.array_records.items():
@@ -357,32 +267,23 @@ class FedlitStrategy(Strategy):
                 m = content.metric_records.get(f"metrics.{cid}")
                 err = content.config_records.get(f"error.{cid}")
                 rec = content.array_records.get(f"update.{cid}")
-                n = int(m["num-examples"]) if m is not None else o.fed.clients[cid].num_samples
                 if err is not None or rec is None or m is None:
                     reason = str(err["error"]) if err is not None else "the reply holds no update"
-                    updates.append(Update(cid, {}, {}, n, float("nan"), error=reason))
+                    updates.append(o.protocol.failed(cid, reason, int(m["num-examples"]) if m is not None else None))
                     continue
                 extra_keys = set(rec) - shared_keys
                 if extra_keys:
                     raise FedlitError(f"client {cid} returned tensors the method does not share: {sorted(extra_keys)}")
                 up, up_tensors = up + rec.count_bytes(), up_tensors + tensor_bytes(rec)
-                sent = self._sent[cid]
-                extra = {"sent": sent} if sent is not o.global_state else {}
-                if "lr" in m:
-                    extra["lr"] = float(m["lr"])
-                updates.append(Update(cid, from_record(rec), {}, n, float(m["loss"]), int(m["steps"]), extra=extra))
+                lr = float(m["lr"]) if "lr" in m else None
+                updates.append(Update(cid, from_record(rec), {}, int(m["num-examples"]), float(m["loss"]),
+                                      int(m["steps"]), lr=lr))
         for node, cids in self._expected.items():
-            for cid in cids:
-                if cid not in seen:
-                    updates.append(Update(cid, {}, {}, o.fed.clients[cid].num_samples, float("nan"),
-                                          error=f"no reply from SuperNode {node} within the round timeout"))
-        updates.sort(key=lambda u: u.cid)
+            updates += [o.protocol.failed(cid, f"no reply from SuperNode {node} within the round timeout")
+                        for cid in cids if cid not in seen]
+        o.protocol.check(updates, rnd)
+        updates = o.protocol.aggregate(updates)
         failed = [u for u in updates if not u.ok]
-        if failed and o.cfg.on_client_failure == "stop":
-            u = failed[0]
-            raise FedlitError(f"client {u.cid} failed in round {server_round}: {u.error} "
-                              f"(trainer.on_client_failure=skip leaves such clients out instead)")
-        o.apply(updates)
         o.log_round(rnd, self._selected, updates)
         self.rounds[-1].update({"bytes_up": up, "tensor_bytes_up": up_tensors, "received": received,
                                 "failed_clients": [u.cid for u in failed]})
@@ -392,17 +293,13 @@ class FedlitStrategy(Strategy):
         return to_record(o.global_state), metrics
 
     # ------------------------------------------------------------------------------------ evaluation
-    def _eval_due(self, rnd: int) -> bool:
-        c, m = self.orch.cfg, self.orch.method
-        return (rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or not m.trainable
-
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Every SuperNode evaluates its clients (personal state never leaves it); evaluation rounds as in-process."""
         o = self.orch
         self._eval_expected = {}
-        if not self._eval_due(server_round - 1):
+        if not o.protocol.eval_due(server_round - 1):
             return []
-        specific = self._client_specific()
+        specific = o.method.client_specific
         messages, down = [], 0
         glob = to_record(o.global_state)
         for pid, node in self.nodes.items():
@@ -414,7 +311,7 @@ class FedlitStrategy(Strategy):
             down += glob.count_bytes()
             if specific:
                 for cid in cids:
-                    content[f"client.{cid}"] = rec = to_record(o.method.client_state(cid, o.global_state))
+                    content[f"client.{cid}"] = rec = to_record(o.protocol.payload(cid))
                     down += rec.count_bytes()
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE,
                                     group_id=str(server_round)))
@@ -455,37 +352,6 @@ class FedlitStrategy(Strategy):
                 "node_ids": {str(p): n for p, n in self.nodes.items()}, "rounds": self.rounds}
 
 
-def discover_partitions(grid: Grid, supernodes: int, timeout: float = 300.0) -> dict[int, int]:
-    """Wait for ``supernodes`` SuperNodes, ask each its partition id; returns partition id → node id."""
-    deadline = time.time() + timeout
-    while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= supernodes:
-            break
-        if time.time() > deadline:
-            raise FedlitError(f"only {len(ids)} of {supernodes} SuperNodes connected within {timeout:.0f} s; start "
-                              f"them with flower-supernode … --node-config \"partition-id=I num-partitions="
-                              f"{supernodes}\"")
-        time.sleep(1.0)
-    messages = [Message(content=RecordDict(), dst_node_id=i, message_type=MessageType.QUERY) for i in ids]
-    replies = list(grid.send_and_receive(messages, timeout=max(deadline - time.time(), 60.0)))
-    nodes: dict[int, int] = {}
-    for msg in replies:
-        if msg.has_error():
-            raise FedlitError(f"SuperNode {msg.metadata.src_node_id} did not report its partition: {msg.error.reason}")
-        rec = msg.content.config_records["node"]
-        pid, n = int(rec["partition-id"]), int(rec["num-partitions"])
-        if n != supernodes:
-            raise FedlitError(f"SuperNode {msg.metadata.src_node_id} was started with num-partitions={n}, but the "
-                              f"run expects {supernodes} SuperNodes (fedlit flower --supernodes {supernodes})")
-        if pid in nodes:
-            raise FedlitError(f"two SuperNodes report partition-id={pid}; give each a distinct id 0 … {n - 1}")
-        nodes[pid] = msg.metadata.src_node_id
-    if sorted(nodes) != list(range(supernodes)):
-        raise FedlitError(f"SuperNodes report partitions {sorted(nodes)}; expected 0 … {supernodes - 1}")
-    return nodes
-
-
 # ============================================================================================ ServerApp
 server_app = ServerApp()
 
@@ -498,30 +364,27 @@ def server_main(grid: Grid, context: Context) -> None:
 def run_server(grid: Grid, run_config) -> dict:
     """The whole server side of a run: build, discover SuperNodes, the rounds (Flower's ``Strategy.start`` loop
     over :class:`FedlitStrategy`), then ``results.json`` — as ``fedlit fit`` writes it, plus a ``flower`` section."""
-    from lightning.fabric.loggers import TensorBoardLogger
-
-    from .. import cli
-    from ..federation import format_final, write_json_atomic
+    from ..atomic import write_json_atomic
+    from ..orchestrator import format_final
 
     t0 = time.time()
     rt = build_runtime(str(run_config[CONFIG_KEY]))  # the server's own (never the node cache: separate method)
     o, method, data = rt.orchestrator, rt.init.method, rt.init.data
     out = str(run_config.get(OUT_KEY, "")) or None
-    run_dir, resume = cli._run_dir(out, method.name, data.dataset, rt.cfg.seed,
-                                   bool(run_config.get(OVERWRITE_KEY, False)))
+    run_dir, resume = experiment.run_dir(out, method.name, data.label, rt.cfg.seed,
+                                         bool(run_config.get(OVERWRITE_KEY, False)))
     if resume is not None:
         raise FedlitError(f"{run_dir} holds an unfinished in-process run; Flower runs do not resume (the personal "
                           f"state lives on the SuperNodes): choose another --out_dir")
     rt.parser.save(rt.cfg, str(run_dir / "config.yaml"), skip_validation=True, overwrite=True)
-    o.run_dir = run_dir
-    o.logger = TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    o.open_run(run_dir)
     timeout = float(run_config.get(TIMEOUT_KEY, 3600))
     nodes = discover_partitions(grid, int(run_config.get(NODES_KEY, 2)), timeout=min(timeout, 600.0))
-    print(f"fedlit: {method.name} on {data.dataset} — {len(o.fed.clients)} clients on {len(nodes)} SuperNodes, "
+    print(f"fedlit: {method.name} on {data.label} — {len(o.fed.clients)} clients on {len(nodes)} SuperNodes, "
           f"run dir {run_dir}", flush=True)
     strategy = FedlitStrategy(o, nodes)
     strategy.start(grid, initial_arrays=to_record(o.global_state),
-                   num_rounds=o.cfg.rounds if method.trainable else 1, timeout=timeout)
+                   num_rounds=o.protocol.rounds, timeout=timeout)
     results = o.finish(strategy.metrics, time.time() - t0)
     results["flower"] = strategy.report()
     write_json_atomic(run_dir / "results.json", results)

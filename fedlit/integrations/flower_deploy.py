@@ -274,23 +274,13 @@ class LocalDeployment:
 
 
 # ============================================================================================ `fedlit flower`
-def _default_out_dir(method: str, dataset: str, seed: int) -> Path:
-    """``runs/<method>-<dataset>-seed<seed>[-N]`` (the name ``fedlit fit`` would pick), absolute."""
-    base = Path("runs") / f"{method}-{dataset}-seed{seed}"
-    path, n = base, 1
-    while path.exists() and any(path.iterdir()):
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path.resolve()
-
-
 def main(argv: list[str]) -> int:
     """``fedlit flower --config CONFIG… [fit overrides] [--supernodes N] [--app_dir DIR] [--superlink HOST:PORT]
     [--local true]``: write the Flower app of a fedlit config and print the deployment commands."""
-    from .. import cli
-    from ..federation import format_final
+    from .. import experiment
+    from ..orchestrator import format_final
 
-    parser = cli._fit_parser()
+    parser = experiment.fit_parser()
     parser.prog = "fedlit flower"
     parser.description = ("Turn a fedlit config into a Flower app (SuperLink + SuperNodes + flwr run) that gives the "
                           "numbers of `fedlit fit` with the same config and seed.")
@@ -305,14 +295,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--local", type=bool, default=False,
                         help="Also run it here: a SuperLink and --supernodes SuperNodes as local processes.")
     parser.add_argument("--local_timeout", type=float, default=3600.0, help="Time limit of a --local run (s).")
-    cfg, init = cli.parse_fit(parser, lambda: parser.parse_args(cli._rewrite_method_shortcut(argv)))
+    cfg, init = experiment.parse_fit(parser, lambda: parser.parse_args(experiment.rewrite_method_shortcut(argv)))
     if cfg.supernodes < 1:
         raise FedlitError(f"--supernodes {cfg.supernodes}: needs at least 1")
     if init.trainer.devices * init.trainer.num_nodes > 1:
         raise FedlitError("trainer.devices/num_nodes > 1: a Flower run uses one process per SuperNode; "
                           "use --supernodes instead")
     method, data = init.method, init.data
-    out_dir = Path(cfg.out_dir).resolve() if cfg.out_dir else _default_out_dir(method.name, data.dataset, cfg.seed)
+    out_dir = Path(cfg.out_dir or experiment.default_run_dir(method.name, data.label, cfg.seed)).resolve()
     if (out_dir / "results.json").exists() and not cfg.overwrite:
         raise FedlitError(f"{out_dir} already holds a finished run; choose another --out_dir or pass --overwrite true")
     app_dir = Path(cfg.app_dir) if cfg.app_dir else out_dir.with_name(out_dir.name + "-flower-app")

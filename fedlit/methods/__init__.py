@@ -1,58 +1,54 @@
 """Method registry: short name → class. A method is one file overriding a few hooks of FedMethod.
 
-Classes are imported lazily (``method_class``), so a method's optional dependencies cost nothing to
-runs that do not use it.
+Adding a method is one file here (a :class:`FedMethod` subclass with its own ``name``) and one config: a subclass
+registers itself under its ``name`` when its module is imported (``FedMethod.__init_subclass__``), and the first
+lookup imports every module of this package (they depend on torch only, so this is cheap). A method defined
+elsewhere (a notebook, a test, a plug-in) is found once its module is imported. ``fedlit.methods.<ClassName>`` also
+resolves every registered method (the class paths configs use).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from ..errors import unknown_name
-from .base import FedMethod, Update
-from .coop import CoOp
-from .promptfl import PromptFL
-from .zeroshot import ZeroShot
+from .base import METHODS, FedMethod, Update
 
-#: short name → "module:Class" (modules relative to this package).
-REGISTRY: dict[str, str] = {
-    "zeroshot": "zeroshot:ZeroShot",
-    "coop": "coop:CoOp",
-    "promptfl": "promptfl:PromptFL",
-    "fedprox": "fedprox:FedProx",
-    "fedkgcoop": "fedkgcoop:FedKgCoOp",
-    "fedcocoop": "fedcocoop:FedCoCoOp",
-    "fedmaple": "fedmaple:FedMaPLe",
-    "fedvlp": "fedvlp:FedVLP",
-    "fedotp": "fedotp:FedOTP",
-    "fedpgp": "fedpgp:FedPGP",
-    "fedtpg": "fedtpg:FedTPG",
-    "pfedpg": "pfedpg:PFedPG",
-    "fedvpt": "vpt:FedVPT",
-    "localvpt": "vpt:LocalVPT",
-}
+_loaded = False
 
 
-def _available() -> dict[str, str]:
-    return {k: v for k, v in REGISTRY.items() if importlib.util.find_spec(f"{__name__}.{v.split(':')[0]}") is not None}
+def _discover() -> dict[str, type[FedMethod]]:
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
+    return METHODS
 
 
 def method_class(name: str) -> type[FedMethod]:
-    avail = _available()
-    if name not in avail:
-        raise unknown_name("method", name, list(avail))
-    module, cls = avail[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    methods = _discover()
+    if name not in methods:
+        raise unknown_name("method", name, list(methods))
+    return methods[name]
 
 
 def class_path(name: str) -> str:
     cls = method_class(name)
-    return f"{cls.__module__}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def list_methods() -> list[str]:
-    return list(_available())
+    return sorted(_discover())
 
 
-__all__ = ["FedMethod", "Update", "ZeroShot", "CoOp", "PromptFL", "REGISTRY", "method_class", "class_path",
-           "list_methods"]
+def __getattr__(attr: str) -> type[FedMethod]:
+    """``fedlit.methods.<ClassName>`` (configs write ``class_path: fedlit.methods.PromptFL``): any registered method."""
+    for cls in _discover().values():
+        if cls.__name__ == attr:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["FedMethod", "Update", "METHODS", "method_class", "class_path", "list_methods"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +34,13 @@ from torch import nn
 from ..aggregation import fedavg, uniform_mean
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
-from ..prompts import Task
+from ..data.task import Task
 
 
 @dataclass
 class Update:
-    """What one client returns after its local steps (personal tensors never leave the client's process
-    in a real deployment; in simulation they are kept by the orchestrator's per-client registry)."""
+    """What one client returns after its local steps. Only ``shared`` (and the numbers) reach the server in a
+    real deployment; ``personal`` and ``optim`` stay with the client (:class:`fedlit.rounds.ClientState`)."""
 
     cid: int
     shared: dict[str, torch.Tensor]
@@ -49,11 +49,21 @@ class Update:
     loss: float
     steps: int = 0
     error: str | None = None
-    extra: dict = field(default_factory=dict)
+    #: the client's optimiser state / schedule step after this round (``None``: the method keeps none)
+    optim: dict[str, torch.Tensor] | None = None
+    #: the learning rate the client used this round (per-client schedules)
+    lr: float | None = None
+    #: what the server sent this client this round (filled in by the round protocol before ``aggregate``;
+    #: pFedPG's server step needs it)
+    sent: dict[str, torch.Tensor] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+#: short name → method class: every subclass of :class:`FedMethod` that sets its own ``name``
+METHODS: dict[str, type[FedMethod]] = {}
 
 
 class FedMethod:
@@ -92,6 +102,15 @@ class FedMethod:
     #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
     lr_schedule: str = "constant"
     schedule_rounds: int = 500
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            other = METHODS.get(cls.name)
+            if other is not None and other.__qualname__ != cls.__qualname__:
+                raise FedlitError(f"method name '{cls.name}' is taken by {other.__module__}.{other.__qualname__}")
+            METHODS[cls.name] = cls
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         self.lr = lr
@@ -140,8 +159,10 @@ class FedMethod:
             return x[:, 0]
         return x
 
-    def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
-        """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`."""
+    def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task,
+             classes: Sequence[int] | None = None) -> torch.Tensor:
+        """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`, ``task`` the class list
+        the client trains among and ``classes`` the positions in it of the classes the client holds."""
         return F.cross_entropy(module(x, task).float(), y)
 
     # ----------------------------------------------------------------------------- local optimisation
@@ -165,8 +186,14 @@ class FedMethod:
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The shared tensors the server sends to client ``cid`` this round."""
+        """The shared tensors the server sends to client ``cid`` this round (its *payload*; what a client keeps
+        between rounds is :class:`fedlit.rounds.ClientState`)."""
         return global_state
+
+    @property
+    def client_specific(self) -> bool:
+        """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG)."""
+        return type(self).client_state is not FedMethod.client_state
 
     def server_state_dict(self) -> dict[str, torch.Tensor]:
         """Server-side trainable state beyond the shared tensors (pFedPG's generator), for checkpoints."""

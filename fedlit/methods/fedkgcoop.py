@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FedlitError
-from ..prompts import Task, handcrafted_features
-from .fedtpg import client_task
+from ..data.task import Task, client_task
+from ..prompts import handcrafted_features
 from .promptfl import PromptFL
 
 
@@ -68,9 +68,9 @@ class FedKgCoOp(PromptFL):
         self.own_classes = own_classes
         self.eval_protocol = eval_protocol
 
-    def loss(self, module, x, y, task: Task):
+    def loss(self, module, x, y, task: Task, classes=None):
         if self.own_classes:
-            task, y = client_task(module, task, y)
+            task, y = client_task(task, classes, y)
         text = self.text_features(module.prompt, module.clip, task)  # one text pass for CE and the KG term
         ce = F.cross_entropy(self.logits(module.prompt, module.clip, x, task, prepared=text).float(), y)
         if self.w == 0:

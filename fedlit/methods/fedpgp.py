@@ -122,7 +122,7 @@ class FedPGP(FedMethod):
         """Class embeddings of the personalised prompt ``σ + UV``, averaged over the N prompts."""
         return encode_contexts(clip, task, prompt.personal_context()).mean(dim=0)
 
-    def loss(self, module, x, y, task: Task):
+    def loss(self, module, x, y, task: Task, classes=None):
         prompt, clip = module.prompt, module.clip
         n = self.num_prompts
         z = encode_contexts(clip, task, torch.cat([prompt.sigma, prompt.personal_context()]))  # [2N, C, D]

@@ -17,7 +17,7 @@ weights (``weighted=False``, as the official server does); nothing is personal. 
 FedTPG's protocol (``eval_protocol = "global"``): Local = each client's own test images among its own
 classes, Base/Novel = the global model on all base/novel classes. As in the official client, each client
 trains among **its own classes** (the generator's context is then the client's class set); the
-orchestrator tells the method which classes those are (``ClientModule.client_classes``).
+orchestrator passes the positions of those classes to :meth:`loss` (``classes``).
 
 As in the official client (spec §2.3), each client keeps its SGD momentum buffers across the rounds it
 participates in (``persistent_optimizer``, personal state that is never sent) and follows its own cosine
@@ -37,24 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FedlitError
-from ..prompts import Task, encode_context, handcrafted_features, prompt_template
+from ..data.task import Task, client_task
+from ..prompts import encode_context, handcrafted_features, prompt_template
 from .base import FedMethod
-
-
-def client_task(module, task: Task, y: torch.Tensor) -> tuple[Task, torch.Tensor]:
-    """The current client's own class list and its labels re-indexed into it (FedTPG's local task).
-
-    Falls back to ``(task, y)`` when the module does not say which classes the client holds."""
-    classes = getattr(module, "client_classes", None)
-    if not classes:
-        return task, y
-    own = Task(f"{task.name}-client", tuple(task.classnames[i] for i in classes))
-    lut = torch.full((len(task),), -1, dtype=torch.long, device=y.device)
-    lut[torch.as_tensor(classes, dtype=torch.long, device=y.device)] = torch.arange(len(classes), device=y.device)
-    y_own = lut[y]
-    if bool((y_own < 0).any()):
-        raise RuntimeError("a training label is not among the client's classes")
-    return own, y_own
 
 
 class GEGLU(nn.Module):
@@ -170,6 +155,6 @@ class FedTPG(FedMethod):
         first = 0 if self.official_deep_offset else 1
         return encode_context(clip, tpl, ctx[0], deep_prompts=deep, first_deep_block=first)
 
-    def loss(self, module, x, y, task):
-        own, y_own = client_task(module, task, y)
+    def loss(self, module, x, y, task, classes=None):
+        own, y_own = client_task(task, classes, y)
         return F.cross_entropy(self.logits(module.prompt, module.clip, x, own).float(), y_own)

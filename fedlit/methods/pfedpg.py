@@ -207,7 +207,7 @@ class PFedPG(VPTMethod):
 
     def aggregate(self, updates: Sequence[Update], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step on φ = {G, P_base, D} with ∇φ = mean_n (∂P_n/∂φ)ᵀ (P_n − P̃_n), P_n the prompt
-        client n was sent (``update.extra["sent"]``) and P̃_n the prompt it returned. Returns the new global
+        client n was sent (``update.sent``) and P̃_n the prompt it returned. Returns the new global
         state: the client-agnostic basis P_base (what a client outside the federation would get)."""
         ref = global_state[PROMPT_KEY]
         gen = self._ensure_server(tuple(ref.shape))
@@ -218,10 +218,10 @@ class PFedPG(VPTMethod):
         grads: list[torch.Tensor | None] = [None] * len(params)
         with torch.enable_grad():
             for u in updates:
-                sent = u.extra.get("sent")
+                sent = u.sent
                 if sent is None or PROMPT_KEY not in sent:
                     raise FedlitError(f"pfedpg: the update of client {u.cid} does not carry the prompt it was sent "
-                                      "(update.extra['sent']); run it through the orchestrator's local_update")
+                                      "(update.sent); aggregate updates through the round protocol (fedlit.rounds)")
                 p_n = gen(u.cid)
                 delta = (sent[PROMPT_KEY].float() - u.shared[PROMPT_KEY].float()).to(p_n.device) / len(updates)
                 g = torch.autograd.grad(p_n, params, grad_outputs=delta, allow_unused=True)

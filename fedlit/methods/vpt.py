@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import FedlitError
-from ..prompts import Task
+from ..data.task import Task
 from .base import FedMethod
 
 #: state-dict key of the prompt tokens (the tensor pFedPG generates and FedVPT averages).

@@ -24,48 +24,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FedlitError
+from ..errors import FedlitError
+from ..figures import COLORS, LABELS, METRICS, accuracy_axis, figure, finite, mean_std, per_client_figure, present
 
-METRICS = ("local", "base", "novel", "hm")
-LABELS = {"local": "Local", "base": "Base", "novel": "Novel", "hm": "HM"}
-COLORS = {"local": "#4C72B0", "base": "#55A868", "novel": "#C44E52", "hm": "#8172B2"}
 FORMATS = ("png", "pdf")
-
-
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a core dependency
-        raise FedlitError("plotting needs matplotlib; install it with `pip install matplotlib`") from None
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _present(rows, metrics=METRICS) -> list[str]:
-    """Metrics that at least one row holds as a finite number (pFedPG/VPT have no Novel)."""
-    return [m for m in metrics if any(_finite(r.get(m)) for r in rows)]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
-def _accuracy_axis(ax, values: list[float], pad: float = 4.0) -> None:
-    """Y range around the data (with ``pad`` points of room), inside [0, 100]."""
-    vals = [v for v in values if _finite(v)]
-    if vals:
-        lo, hi = max(0.0, min(vals) - pad), min(100.0, max(vals) + pad)
-        ax.set_ylim(lo, hi if hi > lo else lo + 1.0)
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -85,15 +47,15 @@ class Group:
         return all(len(r.get("history", [])) <= 1 for r in self.runs)
 
     def final(self, metric: str) -> tuple[float, float] | None:
-        vals = [float(r["final"][metric]) for r in self.runs if _finite(r.get("final", {}).get(metric))]
-        return _mean_std(vals) if vals else None
+        vals = [float(r["final"][metric]) for r in self.runs if finite(r.get("final", {}).get(metric))]
+        return mean_std(vals) if vals else None
 
     def curve(self, metric: str) -> tuple[list[int], list[float], list[float]]:
         """Rounds every seed evaluated, with the mean and std over seeds there."""
-        per_run = [{h["round"]: h[metric] for h in r.get("history", []) if _finite(h.get(metric)) and "round" in h}
+        per_run = [{h["round"]: h[metric] for h in r.get("history", []) if finite(h.get(metric)) and "round" in h}
                    for r in self.runs]
         rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-        stats = [_mean_std([p[t] for p in per_run]) for t in rounds]
+        stats = [mean_std([p[t] for p in per_run]) for t in rounds]
         return rounds, [s[0] for s in stats], [s[1] for s in stats]
 
 
@@ -141,37 +103,13 @@ def _title(groups: list[Group], what: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def per_client_figure(per_client: dict, title: str = "per-client accuracy"):
-    """Grouped bars: for every client its Local / Base / Novel accuracy (percent)."""
-    clients = sorted(per_client, key=lambda c: int(c))
-    rows = [per_client[c] for c in clients]
-    metrics = _present(rows, ("local", "base", "novel"))
-    # width capped at 40 in (4,800 px): with 1,000 clients an uncapped canvas (90,000 px) cost ~800 MB of peak memory
-    fig = _figure(min(max(4.5, 0.9 * len(clients) + 2.0), 40.0), 3.4)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(len(metrics), 1)
-    for j, m in enumerate(metrics):
-        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(clients))]
-        ax.bar(xs, [r.get(m, float("nan")) for r in rows], width, label=LABELS[m], color=COLORS[m])
-    every = max(1, len(clients) // 40)  # at most ~40 client labels
-    ax.set_xticks(range(0, len(clients), every))
-    ax.set_xticklabels([str(int(c)) for c in clients[::every]])
-    ax.set_xlabel("client")
-    _accuracy_axis(ax, [r.get(m) for r in rows for m in metrics], pad=8.0)
-    ax.set_title(title)
-    if metrics:  # legend outside the bars
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
-    fig.tight_layout()
-    return fig
-
-
 def accuracy_figure(groups: list[Group], title: str | None = None):
     """Accuracy against round, one panel per metric: mean over seeds ± std band per method; methods with nothing
     to train are dashed horizontal reference lines at their (single) evaluation."""
-    metrics = _present([h for g in groups for r in g.runs for h in r.get("history", [])]) or list(METRICS)
+    metrics = present([h for g in groups for r in g.runs for h in r.get("history", [])]) or list(METRICS)
     cols = 2 if len(metrics) > 1 else 1
     nrows = math.ceil(len(metrics) / cols)
-    fig = _figure(5.2 * cols + 1.6, 3.0 * nrows + 0.6)
+    fig = figure(5.2 * cols + 1.6, 3.0 * nrows + 0.6)
     colors = _group_colors(groups)
     last_round = max([h.get("round", 1) for g in groups for r in g.runs for h in r.get("history", [])] or [1])
     for k, m in enumerate(metrics):
@@ -194,7 +132,7 @@ def accuracy_figure(groups: list[Group], title: str | None = None):
         ax.set_xlim(0.5, last_round + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
         ax.set_xlabel("round")
-        _accuracy_axis(ax, values)
+        accuracy_axis(ax, values)
     handles, labels = fig.axes[0].get_legend_handles_labels() if fig.axes else ([], [])
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize="small", frameon=False)
@@ -209,8 +147,8 @@ def methods_figure(groups: list[Group], title: str | None = None):
     from .summarize import paper_for
 
     finals = [{m: (g.final(m) or (float("nan"), 0.0))[0] for m in METRICS} for g in groups]
-    metrics = _present(finals) or list(METRICS)
-    fig = _figure(max(6.0, 1.3 * len(groups) * max(1, len(metrics)) / 3 + 2.5), 3.8)
+    metrics = present(finals) or list(METRICS)
+    fig = figure(max(6.0, 1.3 * len(groups) * max(1, len(metrics)) / 3 + 2.5), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(metrics)
     values, marked = [], False
@@ -226,7 +164,7 @@ def methods_figure(groups: list[Group], title: str | None = None):
         values += [a - e for a, e in zip(means, errs)] + [a + e for a, e in zip(means, errs)]
         for x, g in zip(xs, groups):
             paper = paper_for(g.method, g.dataset)[0].get(m)  # ({metric: value}, paper name)
-            if _finite(paper):
+            if finite(paper):
                 ax.plot([x], [paper], marker="D", markersize=4, color="black", linestyle="none",
                         label=None if marked else "paper")
                 values.append(paper)
@@ -234,7 +172,7 @@ def methods_figure(groups: list[Group], title: str | None = None):
     ax.set_xticks(range(len(groups)))
     long = len(groups) > 4 or max((len(g.label) for g in groups), default=0) > 12
     ax.set_xticklabels([g.label for g in groups], rotation=25 if long else 0, ha="right" if long else "center")
-    _accuracy_axis(ax, values, pad=6.0)
+    accuracy_axis(ax, values, pad=6.0)
     ax.set_title(title or _title(groups, "Final accuracy"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()

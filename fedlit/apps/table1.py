@@ -1,7 +1,7 @@
 """Reproduce FedPGP's Table 1 (base-to-novel, 8 methods × 5 datasets) and write it beside the paper's numbers.
 
-    python -m fedlit.table1 --backbone ViT-B-16 --out results/          # real grid (needs $FEDLIT_DATA and a GPU)
-    python -m fedlit.table1 --backbone fedlit-toy --out results/        # embedded benchmark, CPU, minutes
+    python -m fedlit.apps.table1 --backbone ViT-B-16 --out results/          # real grid (needs $FEDLIT_DATA and a GPU)
+    python -m fedlit.apps.table1 --backbone fedlit-toy --out results/        # embedded benchmark, CPU, minutes
     make reproduce-table1 [BACKBONE=fedlit-toy] [SEEDS="1 2 3"] [METHODS="promptfl fedpgp"] [DATASETS="dtd"]
 
 Every cell runs ``fedlit fit --config configs/<method>.yaml --data.dataset D --seed S`` — in this process (imports
@@ -11,8 +11,8 @@ in the paper's order (a failing cell is recorded as failed and the grid goes on)
 its output goes to ``<out>/table1/<backbone>/logs/<method>-<dataset>-seed<S>.log``. A cell whose run directory
 holds ``results.json`` is skipped; an interrupted one is resumed from its checkpoint (the CLI does that when the
 same command is run again). The table is written to ``<out>/table1.md`` + ``.csv`` (``table1-<backbone>.md`` for
-another backbone than ViT-B-16) by :func:`fedlit.summarize.summarize` after every cell, cells not run yet marked
-pending. SIGINT/SIGTERM stop the running cell (a child gets the same signal), write the table and exit.
+another backbone than ViT-B-16) by :func:`fedlit.apps.summarize.summarize` after every cell, cells not run yet
+marked pending. SIGINT/SIGTERM stop the running cell (a child gets the same signal), write the table and exit.
 
 On ``fedlit-toy`` every run adds ``--config configs/embedded.yaml``, the datasets are the embedded procedural
 domains standing in for the real ones (:data:`TOY_DATASETS`), rounds are cut to 2 and FedMaPLe's prompt depth to 2
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import FedlitError
+from ..errors import FedlitError
 from .paper_results import TABLE1_DATASETS, TABLE1_METHODS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -99,10 +99,17 @@ def _isolated(extra: list[str]) -> bool:
 def _run_in_process(cmd: list[str], log) -> int:
     """One cell in this process (imports, backbone and its caches are shared by the cells): ``fedlit fit``'s own
     SIGINT handling stops it at once, leaving its last checkpoint for the next run of the grid."""
-    from .cli import main as fedlit_main
+    from ..experiment import fit_argv
 
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = fedlit_main(cmd[cmd.index("fit"):])
+        try:
+            rc = fit_argv(cmd[cmd.index("fit") + 1:])
+        except FedlitError as e:
+            print(f"error: {e}", file=log)
+            rc = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=log)
+            rc = 130
     gc.collect()
     return rc
 
@@ -232,7 +239,7 @@ def write_table(backbone: str, out: Path, failed: list[dict] = (), rounds: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedlit.table1", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedlit.apps.table1", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default=PAPER_BACKBONE, help="ViT-B-16 (the paper's) or fedlit-toy (embedded).")
     p.add_argument("--out", default="results", help="Results folder (runs under OUT/table1/<backbone>/).")
     p.add_argument("--methods", nargs="+", default=TABLE1_METHODS)
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [d for d in a.datasets if d not in TABLE1_DATASETS]
         if bad:
             raise FedlitError(f"dataset {bad[0]} is not in FedPGP Table 1; choose from {', '.join(TABLE1_DATASETS)}")
-        from .methods import list_methods
+        from ..methods import list_methods
 
         unknown = [m for m in a.methods if m not in list_methods()]
         if unknown:

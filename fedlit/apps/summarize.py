@@ -8,7 +8,7 @@ the averaged Local/Base/Novel, not the mean of per-row HMs), the number of seeds
 cell, the paper value and ours − paper. A method with all five FedPGP Table-1 datasets also gets an "Average" row
 (mean over datasets of the per-dataset means; HM of those).
 
-A run directory holds ``results.json`` (written by :meth:`fedlit.federation.Orchestrator.finish`); a directory
+A run directory holds ``results.json`` (written by :meth:`fedlit.orchestrator.Orchestrator.finish`); a directory
 without one that holds run directories below it is searched recursively; anything else is skipped with a warning.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FedlitError
-from .metrics import harmonic_mean
+from ..errors import FedlitError
+from ..metrics import harmonic_mean
 from .paper_results import DATASET_NAMES, METHOD_NAMES, PAPERS, TABLE1_DATASETS, TABLE1_METHODS, paper_value
 
 KEYS = ("local", "base", "novel")

@@ -1,0 +1,135 @@
+"""The package's shape, enforced: the import graph has no cycles and never points from a lower layer to a higher
+one, no module is over 400 non-blank lines, the Fabric round loop stays short, and adding a method is one class."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fedlit"
+
+#: layers, lowest first; a module may import only from its own layer or lower ones (prefix match, longest wins)
+LAYERS = [
+    ("base", ["fedlit.errors", "fedlit.atomic", "fedlit.aggregation", "fedlit.metrics", "fedlit.trainer",
+              "fedlit.checkpoint", "fedlit.figures", "fedlit.heap"]),
+    ("data", ["fedlit.data"]),
+    ("backbones", ["fedlit.backbones", "fedlit.prompts", "fedlit.features", "fedlit.feature_store"]),
+    ("methods", ["fedlit.methods"]),
+    ("client", ["fedlit.client"]),
+    ("round loop", ["fedlit.rounds", "fedlit.evaluation", "fedlit.orchestrator"]),
+    ("experiment", ["fedlit.experiment"]),
+    ("integrations", ["fedlit.integrations"]),
+    ("apps", ["fedlit.apps"]),
+    ("cli", ["fedlit.cli", "fedlit.__main__"]),
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every fedlit module ``name`` imports (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in modules:  # fedlit.x.y.attr → fedlit.x.y
+                t = t.rpartition(".")[0]
+            if t.startswith("fedlit") and t != name and t != "fedlit":
+                found.add(t)
+    return found
+
+
+def _layer(name: str) -> int:
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+                if name == p or name.startswith(p + ".")), default=None)
+    assert best is not None, f"{name} is in no layer of tests/test_architecture.py"
+    return best[1]
+
+
+GRAPH = {name: _imports(name, path, _modules()) for name, path in _modules().items() if name != "fedlit"}
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(nxt):] + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = 2
+
+    for node in sorted(GRAPH):
+        if node not in state:
+            visit(node, [])
+
+
+def test_no_import_points_to_a_higher_layer():
+    bad = [f"{a} ({LAYERS[_layer(a)][0]}) → {b} ({LAYERS[_layer(b)][0]})"
+           for a, targets in GRAPH.items() for b in targets if _layer(b) > _layer(a)]
+    assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_arrow(tmp_path):
+    """The graph parser resolves relative, from-package and in-function imports (else the tests above prove nothing)."""
+    assert "fedlit.rounds" in GRAPH["fedlit.orchestrator"]  # from .rounds import …
+    assert "fedlit.data.task" in GRAPH["fedlit.methods.fedtpg"]  # from ..data.task import …
+    assert "fedlit.apps.plot" in GRAPH["fedlit.cli"]  # inside a function
+    assert "fedlit.data.shapes" in GRAPH["fedlit.data.registry"]  # from fedlit.data import shapes
+    assert _layer("fedlit.data.coop") < _layer("fedlit.methods.coop") < _layer("fedlit.orchestrator")
+
+
+def test_no_module_over_400_non_blank_lines():
+    sizes = {str(p.relative_to(PKG.parent)): sum(1 for line in p.read_text().splitlines() if line.strip())
+             for p in PKG.rglob("*.py")}
+    assert not {k: v for k, v in sizes.items() if v > 400}
+
+
+def test_the_fabric_round_loop_is_short():
+    tree = ast.parse((PKG / "orchestrator.py").read_text())
+    fit = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fit")
+    assert fit.end_lineno - fit.lineno + 1 <= 40
+
+
+def test_a_new_method_is_one_class_found_by_its_name(monkeypatch):
+    from fedlit.methods import METHODS, class_path, list_methods, method_class
+    from fedlit.methods.coop import CoOp
+
+    monkeypatch.setattr("fedlit.methods.base.METHODS", METHODS)  # the same dict; restored entries below
+    list_methods()  # every module imported first: the registry restored below is the complete one
+    before = dict(METHODS)
+    try:
+        class ThrowAway(CoOp):
+            name = "throwaway"
+
+        assert method_class("throwaway") is ThrowAway and "throwaway" in list_methods()
+        assert class_path("throwaway").endswith("ThrowAway")
+        with pytest.raises(Exception, match="taken"):
+            type("Other", (CoOp,), {"name": "throwaway"})
+    finally:
+        METHODS.clear()
+        METHODS.update(before)
+    assert "throwaway" not in list_methods()
