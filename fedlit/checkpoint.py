@@ -72,6 +72,18 @@ def save(path: str | Path, state: RunState) -> None:
                           f"intact — free disk space or choose another --out_dir, then rerun to resume") from None
 
 
+def identity_of(path: str | Path) -> dict | None:
+    """The identity a checkpoint was written with (its metadata only, no tensor read); ``None`` if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fedlit", "null") or "null")
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError):
+        return None
+    return meta.get("identity") if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 def load(path: str | Path) -> RunState:
     """Read a checkpoint written by :func:`save` (safetensors: no code is executed)."""
     path = Path(path)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
+from .atomic import atomic_write
 from .errors import FedlitError, unknown_name
 
 
@@ -150,26 +152,39 @@ def run_name(method: str, data_label: str, seed: int) -> str:
     return f"{method}-{data_label}-seed{seed}"
 
 
-def default_run_dir(method: str, data_label: str, seed: int) -> Path:
-    """``runs/<run_name>[-N]``: the first such directory that is missing or empty."""
+def default_run_dir(method: str, data_label: str, seed: int, digest: str | None = None) -> Path:
+    """``runs/<run_name>[-N]``: the first such directory that holds an unfinished run of the same config
+    (``digest``: :func:`config_digest`; rerunning a command resumes it), else the first missing or empty one."""
     base = Path("runs") / run_name(method, data_label, seed)
-    path, n = base, 1
-    while path.exists() and any(path.iterdir()):
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    candidates = [base]
+    while candidates[-1].exists() and any(candidates[-1].iterdir()):
+        candidates.append(base.with_name(f"{base.name}-{len(candidates) + 1}"))
+    for path in candidates[:-1]:
+        if digest is not None and _unfinished_run_of(path, digest):
+            return path
+    return candidates[-1]
 
 
-def run_dir(out_dir: str | None, method: str, data_label: str, seed: int, overwrite: bool) -> tuple[Path, Path | None]:
-    """The run directory (``out_dir``, or :func:`default_run_dir`), and the checkpoint to resume from (if the
-    directory holds an unfinished run).
+def _unfinished_run_of(path: Path, digest: str) -> bool:
+    """``path`` holds a checkpoint and no results, written by a run of the config with this digest."""
+    from .checkpoint import NAME, identity_of
+
+    if (path / "results.json").exists() or not (path / NAME).is_file():
+        return False
+    return (identity_of(path / NAME) or {}).get("config_digest") == digest
+
+
+def run_dir(out_dir: str | None, method: str, data_label: str, seed: int, overwrite: bool,
+            digest: str | None = None) -> tuple[Path, Path | None]:
+    """The run directory (``out_dir``, or :func:`default_run_dir`, which finds an unfinished run of the same
+    config), and the checkpoint to resume from (if the directory holds an unfinished run).
 
     A finished run (``results.json``) is never replaced unless ``overwrite``; an unfinished one with a
     checkpoint is resumed; a directory holding files fedlit did not write is refused.
     """
     from .checkpoint import NAME
 
-    path = default_run_dir(method, data_label, seed) if out_dir is None else Path(out_dir)
+    path = default_run_dir(method, data_label, seed, digest) if out_dir is None else Path(out_dir)
     resume = None
     if path.is_dir() and any(path.iterdir()):
         foreign = sorted(p.name for p in path.iterdir() if p.name not in _OURS)
@@ -266,12 +281,14 @@ def fit(parser, cfg, init) -> int:
     fabric, federation = orchestrator.fabric, orchestrator.fed
     where = None
     if fabric.global_rank == 0:
-        path, resume = run_dir(cfg.out_dir, method.name, data.label, cfg.seed, cfg.overwrite)
+        path, resume = run_dir(cfg.out_dir, method.name, data.label, cfg.seed, cfg.overwrite,
+                               identity["config_digest"])
         if resume is not None:
             state = ckpt.load(resume)
             ckpt.check_identity(resume, state.identity, identity)
-        else:
-            parser.save(cfg, str(path / "config.yaml"), skip_validation=True, overwrite=True)
+        # the config this run finishes with (a resumed run may have been given more rounds)
+        text = parser.dump(cfg, skip_validation=True)
+        atomic_write(path / "config.yaml", lambda f: f.write(text), mode="w")
         where = (str(path), str(resume) if resume else None)
     path, resume = fabric.broadcast(where, src=0)
     state = ckpt.load(resume) if resume else None
@@ -280,7 +297,15 @@ def fit(parser, cfg, init) -> int:
         print(f"fedlit: {method.name} on {data.label} — {len(federation.clients)} clients, "
               f"backbone {init.backbone.name}, {action}")
         print(federation.summary())
-    results = orchestrator.fit(path, resume=state)
+    try:
+        results = orchestrator.fit(path, resume=state)
+    except KeyboardInterrupt:
+        if fabric.global_rank == 0:
+            saved = ckpt.identity_of(Path(path) / ckpt.NAME) is not None
+            print(f"fedlit: stopped; rerun the same command to resume from the last checkpoint in {path}" if saved
+                  else f"fedlit: stopped before the first checkpoint of {path}; rerunning the command starts it again",
+                  file=sys.stderr)
+        raise
     if fabric.global_rank == 0:
         print(format_final(results))
     return 0

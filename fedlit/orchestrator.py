@@ -13,7 +13,6 @@ draw is a function of ``(seed, round, client)``).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
 from .figures import per_client_figure
 from .heap import release_free_memory
+from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
 from .rounds import ClientState, RoundProtocol, shard
@@ -89,29 +89,27 @@ class Orchestrator:
         if resume is not None:
             start, metrics = self.restore(resume), resume.extra.get("metrics", {})
         self.open_run(run_dir, start)
-        bar = self._progress(self.protocol.rounds, start)
+        progress = Progress(self.method.name, self.protocol.rounds, start, self.cfg.progress,
+                            enabled=self.fabric.global_rank == 0)
         for rnd in range(start, self.cfg.rounds):
-            if self.method.trainable:
-                self.train_round(rnd)
+            loss = self.train_round(rnd) if self.method.trainable else None
             if self.protocol.eval_due(rnd):
                 metrics = self.evaluate(rnd)
             if self.protocol.checkpoint_due(rnd):
                 self.save_checkpoint(rnd + 1, metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.1f}" for k, v in metrics.get("mean", {}).items()})
+            progress.round_done(rnd, metrics, loss)
             if not self.method.trainable:  # nothing changes between rounds: one evaluation is the result
                 break
-        if bar is not None:
-            bar.close()
+        progress.close()
         return self.finish(metrics, time.time() - t0)
 
-    def train_round(self, rnd: int) -> None:
-        """The protocol's clients and payloads → my shard's local updates → all updates → aggregation → logs."""
+    def train_round(self, rnd: int) -> float:
+        """The protocol's clients and payloads → my shard's local updates → all updates → aggregation → logs.
+        Returns the round's mean training loss."""
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
         updates = self.apply(self._gather([self.safe_update(cid, rnd, sent[cid]) for cid in mine]))
-        self.log_round(rnd, list(sent), updates)
+        return self.log_round(rnd, list(sent), updates)
 
     def apply(self, updates: list[Update]) -> list[Update]:
         """The round's updates into the global state and the clients' states (:meth:`RoundProtocol.aggregate`)."""
@@ -271,12 +269,14 @@ class Orchestrator:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> None:
+    def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> float:
+        """The round's scalars to TensorBoard; returns its mean training loss."""
         scalars = self.protocol.round_scalars(selected, updates)
         self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
         scalars["comm/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok})
         self._log(scalars, rnd + 1)
+        return scalars["train/loss"]
 
     def _log(self, scalars: dict, step: int) -> None:
         if self.logger is not None:
@@ -291,14 +291,6 @@ class Orchestrator:
         except FedlitError:  # matplotlib missing: scalars only
             return
         self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
-
-    def _progress(self, total: int, done: int):
-        show = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
-        if not show or self.fabric.global_rank != 0:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=done, desc=f"{self.method.name} rounds", unit="round", dynamic_ncols=True)
 
     def hparams(self) -> dict[str, int | float | str | bool]:
         """Flat scalars/strings for TensorBoard's HParams view: run meta (``identity/…`` flattened), the

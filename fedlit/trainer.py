@@ -34,7 +34,8 @@ class FedTrainer:
             a checkpoint and no results is resumed automatically.
         on_client_failure: ``skip`` leaves a client whose update raises or whose loss is NaN/inf out of the
             round's aggregation (logged and counted); ``stop`` ends the run with an error.
-        progress: show a progress bar (``null``: only when stderr is a terminal).
+        progress: ``true``: a progress bar; ``false``: nothing; ``null`` (default): the bar when stderr is a
+            terminal, else one plain line per round on stdout (round, seconds, loss, latest Local/Base/Novel/HM).
         feature_cache: where frozen image features are cached: ``memory`` (per process) or ``disk``
             (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
             augmentation; reused across runs and processes). Same values either way.

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "fedlit"
 #: layers, lowest first; a module may import only from its own layer or lower ones (prefix match, longest wins)
 LAYERS = [
     ("base", ["fedlit.errors", "fedlit.atomic", "fedlit.aggregation", "fedlit.metrics", "fedlit.trainer",
-              "fedlit.checkpoint", "fedlit.figures", "fedlit.heap"]),
+              "fedlit.checkpoint", "fedlit.figures", "fedlit.heap",
+              "fedlit.progress"]),
     ("data", ["fedlit.data"]),
     ("backbones", ["fedlit.backbones", "fedlit.prompts", "fedlit.features", "fedlit.feature_store"]),
     ("methods", ["fedlit.methods"]),
