@@ -14,6 +14,7 @@ these functions, so every runtime starts from the same tensors in the same order
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from pathlib import Path
@@ -47,10 +48,12 @@ def fit_parser():
 
     from .data.federation import FederatedData
     from .trainer import FedTrainer
-    from .methods import FedMethod
+    from .methods import FedMethod, list_methods
 
-    p = ArgumentParser(prog="fedlit fit", description="Train and evaluate a federation.", exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s), composed in order.")
+    list_methods()  # every method imported: `--help` lists them all as known subclasses
+    p = ArgumentParser(prog="fedlit fit", description="Train and evaluate a federation.", exit_on_error=False,
+                       allow_abbrev=False)  # `--trainer.round 5` is an error, not `rounds`
+    p.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file(s), composed in order.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the run (partition, sampling, init).")
     p.add_argument("--out_dir", type=str | None, default=None,
                    help="Run directory (default: runs/<method>-<dataset>-seed<seed>[-N], never overwritten).")
@@ -62,30 +65,79 @@ def fit_parser():
     return p
 
 
-def rewrite_method_shortcut(argv: list[str]) -> list[str]:
-    """``--method promptfl`` → ``--method fedlit.methods.promptfl.PromptFL`` (short names from the registry)."""
-    from .methods import class_path, list_methods
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def rewrite_method_shortcut(argv: list[str], say=None) -> list[str]:
+    """``--method promptfl`` → PromptFL **with its own hyper-parameters**: those of ``configs/promptfl.yaml``'s
+    ``method:`` section where that file exists, else the class defaults — never the previous method's arguments
+    (a later ``--method.init_args.KEY`` still overrides them). ``--method.help promptfl`` → the class path.
+    ``say``: where the one-line note on the switch goes (default: stderr)."""
+    from .methods import class_path, list_methods, method_class
 
     methods = list_methods()
     out = list(argv)
     for i, a in enumerate(out):
         name = None
-        if a == "--method" and i + 1 < len(out):
+        if a in ("--method", "--method.help") and i + 1 < len(out):
             name, j = out[i + 1], i + 1
-        elif a.startswith("--method="):
+        elif a.startswith(("--method=", "--method.help=")):
             name, j = a.split("=", 1)[1], i
         if name is None or "." in name or name.strip().startswith("{"):
             continue
-        if name in methods:
-            value = class_path(name)
-        elif name.lower() in methods:
-            value = class_path(name.lower())
-        elif name[:1].isupper():
-            continue  # a class name: jsonargparse resolves it
-        else:
+        key = name if name in methods else name.lower()
+        if key not in methods:
+            if name[:1].isupper():
+                continue  # a class name: jsonargparse resolves it
             raise unknown_name("method", name, methods)
-        out[j] = value if j == i + 1 else f"--method={value}"
+        if a.startswith("--method.help"):
+            value = class_path(key)
+        else:
+            args, source = _own_arguments(method_class(key), key)
+            value = json.dumps({"class_path": class_path(key), "init_args": args})
+            (say or (lambda m: print(m, file=sys.stderr)))(
+                f"--method {key}: {method_class(key).__name__} with {source} (override with --method.init_args.KEY)")
+        out[j] = value if j == i + 1 else f"{a.split('=', 1)[0]}={value}"
     return out
+
+
+def _own_arguments(cls, name: str) -> tuple[dict, str]:
+    """A method's constructor defaults, updated by the ``method:`` section of ``configs/<name>.yaml``."""
+    import inspect
+
+    import yaml
+
+    args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and p.default is not inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    path = CONFIGS / f"{name}.yaml"
+    try:
+        section = (yaml.safe_load(path.read_text()) or {}).get("method") or {}
+    except (OSError, yaml.YAMLError):
+        return args, "its defaults"
+    if str(section.get("class_path", "")).rsplit(".", 1)[-1] != cls.__name__:
+        return args, "its defaults"
+    args.update(section.get("init_args") or {})
+    return args, f"the hyper-parameters of configs/{name}.yaml"
+
+
+def check_config_files(argv: list[str]) -> None:
+    """A config file given with ``--config``/``-c`` that is not valid YAML: one line naming the file and where."""
+    import yaml
+
+    for i, a in enumerate(argv[:-1]):
+        if a not in ("--config", "-c"):
+            continue
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            continue  # jsonargparse says it does not exist
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise FedlitError(f"{path} is not valid YAML ({what}{where}); fix the file") from None
 
 
 def _method_params(text: str) -> list[str]:
@@ -267,7 +319,8 @@ def build(parser, cfg, init):
         clip.set_text_path(init.backbone.text_path)
     identity = {"method": method.name, "backbone": f"{init.backbone.name}:{init.backbone.pretrained}",
                 "dataset": data.dataset, "seed": cfg.seed, "config_digest": config_digest(parser, cfg)}
-    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity}
+    settings = {k: v for k, v in vars(data).items() if not k.startswith("_") and k != "names"}
+    meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity, "data": settings}
     return Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta), identity
 
 
@@ -318,6 +371,7 @@ __all__ = ["Backbone", "build", "config_digest", "default_run_dir", "fit", "fit_
 def fit_argv(argv: list[str]) -> int:
     """``fedlit fit ARGS``: parse the arguments, build the run and train it (raises :class:`FedlitError` on bad
     input, ``KeyboardInterrupt`` on Ctrl-C; the CLI turns both into one line)."""
+    check_config_files(argv)
     parser = fit_parser()
     cfg, init = parse_fit(parser, lambda: parser.parse_args(rewrite_method_shortcut(argv)))
     return fit(parser, cfg, init)

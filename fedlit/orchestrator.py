@@ -293,8 +293,9 @@ class Orchestrator:
         self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
     def hparams(self) -> dict[str, int | float | str | bool]:
-        """Flat scalars/strings for TensorBoard's HParams view: run meta (``identity/…`` flattened), the
-        method's constructor arguments (``method_args/…``) and the trainer settings (``trainer/…``)."""
+        """Flat scalars/strings for TensorBoard's HParams view: run meta (dataset, backbone, the ``data:`` settings
+        as ``data/…`` when the run was built from a config, ``identity/config_digest``), the method's constructor
+        arguments (``method_args/…``) and the trainer settings (``trainer/…``)."""
         import inspect
 
         def flat(prefix: str, obj) -> dict:
@@ -307,7 +308,9 @@ class Orchestrator:
         init = inspect.signature(type(self.method).__init__).parameters
         args = {p: getattr(self.method, p) for p in init if p != "self" and hasattr(self.method, p)}
         settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_")}
-        return flat("", {"method": self.method.name, "seed": self.seed, **self.meta,
+        meta = dict(self.meta)  # identity/… only where it adds something (config digest, backbone weights)
+        meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
+        return flat("", {"method": self.method.name, "seed": self.seed, **meta,
                          "method_args": args, "trainer": settings})
 
     def finish(self, metrics: dict, wall: float) -> dict:

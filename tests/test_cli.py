@@ -101,7 +101,8 @@ def test_print_config_and_lists(capsys):
         main(["fit", "--config", QUICK, "--method", "coop", "--print_config"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: fedlit.methods.coop.CoOp" in out and "n_ctx: 4" in out
+    assert "class_path: fedlit.methods.coop.CoOp" in out
+    assert "n_ctx: 16" in out  # configs/coop.yaml's, not the n_ctx 4 of quickstart.yaml's PromptFL
     assert main(["methods"]) == 0 and "promptfl" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "shapes-dark" in capsys.readouterr().out
 
@@ -136,3 +137,44 @@ def test_pretrain_toy_never_writes_over_an_existing_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--overwrite true" in err and len(err.splitlines()) == 1
     assert existing.read_bytes() == b"earlier weights"
+
+
+def test_cli_habits_of_lightningcli_users(tmp_path, capsys):
+    # -c is --config; an abbreviated key is an error, never silently another key
+    assert main(["fit", "-c", QUICK, "--trainer.round", "5"]) == 2
+    assert "unknown config key 'trainer.round'" in capsys.readouterr().err
+    # a YAML syntax error names the file and the place
+    bad = _yaml(tmp_path, "bad.yaml", "trainer:\n  rounds: [1\n")
+    assert main(["fit", "--config", QUICK, "--config", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad} is not valid YAML") and "line 3" in err and len(err.splitlines()) == 1
+
+
+def test_switching_method_starts_from_the_new_methods_own_hyper_parameters(capsys):
+    from fedlit.experiment import fit_parser, rewrite_method_shortcut
+
+    parser = fit_parser()
+    notes = []
+    argv = ["--config", QUICK, "--method", "fedpgp"]  # quickstart.yaml is PromptFL with n_ctx 4, lr 0.01
+    cfg = parser.parse_args(rewrite_method_shortcut(argv, say=notes.append))
+    assert cfg.method.class_path.endswith("FedPGP")
+    assert (cfg.method.init_args.n_ctx, cfg.method.init_args.lr) == (16, 0.001)  # configs/fedpgp.yaml's
+    assert notes == ["--method fedpgp: FedPGP with the hyper-parameters of configs/fedpgp.yaml "
+                     "(override with --method.init_args.KEY)"]
+    cfg = parser.parse_args(rewrite_method_shortcut([*argv, "--method.init_args.lr", "0.5"], say=notes.append))
+    assert cfg.method.init_args.lr == 0.5  # later overrides still win
+
+
+def test_fit_help_lists_every_method_and_method_help_takes_a_short_name(capsys):
+    from fedlit.methods import list_methods
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    classes = {__import__("fedlit.methods", fromlist=["x"]).method_class(m).__name__ for m in list_methods()}
+    missing = [c for c in classes if c not in out]
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        main(["fit", "--method.help", "fedpgp"])
+    out = capsys.readouterr().out
+    assert "--method.rank" in out and "--method.mu" in out and "FedPGP" in out

@@ -25,6 +25,7 @@ from fedlit.methods.promptfl import PromptFL
 from fedlit.methods.zeroshot import ZeroShot
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
 
 
 def _orchestrator(clip, federation, method, rounds: int) -> Orchestrator:
@@ -129,6 +130,7 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
     assert all(isinstance(v, int | float | str | bool) for v in hp.values()), hp
     assert hp["method"] == "promptfl" and hp["method_args/n_ctx"] == 4 and hp["method_args/ctx_init"] == "a photo of a"
     assert hp["trainer/rounds"] == 2 and hp["trainer/progress"] is False and hp["seed"] == 0
+    assert not {"identity/method", "identity/seed", "identity/dataset"} & set(hp)  # said once, not twice
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -136,6 +138,18 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
     ea.Reload()
     plugin = ea.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugin and b"method_args/n_ctx" in plugin["_hparams_/experiment"]
+
+
+def test_a_fit_logs_its_data_settings_as_hparams(tmp_path):
+    from fedlit.experiment import build, fit_parser, parse_fit
+
+    parser = fit_parser()
+    argv = ["--config", QUICK, "--data.shots", "4", "--data.num_clients", "3"]
+    cfg, init = parse_fit(parser, lambda: parser.parse_args(argv))
+    orch, _ = build(parser, cfg, init)
+    hp = orch.hparams()
+    assert hp["data/shots"] == 4 and hp["data/num_clients"] == 3 and hp["data/partition"] == "disjoint"
+    assert hp["identity/config_digest"] and "identity/method" not in hp
 
 
 # ------------------------------------------------------------------------------- fedlit plot
