@@ -80,7 +80,10 @@ class Orchestrator:
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 batch_size=trainer.eval_batch_size, autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
-                                augment_views=trainer.augment_views, seed=seed)
+                                augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,
+                                epoch_views=trainer.rounds * trainer.local_epochs
+                                if method.augmentation(trainer) == "dassl" else 0,
+                                cache_views=method.image_input == "features" and trainer.participation >= 1)
         self.evaluator = Evaluator(federation, method, self.module, self.bank, self._client_model,
                                    trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()
@@ -209,7 +212,8 @@ class Orchestrator:
         """Load (global ∪ personal) → ``local_epochs`` passes over the client's data → export."""
         client, m, cfg = self.fed.clients[cid], self.module, self.cfg
         sent = self.method.client_state(cid, self.global_state)
-        m.load_prompt_state(sent, self.personal.get(cid, self.init_personal))
+        restart = self.method.restart_personal  # official CoOp baseline: local training from the initial weights
+        m.load_prompt_state(sent, self.init_personal if restart else self.personal.get(cid, self.init_personal))
         m.global_state = {k: v.to(self.fabric.device) for k, v in sent.items()}
         m.task, m.cid, m.round = self.fed.task_of(cid), cid, rnd
         pos = {name: i for i, name in enumerate(m.task.classnames)}
@@ -220,7 +224,7 @@ class Orchestrator:
         y_all = torch.as_tensor(client.train_y, device=self.fabric.device)
         for epoch in range(cfg.local_epochs):
             order = np.random.default_rng([self.seed, rnd, cid, epoch]).permutation(client.num_samples)
-            for s in range(0, len(order), cfg.batch_size):
+            for s in cfg.batch_starts(len(order)):
                 rows = order[s : s + cfg.batch_size]
                 x = self.bank.inputs("train", client.train_idx[rows],
                                      views=self.bank.train_views((self.seed, rnd, cid, epoch), client.num_samples, rows))

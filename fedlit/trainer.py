@@ -38,9 +38,18 @@ class FedTrainer:
             (memory-mapped files under ``cache_dir``, keyed by backbone weights, data, split, transform and
             augmentation; reused across runs and processes). Same values either way.
         cache_dir: directory of the disk cache (``null``: ``$FEDLIT_CACHE``, else ``~/.cache/fedlit/features``).
-        augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
-            + flip views per training image, encoded once, one drawn per sample and step from
-            (seed, round, client, epoch). Evaluation is never augmented.
+        augment: training augmentation. ``method`` (default): each method's official one
+            (:attr:`~fedlit.methods.base.FedMethod.default_augment`: ``dassl`` for the FedPGP/FedOTP/PromptFL/CoOp/
+            CoCoOp/MaPLe family, ``none`` for the FedTPG family); ``dassl``: random resized crop of the original
+            image (scale (0.08, 1), bicubic) + flip, one fresh view per image and local epoch (the view bank of
+            :mod:`fedlit.features`); ``none``: no augmentation — exact cached features, fastest, but it changes the
+            numbers of the Dassl-family methods. Evaluation is never augmented.
+        augment_views: legacy K-view augmentation, overrides ``augment``: 0 = off (default); K > 0 = K fixed
+            random-resized-crop + flip views per training image (cut from the stored image), one drawn per sample
+            and step from (seed, round, client, epoch).
+        drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
+            incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
+            trains on its one short batch; ``never`` keeps every last batch.
     """
 
     def __init__(
@@ -63,7 +72,9 @@ class FedTrainer:
         progress: bool | None = None,
         feature_cache: Literal["memory", "disk"] = "memory",
         cache_dir: str | None = None,
+        augment: Literal["method", "dassl", "none"] = "method",
         augment_views: int = 0,
+        drop_last: Literal["dassl", "never"] = "dassl",
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -77,6 +88,8 @@ class FedTrainer:
             (feature_cache in ("memory", "disk"), f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'"),
             (augment_views >= 0,
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
+            (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
+            (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -99,7 +112,16 @@ class FedTrainer:
         self.progress = progress
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
+        self.augment = augment
         self.augment_views = augment_views
+        self.drop_last = drop_last
+
+    def batch_starts(self, n: int) -> range:
+        """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
+        bs = self.batch_size
+        if self.drop_last == "dassl" and n >= bs:
+            return range(0, n - bs + 1, bs)
+        return range(0, n, bs)
 
     def make_fabric(self) -> L.Fabric:
         cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")

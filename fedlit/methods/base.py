@@ -88,6 +88,13 @@ class FedMethod:
     #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
     #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
     persistent_optimizer: bool = False
+    #: Training augmentation the method's official code uses (``trainer.augment: method`` picks it): ``dassl``
+    #: (random resized crop of the original image, scale (0.08, 1), bicubic, + horizontal flip, a fresh draw every
+    #: epoch: the FedPGP/FedOTP/PromptFL/CoOp/CoCoOp/MaPLe code bases) or ``none`` (FedTPG's code base).
+    default_augment: str = "dassl"
+    #: Start every local update from the initial personal tensors instead of the client's last ones (the official
+    #: FedPGP/FedOTP ``--model local`` CoOp baseline reloads the initial weights every round).
+    restart_personal: bool = False
     #: ``constant``, or ``cosine``: each client's lr follows ``lr · (1 + cos(π t / schedule_rounds)) / 2`` with
     #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
     lr_schedule: str = "constant"
@@ -162,6 +169,15 @@ class FedMethod:
             raise FedlitError(f"method.init_args.schedule_rounds={schedule_rounds}: must be >= 1")
         self.lr_schedule, self.schedule_rounds = lr_schedule, schedule_rounds
         self.persistent_optimizer = persistent_optimizer
+
+    def augmentation(self, trainer) -> str:
+        """The training augmentation a run of this method uses under ``trainer`` (``none`` / ``dassl`` /
+        ``views-K`` for the legacy ``trainer.augment_views``)."""
+        if not self.trainable:
+            return "none"
+        if trainer.augment_views > 0:
+            return f"views-{trainer.augment_views}"
+        return self.default_augment if trainer.augment == "method" else trainer.augment
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

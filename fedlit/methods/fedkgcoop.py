@@ -48,6 +48,7 @@ class FedKgCoOp(PromptFL):
     """
 
     name = "fedkgcoop"
+    default_augment = "none"  # FedTPG's code base: no augmentation (spec §1.4)
 
     def __init__(self, w: float = 8.0, template: str = "a photo of a {}.", own_classes: bool = True,
                  eval_protocol: Literal["global", "personalized"] = "global", n_ctx: int = 4,

@@ -60,6 +60,7 @@ class FedVLP(FedMethod):
     """
 
     name = "fedvlp"
+    default_augment = "none"  # FedTPG's code base: no augmentation (spec §1.4)
     image_input = "images"
     eval_protocol = "global"
 

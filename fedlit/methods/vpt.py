@@ -97,6 +97,7 @@ class VPTMethod(FedMethod):
     """
 
     image_input = "images"
+    default_augment = "none"  # no official federated VPT code: fedlit's earlier behaviour kept
     text_classifier = False
 
     def __init__(self, n_prompts: int = 10, normalize_features: bool = True, lr: float = 0.25, momentum: float = 0.9,
