@@ -176,3 +176,31 @@ def test_dassl_augmentation_end_to_end_encodes_each_training_image_once_per_epoc
     r = json.loads((out / "results.json").read_text())
     n_train = 6 * 4 * 16
     assert n_train * 2 <= r["images_encoded"] <= n_train * 2 + 48 * 32  # 1 round × 2 epochs of views + test
+
+
+# ------------------------------------------------------------------------------------------ Dirichlet evaluation
+def test_dirichlet_clients_are_tested_only_on_classes_they_trained_on():
+    from fedlit.data.protocol import partition_dirichlet_train_test
+
+    train = np.repeat(np.arange(18), 4)  # a 4-shot pool: rounding empties many (client, class) cells
+    test = np.repeat(np.arange(18), 50)
+    tr, te = partition_dirichlet_train_test(train, test, 10, 0.3, seed=0, min_size=1)
+    assert sum(len(t) for t in te) == len(test)  # every test image is still used once
+    for t_tr, t_te in zip(tr, te):
+        assert set(test[t_te]) <= set(train[t_tr])
+    # on a full training set the per-class test shares follow the training shares (same proportions)
+    train = np.repeat(np.arange(5), 500)
+    test = np.repeat(np.arange(5), 100)
+    tr, te = partition_dirichlet_train_test(train, test, 4, 0.5, seed=1)
+    for t_tr, t_te in zip(tr, te):
+        for c in range(5):
+            assert abs(np.sum(test[t_te] == c) / 100 - np.sum(train[t_tr] == c) / 500) <= 0.03
+
+
+def test_dirichlet_federation_with_shots_evaluates_local_on_trained_classes():
+    from fedlit.data.federation import FederatedData
+
+    fed = FederatedData(dataset="shapes-dark", shots=4, num_clients=6, partition="dirichlet", beta=0.3,
+                        subsample="base", min_samples=1).setup(0)
+    for c in fed.clients:
+        assert set(np.unique(c.test_y)) <= set(np.unique(c.train_y)), c.cid
