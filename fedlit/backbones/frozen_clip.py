@@ -26,7 +26,8 @@ Prompt conventions:
   block ``j + 1``; MaPLe / IVLP style, no positional embedding).
 * Vision: ``visual_prompts`` are inserted after the positional embedding and *before* ``ln_pre`` (MaPLe / IVLP
   convention for CLIP; the prompts get no positional embedding, as in VPT), either right after the CLS token
-  (``"after_cls"``: VPT, pFedPG's ``[c, P, z]``) or after the patch tokens (``"append"``: FedTPG's VLP).
+  (``"after_cls"``: VPT, pFedPG's ``[c, P, z]``) or after the patch tokens (``"append"``); FedTPG's VLP appends
+  them *after* ``ln_pre`` instead (``"append_after_ln_pre"``: they skip it).
   ``deep_visual_prompts[j]`` replaces those tokens at the input of block ``j + first_deep_block``. Prompt tokens
   are dropped before pooling, so the pooled token is CLS (or the patch average) as in open_clip.
 """
@@ -196,8 +197,10 @@ class FrozenCLIP(nn.Module):
     # ----------------------------------------------------------------------------------------------- vision
     def _vit_tokens(self, images, visual_prompts, deep_visual_prompts, prompt_position, first_deep_block):
         """ViT tokens after the last block, prompt tokens removed: [B, 1+M, vision_width]."""
-        if prompt_position not in ("after_cls", "append"):
-            raise ValueError(f"prompt_position must be 'after_cls' or 'append', got {prompt_position!r}")
+        if prompt_position not in ("after_cls", "append", "append_after_ln_pre"):
+            raise ValueError(f"prompt_position must be 'after_cls', 'append' or 'append_after_ln_pre', "
+                             f"got {prompt_position!r}")
+        after_ln = prompt_position == "append_after_ln_pre"  # FedTPG's VLP: prompts skip ln_pre
         v = self.model.visual
         x = v.conv1(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, grid**2, width]
@@ -206,6 +209,8 @@ class FrozenCLIP(nn.Module):
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
         n = start = 0
+        if after_ln:
+            x = v.ln_pre(x)
         if visual_prompts is not None:
             p = _expand(visual_prompts, x.shape[0]).to(x.dtype)
             n = p.shape[1]
@@ -220,7 +225,8 @@ class FrozenCLIP(nn.Module):
             raise ValueError("deep_visual_prompts need visual_prompts (the input-layer prompt tokens)")
         if any(d is not None and d.shape[-2] != n for d in deep):
             raise ValueError(f"every deep visual prompt must have the same {n} tokens as visual_prompts")
-        x = v.ln_pre(x)
+        if not after_ln:
+            x = v.ln_pre(x)
         x = self._run_blocks(v.transformer, x, None, deep, start, first_deep_block)
         if n:
             x = torch.cat([x[:, :start], x[:, start + n:]], dim=1)
