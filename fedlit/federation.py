@@ -392,6 +392,7 @@ class Orchestrator:
             "method": self.method.name,
             "seed": self.seed,
             "run_dir": str(self.run_dir),
+            "selection": "last_round",  # "final" is the last round's model (never a test-set-selected best)
             "final": metrics.get("mean", {}),
             "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
             "per_group": metrics.get("per_group", {}),

@@ -4,7 +4,8 @@ The component (:class:`VisualPromptHead`, also pFedPG's client model) is ``K`` l
 right after the CLS token at the input of the frozen image tower (``[c, P, z]``, spec/pfedpg.md §2.1; no
 positional embedding on the prompts, VPT convention) plus a linear head ``Linear(embed_dim → C)`` on the pooled
 image feature, ``C`` = the classes of the training task (all base classes). There is no text classifier, so
-there is no novel-class evaluation (``text_classifier = False``: the orchestrator evaluates Local and Base only).
+there is no novel-class evaluation (``text_classifier = False``): on a class split the orchestrator evaluates Local
+and Base; on the domain protocol (one client per domain, one class list) Local and Novel = the other domains.
 
 - **FedVPT** (pFedPG paper's baseline, "inserts prompts to the input"): the prompts are averaged by FedAvg;
   the head stays personal. pFedPG's Table 1 gives FedVPT the communication cost 7.68×10³ = K·l = 10·768 floats,
