@@ -205,3 +205,34 @@ def test_dirichlet_federation_with_shots_evaluates_local_on_trained_classes():
                         subsample="base", min_samples=1).setup(0)
     for c in fed.clients:
         assert set(np.unique(c.test_y)) <= set(np.unique(c.train_y)), c.cid
+
+
+# ------------------------------------------------------------------------------------------ precision
+EXTRA_INIT = {"fedmaple": {"prompt_depth": 2}, "fedvlp": {"prompt_depth": 1}}
+
+
+@pytest.mark.parametrize("name", ["coop", "promptfl", "fedprox", "fedpgp", "fedotp", "fedcocoop", "fedmaple",
+                                  "fedtpg", "fedkgcoop", "fedvlp", "fedvpt", "pfedpg", "zeroshot"])
+def test_logits_and_losses_are_fp32_under_bf16_autocast(name, toy):
+    from fedlit.client import ClientModule
+    from fedlit.features import FeatureBank
+    from fedlit.methods import method_class
+    from fedlit.prompts import Task
+
+    clip, splits = toy
+    method = method_class(name)(**EXTRA_INIT.get(name, {}))
+    task = Task("shapes-dark", ("red circle", "red square", "blue ring", "green cross"))
+    method.setup_federation(task, 2)
+    module = ClientModule(clip, method)
+    module.task, module.cid, module.client_classes = task, 0, [0, 1, 2, 3]
+    shared, _ = module.export()
+    module.global_state = method.client_state(0, shared)
+    x = FeatureBank(clip, splits, kind=method.image_input).inputs("train", [0, 1, 2])
+    y = torch.tensor([0, 1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = module(x, task)
+        assert logits.dtype == torch.float32, name
+        if method.trainable:
+            loss = module.training_step((x, y), 0)
+            assert loss.dtype == torch.float32, name
+            loss.backward()

@@ -37,6 +37,12 @@ from ..errors import FedlitError
 from ..prompts import Task
 
 
+def fp32(t: torch.Tensor):
+    """Autocast off on ``t``'s device: what runs inside computes in the dtype of its inputs (callers pass fp32).
+    Every method computes its logits, losses and softmax this way, so ``bf16-mixed`` changes only the towers."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 @dataclass
 class Update:
     """What one client returns after its local steps (personal tensors never leave the client's process
@@ -135,8 +141,10 @@ class FedMethod:
         ``prepared`` (or freshly computed) text features."""
         text_features = prepared if prepared is not None else self.text_features(prompt, clip, task)
         image_features = self.image_features(prompt, clip, x)
-        img = image_features / image_features.norm(dim=-1, keepdim=True)
-        return clip.logit_scale * img @ text_features.to(img.dtype).t()
+        with fp32(image_features):  # logits in fp32 whatever the autocast (bf16 logits flip close top-2 pairs)
+            img = image_features.float()
+            img = img / img.norm(dim=-1, keepdim=True)
+            return clip.logit_scale * img @ text_features.float().t()
 
     def image_features(self, prompt: nn.Module | None, clip: FrozenCLIP, x: torch.Tensor) -> torch.Tensor:
         """Pooled image features from whatever :attr:`image_input` delivers (methods that prompt the image
@@ -149,7 +157,9 @@ class FedMethod:
 
     def loss(self, module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`."""
-        return F.cross_entropy(module(x, task).float(), y)
+        logits = module(x, task)
+        with fp32(logits):
+            return F.cross_entropy(logits.float(), y)
 
     # ----------------------------------------------------------------------------- local optimisation
     def configure_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import FedlitError
 from ..prompts import Task
-from .base import FedMethod
+from .base import FedMethod, fp32
 
 #: state-dict key of the prompt tokens (the tensor pFedPG generates and FedVPT averages).
 PROMPT_KEY = "prompt"
@@ -77,9 +77,11 @@ class VisualPromptHead(nn.Module):
 
     def forward(self, clip, images: torch.Tensor) -> torch.Tensor:
         f = self.features(clip, images)
-        if self.normalize:
-            f = f / f.norm(dim=-1, keepdim=True)
-        return self.head(f)
+        with fp32(f):  # the head's logits in fp32 whatever the autocast
+            f = f.float()
+            if self.normalize:
+                f = f / f.norm(dim=-1, keepdim=True)
+            return self.head(f)
 
 
 class VPTMethod(FedMethod):
