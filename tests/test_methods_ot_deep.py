@@ -271,19 +271,21 @@ def test_vlp_official_layout_text_context_after_positions_and_visual_prompts_aft
     import copy
 
     toy = load_backbone("fedlit-toy")  # trained weights: the random init's attention barely mixes tokens
+    change = {}
     for official in (True, False):
+        torch.manual_seed(0)
         prompt = FedVLP(official_layout=official).build(toy)
         shifted = copy.deepcopy(toy)
         with torch.no_grad():  # change the positional embedding under the context tokens only
             pos = shifted.model.positional_embedding
             pos[1:5] += torch.randn(pos[1:5].shape, generator=torch.Generator().manual_seed(0))  # not a constant: LN
             a, b = prompt.text_features(toy, TASK), prompt.text_features(shifted, TASK)
-            # ln_pre makes the prompt tokens scale-free only when they go through it (MaPLe's convention)
+            # ln_pre makes the prompt tokens (nearly) scale-free only when they go through it (MaPLe's convention)
             f1 = prompt.image_features(toy, images)
             prompt.vis_ctx.mul_(10.0)
-            f10 = prompt.image_features(toy, images)
+            change[official] = (prompt.image_features(toy, images) - f1).abs().max().item()
         assert torch.allclose(a, b, atol=1e-5) is official  # official: the context gets no positional embedding
-        assert torch.allclose(f1, f10, atol=1e-3) is (not official)
+    assert change[True] > 20 * change[False], change
 
 
 def test_vlp_trains_over_the_clients_own_classes_relabelled(toy, images):
