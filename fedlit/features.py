@@ -18,13 +18,23 @@ Where the cache lives (``trainer.feature_cache``):
   cache is never read. ``meta.json`` repeats the full key and is compared on open (not only its digest).
   The files of a cache directory and their crash safety: :mod:`fedlit.feature_store`.
 
-Augmentation (``trainer.augment_views: K``): with ``K = 0`` (default) training images are not augmented and the
-cache is exact. With ``K > 0`` every training image gets ``K`` fixed views — random-resized-crop (scale
-(0.08, 1), ratio (3/4, 4/3), bicubic) + horizontal flip (p = 0.5), view ``v`` of image ``i`` drawn from
-``(seed, i, v)`` — encoded once; at each step each sample uses the view :meth:`FeatureBank.train_views` draws
-from ``(seed, round, client, epoch)`` and its position, so resumed runs and any number of processes see the
-same views. Methods that prompt the image tower (``image_input = "images"``) get the same views built on the
-fly. Evaluation is never augmented.
+Augmentation. Views are cut from the ORIGINAL image (:meth:`~fedlit.data.registry.ImageSplit.view_crops`: the
+decoded file for file-backed datasets, not the 224-px centre crop): torchvision's random-resized-crop algorithm
+(scale (0.08, 1), ratio (3/4, 4/3)), bicubic resize to the tower's size, horizontal flip (p = 0.5); view ``v`` of
+image ``i`` is drawn from ``(view seed, i, v)`` only (:func:`augment_params`). Evaluation is never augmented.
+
+- The **view bank** (``epoch_views: E``, what ``trainer.augment: dassl`` uses): Dassl draws a fresh view of each
+  image every epoch, and a client sees each of its images once per epoch, so a run needs at most ``E = rounds ×
+  local_epochs`` views per image: view ``r · local_epochs + e`` is the one every sample uses in epoch ``e`` of
+  round ``r``. The view seed is fixed (:data:`VIEW_SEED`), not the run's seed, so every method and seed of a grid
+  with the same backbone, data, precision and ``E`` reads the same views. Where all ``E`` views of an image are
+  used (``cache_views``: pooled features and full participation) they are encoded once, batched, into the cache
+  (``[N, E, D]``, on disk with ``feature_cache: disk``): the cost is ``E`` image-tower forwards per training image,
+  once per grid, which is what one Dassl run spends anyway. Otherwise (FedOTP's patch tokens, partial
+  participation) the tower runs on each augmented batch, as the official code does; methods that prompt the image
+  tower always get the augmented images.
+- The legacy ``augment_views: K``: ``K`` fixed views per image encoded once, each step drawing one per sample from
+  ``(seed, round, client, epoch)`` and its position.
 """
 
 from __future__ import annotations
@@ -41,19 +51,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .backbones import FrozenCLIP
 from .data.registry import ImageSplit
 from .errors import FedlitError
 from .feature_store import FORMAT_VERSION, _DiskStore, _MemoryStore
 
-__all__ = ["FeatureBank", "FORMAT_VERSION", "default_cache_dir", "tower_digest", "augment_params"]
+__all__ = ["FeatureBank", "FORMAT_VERSION", "VIEW_SEED", "default_cache_dir", "tower_digest", "augment_params"]
 
 CACHE_ENV = "FEDLIT_CACHE"
 AUG_SCALE = (0.08, 1.0)
 AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 AUG_FLIP = 0.5
+#: Seed of the view bank's views: fixed so that every method and seed of a grid reuses the same views.
+VIEW_SEED = 0
 
 
 def default_cache_dir() -> Path:
@@ -155,12 +166,17 @@ class FeatureBank:
         augment_views: ``K`` fixed augmented views per image of ``augment_split`` (0: no augmentation).
         seed: seed of the augmented views (the run's seed).
         augment_split: the split that :meth:`train_views` augments (evaluation splits never are).
+        epoch_views: ``E`` > 0 turns on the view bank (overrides ``augment_views``/``seed``): ``E`` views per image,
+            view ``round · local_epochs + epoch`` used in that epoch, drawn with :data:`VIEW_SEED`.
+        local_epochs: local epochs per round (view numbering of the view bank).
+        cache_views: encode all views of an image once into the cache; ``False``: encode each augmented batch.
     """
 
     def __init__(self, clip: FrozenCLIP, splits: dict[str, ImageSplit], block_size: int = 32,
                  autocast=None, kind: str = "features", cache: str = "memory",
                  cache_dir: str | os.PathLike | None = None, augment_views: int = 0, seed: int = 0,
-                 augment_split: str = "train"):
+                 augment_split: str = "train", epoch_views: int = 0, local_epochs: int = 1,
+                 cache_views: bool = True):
         if kind not in ("features", "tokens", "images"):
             raise ValueError(f"unknown image input kind '{kind}'")
         if cache not in ("memory", "disk"):
@@ -174,9 +190,12 @@ class FeatureBank:
         self.kind = kind
         self.cache = cache
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.augment_views = int(augment_views)
-        self.seed = int(seed)
+        self.epoch_views = int(epoch_views)
+        self.augment_views = self.epoch_views or int(augment_views)
+        self.seed = VIEW_SEED if self.epoch_views else int(seed)
         self.augment_split = augment_split
+        self.local_epochs = int(local_epochs)
+        self.cache_views = bool(cache_views)
         self._stores: dict[tuple[str, bool], _MemoryStore | _DiskStore] = {}
         self._expected: dict[str, np.ndarray] = {}
         self.encoded = 0  # images (views) encoded so far (a cache that works keeps this at one per image)
@@ -194,23 +213,26 @@ class FeatureBank:
             raise ValueError(f"{len(idx)} images but {len(views)} view numbers")
         if len(views) and (views.min() < 0 or views.max() >= self.augment_views):
             raise ValueError(f"view numbers must be in [0, {self.augment_views})")
-        x = self.splits[split].images(idx).to(self.clip.device, torch.float32)
         size = self.clip.image_size if isinstance(self.clip.image_size, tuple) else (self.clip.image_size,) * 2
-        out = []
-        for img, row, v in zip(x, idx, views, strict=True):
-            top, left, h, w, flip = augment_params(self.seed, int(row), int(v), img.shape[-2], img.shape[-1])
-            crop = img[None, :, top : top + h, left : left + w]
-            crop = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-            out.append(crop.flip(-1) if flip else crop)
-        if not out:
-            return self.clip.normalize_images(x.new_zeros(0, 3, *size))
-        return self.clip.normalize_images(torch.cat(out))
+
+        def params(k: int, height: int, width: int):
+            return augment_params(self.seed, int(idx[k]), int(views[k]), height, width)
+
+        x = self.splits[split].view_crops(idx, params, tuple(size))
+        return self.clip.normalize_images(x.to(self.clip.device, torch.float32))
 
     def train_views(self, draw: tuple[int, ...], n: int, rows: np.ndarray) -> np.ndarray | None:
         """The view each of ``rows`` (positions in a client's data of ``n`` samples) uses at this step:
-        drawn from ``draw = (seed, round, client, epoch)`` and the position only; ``None`` without augmentation."""
+        drawn from ``draw = (seed, round, client, epoch)`` and the position only; ``None`` without augmentation.
+        View bank: view ``round · local_epochs + epoch`` for every sample (one fresh view per epoch)."""
         if self.augment_views == 0:
             return None
+        if self.epoch_views:
+            v = int(draw[1]) * self.local_epochs + int(draw[3])
+            if v >= self.epoch_views:
+                raise FedlitError(f"view bank of {self.epoch_views} views per image has no view for round "
+                                  f"{int(draw[1]) + 1}, epoch {int(draw[3]) + 1}; raise trainer.rounds")
+            return np.full(len(rows), v, dtype=np.int64)
         return np.random.default_rng([*map(int, draw), 0x71E5]).integers(0, self.augment_views, size=n)[rows]
 
     # -------------------------------------------------------------------------------------------- keys
@@ -236,7 +258,7 @@ class FeatureBank:
         aug = None
         if augmented:
             aug = {"views": self.augment_views, "seed": self.seed, "scale": list(AUG_SCALE),
-                   "ratio": list(AUG_RATIO), "flip": AUG_FLIP, "algorithm": "rrc-bicubic-antialias-v1"}
+                   "ratio": list(AUG_RATIO), "flip": AUG_FLIP, "algorithm": "rrc-original-image-v2"}
         return {"format": FORMAT_VERSION, "backbone": self._backbone_identity(),
                 "dataset": getattr(data, "_dataset_identity", None), "split": split, "split_content": key_fn(),
                 "rows": len(data), "kind": self.kind, "augment": aug, "block": self.block_rows(split, augmented)}
@@ -300,6 +322,11 @@ class FeatureBank:
         augmented = views is not None
         if augmented and self.augment_views == 0:
             raise ValueError("view numbers given but augment_views is 0")
+        if augmented and not self.cache_views:  # the tower runs on the augmented batch (nothing kept)
+            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+                encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
+                self.encoded += len(idx)
+                return encode(self.augmented_images(split, idx, views)).float()
         store = self._store(split, augmented)
         todo = store.missing(idx)
         if len(todo) and split in self._expected:  # fill the passes with rows asked for later, not with zeros

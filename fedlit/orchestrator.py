@@ -65,7 +65,10 @@ class Orchestrator:
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
-                                augment_views=trainer.augment_views, seed=seed)
+                                augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,
+                                epoch_views=trainer.rounds * trainer.local_epochs
+                                if method.augmentation(trainer) == "dassl" else 0,
+                                cache_views=method.image_input == "features" and trainer.participation >= 1)
         self.bank.expect("train", np.concatenate([c.train_idx for c in federation.clients]))
         self.bank.expect("test", np.concatenate([c.test_idx for c in federation.clients]
                                                 + [ev.idx for ev in federation.evals.values()]))
@@ -174,7 +177,8 @@ class Orchestrator:
         client, m, cfg, dev = self.fed.clients[cid], self.module, self.cfg, self.fabric.device
         sent = self.protocol.payload(cid) if sent is None else sent
         own = self.protocol.state_of(cid)
-        m.load_prompt_state(sent, own.personal or self.init_personal)
+        restart = self.method.restart_personal  # official CoOp baseline: local training from the initial weights
+        m.load_prompt_state(sent, self.init_personal if restart else (own.personal or self.init_personal))
         received = {k: v.to(dev) for k, v in sent.items()}
         task = self.fed.task_of(cid)
         pos = {name: i for i, name in enumerate(task.classnames)}
@@ -185,7 +189,7 @@ class Orchestrator:
         y_all = torch.as_tensor(client.train_y, device=dev)
         for epoch in range(cfg.local_epochs):
             order = np.random.default_rng([self.seed, rnd, cid, epoch]).permutation(client.num_samples)
-            for s in range(0, len(order), cfg.batch_size):
+            for s in cfg.batch_starts(len(order)):
                 rows = order[s : s + cfg.batch_size]
                 x = self.bank.inputs("train", client.train_idx[rows],
                                      views=self.bank.train_views((self.seed, rnd, cid, epoch), client.num_samples, rows))
@@ -319,6 +323,7 @@ class Orchestrator:
             "method": self.method.name,
             "seed": self.seed,
             "run_dir": str(self.run_dir),
+            "selection": "last_round",  # "final" is the last round's model (never a test-set-selected best)
             "final": metrics.get("mean", {}),
             "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
             "per_group": metrics.get("per_group", {}),

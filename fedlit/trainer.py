@@ -44,9 +44,18 @@ class FedTrainer:
             ``OMP_NUM_THREADS`` for the processes Fabric launches). ``null``: torch's choice, which Lightning
             lowers to cores ÷ processes when it launches several. CPU kernels round differently with a different
             thread count, so runs are bit-identical across process counts only when this is set (the same).
-        augment_views: 0 = no training augmentation (exact cache, default); K > 0 = K fixed random-resized-crop
-            + flip views per training image, encoded once, one drawn per sample and step from
-            (seed, round, client, epoch). Evaluation is never augmented.
+        augment: training augmentation. ``method`` (default): each method's official one
+            (:attr:`~fedlit.methods.base.FedMethod.default_augment`: ``dassl`` for the FedPGP/FedOTP/PromptFL/CoOp/
+            CoCoOp/MaPLe family, ``none`` for the FedTPG family); ``dassl``: random resized crop of the original
+            image (scale (0.08, 1), bicubic) + flip, one fresh view per image and local epoch (the view bank of
+            :mod:`fedlit.features`); ``none``: no augmentation — exact cached features, fastest, but it changes the
+            numbers of the Dassl-family methods. Evaluation is never augmented.
+        augment_views: legacy K-view augmentation, overrides ``augment``: 0 = off (default); K > 0 = K fixed
+            random-resized-crop + flip views per training image (cut from the stored image), one drawn per sample
+            and step from (seed, round, client, epoch).
+        drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
+            incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
+            trains on its one short batch; ``never`` keeps every last batch.
     """
 
     def __init__(
@@ -69,8 +78,10 @@ class FedTrainer:
         progress: bool | None = None,
         feature_cache: Literal["memory", "disk"] = "memory",
         cache_dir: str | None = None,
+        augment: Literal["method", "dassl", "none"] = "method",
         augment_views: int = 0,
         threads: int | None = None,
+        drop_last: Literal["dassl", "never"] = "dassl",
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -85,6 +96,8 @@ class FedTrainer:
             (threads is None or threads >= 1, f"trainer.threads={threads}: use null (torch's choice) or >= 1"),
             (augment_views >= 0,
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
+            (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
+            (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -107,8 +120,17 @@ class FedTrainer:
         self.progress = progress
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
+        self.augment = augment
         self.augment_views = augment_views
         self.threads = threads
+        self.drop_last = drop_last
+
+    def batch_starts(self, n: int) -> range:
+        """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
+        bs = self.batch_size
+        if self.drop_last == "dassl" and n >= bs:
+            return range(0, n - bs + 1, bs)
+        return range(0, n, bs)
 
     def make_fabric(self) -> L.Fabric:
         """The run's Fabric (not launched). With ``threads`` set, this process and every process Fabric

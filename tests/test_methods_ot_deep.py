@@ -267,6 +267,40 @@ def test_vlp_prompts_both_towers(toy, images):
         FedVLP(prompt_depth=3).build(toy)
 
 
+def test_vlp_official_layout_text_context_after_positions_and_visual_prompts_after_ln_pre(toy, images):
+    import copy
+
+    toy = load_backbone("fedlit-toy")  # trained weights: the random init's attention barely mixes tokens
+    change = {}
+    for official in (True, False):
+        torch.manual_seed(0)
+        prompt = FedVLP(official_layout=official).build(toy)
+        shifted = copy.deepcopy(toy)
+        with torch.no_grad():  # change the positional embedding under the context tokens only
+            pos = shifted.model.positional_embedding
+            pos[1:5] += torch.randn(pos[1:5].shape, generator=torch.Generator().manual_seed(0))  # not a constant: LN
+            a, b = prompt.text_features(toy, TASK), prompt.text_features(shifted, TASK)
+            # ln_pre makes the prompt tokens (nearly) scale-free only when they go through it (MaPLe's convention)
+            f1 = prompt.image_features(toy, images)
+            prompt.vis_ctx.mul_(10.0)
+            change[official] = (prompt.image_features(toy, images) - f1).abs().max().item()
+        assert torch.allclose(a, b, atol=1e-5) is official  # official: the context gets no positional embedding
+    assert change[True] > 20 * change[False], change
+
+
+def test_vlp_trains_over_the_clients_own_classes_relabelled(toy, images):
+    method = FedVLP()
+    module = ClientModule(toy, method)
+    classes = [2, 0]  # the client holds "red circle" and "dog"
+    y = torch.tensor([0, 2, 0])
+    own = Task("t-client", ("red circle", "dog"))
+    want = torch.nn.functional.cross_entropy(method.logits(module.prompt, toy, images, own), torch.tensor([1, 0, 1]))
+    assert torch.allclose(method.loss(module, images, y, TASK, classes), want)
+    method.own_classes = False
+    full = torch.nn.functional.cross_entropy(method.logits(module.prompt, toy, images, TASK), y)
+    assert torch.allclose(method.loss(module, images, y, TASK, classes), full)
+
+
 def test_registry_resolves_the_four_methods():
     assert method_class("fedcocoop") is FedCoCoOp and method_class("fedotp") is FedOTP
     assert method_class("fedmaple") is FedMaPLe and method_class("fedvlp") is FedVLP

@@ -66,6 +66,19 @@ def test_fedkgcoop_defaults_and_errors():
     assert FedKgCoOp(eval_protocol="personalized").eval_protocol == "personalized"
 
 
+def test_fedkgcoop_uses_each_datasets_official_template():
+    from fedlit.prompts import Task as T
+
+    m = FedKgCoOp()
+    assert m.template == "dataset"
+    assert m.template_for(T("oxford_pets", ("a",))) == "a photo of a {}, a type of pet."
+    assert m.template_for(T("oxford_pets-client", ("a",))) == "a photo of a {}, a type of pet."  # own-class task
+    assert m.template_for(T("dtd", ("a",))) == "a photo of a {}, a type of texture."  # FedTPG's DTD wording
+    assert m.template_for(T("food101", ("a",))) == "a photo of {}, a type of food."
+    assert m.template_for(T("shapes-dark", ("a",))) == "a photo of a {}."  # embedded datasets keep theirs
+    assert FedKgCoOp(template="itap of a {}.").template_for(T("oxford_pets", ("a",))) == "itap of a {}."
+
+
 # ---------------------------------------------------------------------------------------------------- FedPGP
 def test_fedpgp_contrastive_loss_matches_formula():
     z_c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

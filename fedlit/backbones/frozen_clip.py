@@ -26,7 +26,8 @@ Prompt conventions:
   block ``j + 1``; MaPLe / IVLP style, no positional embedding).
 * Vision: ``visual_prompts`` are inserted after the positional embedding and *before* ``ln_pre`` (MaPLe / IVLP
   convention for CLIP; the prompts get no positional embedding, as in VPT), either right after the CLS token
-  (``"after_cls"``: VPT, pFedPG's ``[c, P, z]``) or after the patch tokens (``"append"``: FedTPG's VLP).
+  (``"after_cls"``: VPT, pFedPG's ``[c, P, z]``) or after the patch tokens (``"append"``); FedTPG's VLP appends
+  them *after* ``ln_pre`` instead (``"append_after_ln_pre"``: they skip it).
   ``deep_visual_prompts[j]`` replaces those tokens at the input of block ``j + first_deep_block``. Prompt tokens
   are dropped before pooling, so the pooled token is CLS (or the patch average) as in open_clip.
 """
@@ -234,7 +235,9 @@ class FrozenCLIP(nn.Module):
     # ----------------------------------------------------------------------------------------------- vision
     def _vit_tokens(self, images, visual_prompts, deep_visual_prompts, prompt_position, first_deep_block):
         """ViT tokens after the last block, prompt tokens removed: [B, 1+M, vision_width]."""
-        vp.check_position(prompt_position)
+        if prompt_position != "append_after_ln_pre":  # FedTPG's VLP: prompts appended after ln_pre
+            vp.check_position(prompt_position)
+        after_ln = prompt_position == "append_after_ln_pre"
         v = self.model.visual
         x = v.conv1(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, grid**2, width]
@@ -242,9 +245,12 @@ class FrozenCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
-        x, start, n = vp.insert(x, visual_prompts, 1, prompt_position)
+        if after_ln:
+            x = v.ln_pre(x)
+        x, start, n = vp.insert(x, visual_prompts, 1, "append" if after_ln else prompt_position)
         deep = vp.check_deep(deep_visual_prompts, n)
-        x = v.ln_pre(x)
+        if not after_ln:
+            x = v.ln_pre(x)
         x = self._run_blocks(v.transformer, x, None, deep, start, first_deep_block)
         return vp.remove(x, start, n)
 

@@ -142,6 +142,18 @@ class ConcatSplit(ImageSplit):
         return out
 
 
+    def view_crops(self, indices, params, size: tuple[int, int]) -> torch.Tensor:
+        """Each part crops its own originals (``params`` sees positions in ``indices``)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = torch.empty(len(rows), 3, *size)
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            out[torch.as_tensor(sel)] = self.parts[i].view_crops(
+                rows[sel] - self.offsets[i], lambda k, h, w, sel=sel: params(int(sel[k]), h, w), size)
+        return out
+
+
 def concat_datasets(parts: list[ClassificationData], shared_labels: bool) -> ClassificationData:
     """One :class:`ClassificationData` over several: label spaces concatenated (``shared_labels=False``; class
     ``j`` of part ``i`` becomes ``offset_i + j``) or shared (domains of one dataset: identical class lists)."""

@@ -196,11 +196,16 @@ def partition_dirichlet_train_test(
     max_tries: int = 1000,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Like :func:`partition_dirichlet` on the train labels, then split each class's test indices with the same
-    per-class fractions (as FedOTP does), so each client's test set follows its training label distribution.
+    per-class fractions (as FedOTP does, spec §7.2-3), so each client's test set follows its training label
+    distribution. A client that received no training image of a class gets no test image of it either (its
+    fraction of that class is zeroed and the others renormalised): on the official full training set this only
+    matters where a tiny fraction rounds to 0 images, but over a K-shot pool (``data.shots > 0``) rounding empties
+    many (client, class) cells and the client would otherwise be tested on classes it never trained on.
 
     Returns:
         ``(train_parts, test_parts)``: per client, sorted int64 indices into each split.
     """
+    train_labels = np.asarray(train_labels)
     train_parts, fractions = _dirichlet(train_labels, num_clients, beta, seed, min_size, max_tries)
     test_labels = np.asarray(test_labels)
     rng = np.random.default_rng([int(seed), 1])
@@ -208,8 +213,13 @@ def partition_dirichlet_train_test(
     for c in np.unique(test_labels):
         idx = np.flatnonzero(test_labels == c)
         rng.shuffle(idx)
-        p = fractions.get(int(c), np.full(int(num_clients), 1.0 / num_clients))
-        for j, chunk in enumerate(np.split(idx, (np.cumsum(p) * len(idx)).astype(np.int64)[:-1])):
+        p = np.asarray(fractions.get(int(c), np.full(int(num_clients), 1.0 / num_clients)), dtype=np.float64)
+        held = np.array([np.any(train_labels[tp] == c) for tp in train_parts])
+        if held.any():
+            p = np.where(held, p, 0.0)
+            p = p / p.sum() if p.sum() > 0 else held / held.sum()
+        cuts = np.floor(np.cumsum(p) * len(idx) + 1e-9).astype(np.int64)[:-1]  # ε: a zeroed last share stays 0
+        for j, chunk in enumerate(np.split(idx, cuts)):
             test_parts[j].append(chunk)
     return train_parts, [np.sort(np.concatenate(p)).astype(np.int64) for p in test_parts]
 

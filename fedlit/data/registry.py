@@ -94,6 +94,22 @@ class ImageSplit(abc.ABC):
     def images(self, indices: Indices = None) -> torch.Tensor:
         """Images at ``indices`` (all if None) as a float tensor [n, 3, H, W] in [0, 1], native size."""
 
+    def view_crops(self, indices: np.ndarray, params, size: tuple[int, int]) -> torch.Tensor:
+        """Augmented views ``[n, 3, *size]`` in [0, 1]: ``params(k, H, W) -> (top, left, h, w, flip)`` is a box of
+        the ORIGINAL image of ``indices[k]`` (``H × W``), resized to ``size`` (bicubic) and flipped. This default crops
+        :meth:`images` (the original for in-memory splits); file-backed splits crop the decoded file."""
+        import torch.nn.functional as F
+
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        x = self.images(rows).float()
+        out = []
+        for k, img in enumerate(x):
+            top, left, h, w, flip = params(k, img.shape[-2], img.shape[-1])
+            crop = F.interpolate(img[None, :, top : top + h, left : left + w], size=size, mode="bicubic",
+                                 antialias=True, align_corners=False).clamp_(0, 1)
+            out.append(crop.flip(-1) if flip else crop)
+        return torch.cat(out) if out else x.new_zeros(0, 3, *size)
+
     def cache_key(self) -> str:
         """Hex digest of everything this split's images depend on (keys on-disk feature caches, fedlit.features).
 

@@ -37,6 +37,12 @@ from ..errors import FedlitError
 from ..data.task import Task
 
 
+def fp32(t: torch.Tensor):
+    """Autocast off on ``t``'s device: what runs inside computes in the dtype of its inputs (callers pass fp32).
+    Every method computes its logits, losses and softmax this way, so ``bf16-mixed`` changes only the towers."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 @dataclass
 class Update:
     """What one client returns after its local steps. Only ``shared`` (and the numbers) reach the server in a
@@ -98,6 +104,13 @@ class FedMethod:
     #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
     #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
     persistent_optimizer: bool = False
+    #: Training augmentation the method's official code uses (``trainer.augment: method`` picks it): ``dassl``
+    #: (random resized crop of the original image, scale (0.08, 1), bicubic, + horizontal flip, a fresh draw every
+    #: epoch: the FedPGP/FedOTP/PromptFL/CoOp/CoCoOp/MaPLe code bases) or ``none`` (FedTPG's code base).
+    default_augment: str = "dassl"
+    #: Start every local update from the initial personal tensors instead of the client's last ones (the official
+    #: FedPGP/FedOTP ``--model local`` CoOp baseline reloads the initial weights every round).
+    restart_personal: bool = False
     #: ``constant``, or ``cosine``: each client's lr follows ``lr · (1 + cos(π t / schedule_rounds)) / 2`` with
     #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
     lr_schedule: str = "constant"
@@ -147,8 +160,10 @@ class FedMethod:
         ``prepared`` (or freshly computed) text features."""
         text_features = prepared if prepared is not None else self.text_features(prompt, clip, task)
         image_features = self.image_features(prompt, clip, x)
-        img = image_features / image_features.norm(dim=-1, keepdim=True)
-        return clip.logit_scale * img @ text_features.to(img.dtype).t()
+        with fp32(image_features):  # logits in fp32 whatever the autocast (bf16 logits flip close top-2 pairs)
+            img = image_features.float()
+            img = img / img.norm(dim=-1, keepdim=True)
+            return clip.logit_scale * img @ text_features.float().t()
 
     def image_features(self, prompt: nn.Module | None, clip: FrozenCLIP, x: torch.Tensor) -> torch.Tensor:
         """Pooled image features from whatever :attr:`image_input` delivers (methods that prompt the image
@@ -163,7 +178,9 @@ class FedMethod:
              classes: Sequence[int] | None = None) -> torch.Tensor:
         """Local training objective; ``module`` is the :class:`~fedlit.client.ClientModule`, ``task`` the class list
         the client trains among and ``classes`` the positions in it of the classes the client holds."""
-        return F.cross_entropy(module(x, task).float(), y)
+        logits = module(x, task)
+        with fp32(logits):
+            return F.cross_entropy(logits.float(), y)
 
     # ----------------------------------------------------------------------------- local optimisation
     def configure_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -183,6 +200,15 @@ class FedMethod:
             raise FedlitError(f"method.init_args.schedule_rounds={schedule_rounds}: must be >= 1")
         self.lr_schedule, self.schedule_rounds = lr_schedule, schedule_rounds
         self.persistent_optimizer = persistent_optimizer
+
+    def augmentation(self, trainer) -> str:
+        """The training augmentation a run of this method uses under ``trainer`` (``none`` / ``dassl`` /
+        ``views-K`` for the legacy ``trainer.augment_views``)."""
+        if not self.trainable:
+            return "none"
+        if trainer.augment_views > 0:
+            return f"views-{trainer.augment_views}"
+        return self.default_augment if trainer.augment == "method" else trainer.augment
 
     # ----------------------------------------------------------------------------- server side
     def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """CoOp (Zhou et al., IJCV 2022) trained by each client on its own data only — no server.
 
 The learnable context (``n_ctx`` × text width, N(0, 0.02²) or the embeddings of ``ctx_init``) is
-*personal*: it never leaves the client and persists across rounds, so ``R`` rounds of ``E`` local
-epochs are ``R·E`` epochs of local CoOp training.
+*personal*: it never leaves the client. By default, as in the official FedPGP/FedOTP code (``--model local``,
+spec §3.5), every round restarts it from its initial weights, so the reported model has trained ``E`` local
+epochs (the last round's), not ``R·E``. ``persistent=True`` keeps it across rounds instead (``R`` rounds of ``E``
+epochs = ``R·E`` epochs of local CoOp training).
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ class CoOp(FedMethod):
     Args:
         n_ctx: number of context tokens (16 in FedPGP/FedOTP, 4 in FedTPG).
         ctx_init: initialise the context from these words' token embeddings (e.g. "a photo of a").
+        persistent: keep each client's context across rounds (default False: the official baseline restarts it
+            from the initial weights every round).
         lr, momentum, weight_decay, weighted: see :class:`FedMethod`.
     """
 
     name = "coop"
 
-    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, lr: float = 0.002, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, weighted: bool = True):
+    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, persistent: bool = False, lr: float = 0.002,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
+        self.persistent = persistent
+        self.restart_personal = not persistent
 
     def build(self, clip):
         return ContextPrompt(clip, self.n_ctx, self.ctx_init)

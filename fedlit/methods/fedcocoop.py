@@ -27,7 +27,7 @@ from torch import nn
 
 from ..backbones import FrozenCLIP
 from ..prompts import Task, encode_context, init_context, prompt_template
-from .base import FedMethod
+from .base import FedMethod, fp32
 
 
 class CoCoOpPrompt(nn.Module):
@@ -94,4 +94,5 @@ class FedCoCoOp(FedMethod):
         img = self.image_features(prompt, clip, x)
         img = img / img.norm(dim=-1, keepdim=True)
         text = prompt.text_features(clip, task, img)  # [B, C, D]
-        return clip.logit_scale * torch.einsum("bd,bcd->bc", img, text.to(img.dtype))
+        with fp32(img):  # logits in fp32 whatever the autocast
+            return clip.logit_scale * torch.einsum("bd,bcd->bc", img.float(), text.float())

@@ -122,6 +122,7 @@ class FedTPG(FedMethod):
     """
 
     name = "fedtpg"
+    default_augment = "none"  # FedTPG's code: CLIP's test transform for training too (spec §1.4)
     eval_protocol = "global"
 
     def __init__(self, n_ctx: int = 4, depth: int = 1, model_depth: int = 0, heads: int = 4,

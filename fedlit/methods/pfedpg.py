@@ -104,6 +104,7 @@ class PFedPG(VPTMethod):
     """
 
     name = "pfedpg"
+    default_augment = "none"  # no official code reachable (spec §5): fedlit's earlier behaviour kept
 
     def __init__(self, n_prompts: int = 10, server_lr: float = 0.001,
                  server_optimizer: Literal["adam", "adamw", "sgd"] = "adam", server_weight_decay: float = 0.0,

@@ -4,7 +4,8 @@ The component (:class:`VisualPromptHead`, also pFedPG's client model) is ``K`` l
 right after the CLS token at the input of the frozen image tower (``[c, P, z]``, spec/pfedpg.md §2.1; no
 positional embedding on the prompts, VPT convention) plus a linear head ``Linear(embed_dim → C)`` on the pooled
 image feature, ``C`` = the classes of the training task (all base classes). There is no text classifier, so
-there is no novel-class evaluation (``text_classifier = False``: the orchestrator evaluates Local and Base only).
+there is no novel-class evaluation (``text_classifier = False``): on a class split the orchestrator evaluates Local
+and Base; on the domain protocol (one client per domain, one class list) Local and Novel = the other domains.
 
 - **FedVPT** (pFedPG paper's baseline, "inserts prompts to the input"): the prompts are averaged by FedAvg;
   the head stays personal. pFedPG's Table 1 gives FedVPT the communication cost 7.68×10³ = K·l = 10·768 floats,
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..errors import FedlitError
 from ..data.task import Task
-from .base import FedMethod
+from .base import FedMethod, fp32
 
 #: state-dict key of the prompt tokens (the tensor pFedPG generates and FedVPT averages).
 PROMPT_KEY = "prompt"
@@ -76,9 +77,11 @@ class VisualPromptHead(nn.Module):
 
     def forward(self, clip, images: torch.Tensor) -> torch.Tensor:
         f = self.features(clip, images)
-        if self.normalize:
-            f = f / f.norm(dim=-1, keepdim=True)
-        return self.head(f)
+        with fp32(f):  # the head's logits in fp32 whatever the autocast
+            f = f.float()
+            if self.normalize:
+                f = f / f.norm(dim=-1, keepdim=True)
+            return self.head(f)
 
 
 class VPTMethod(FedMethod):
@@ -97,6 +100,7 @@ class VPTMethod(FedMethod):
     """
 
     image_input = "images"
+    default_augment = "none"  # no official federated VPT code: fedlit's earlier behaviour kept
     text_classifier = False
 
     def __init__(self, n_prompts: int = 10, normalize_features: bool = True, lr: float = 0.25, momentum: float = 0.9,

@@ -18,6 +18,7 @@ class ZeroShot(FedMethod):
     """
 
     name = "zeroshot"
+    default_augment = "none"  # nothing is trained
     trainable = False
 
     def __init__(self, template: str = "a photo of a {}."):
