@@ -58,19 +58,20 @@ def cmd_pretrain_toy(argv: list[str]) -> int:
 
 
 def cmd_list(what: str) -> int:
+    """``fedlit methods | datasets | backbones``: one line each, with what it is (methods and backbones are read
+    without importing torch)."""
+    from . import catalog
+
     if what == "datasets":
-        from .data.registry import list_datasets
+        from .data.registry import describe_dataset, list_datasets
 
-        names = list_datasets()
+        rows = [(n, describe_dataset(n)) for n in list_datasets()]
     elif what == "methods":
-        from .methods import list_methods
-
-        names = list_methods()
+        rows = catalog.methods()
     else:
-        from .backbones import list_backbones
-
-        names = list_backbones()
-    print("\n".join(names))
+        rows = catalog.backbones()
+    width = max(len(n) for n, _ in rows)
+    print("\n".join(f"{n:<{width}}  {d}".rstrip() for n, d in rows))
     return 0
 
 
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedlit datasets | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -178,3 +178,26 @@ def test_fit_help_lists_every_method_and_method_help_takes_a_short_name(capsys):
         main(["fit", "--method.help", "fedpgp"])
     out = capsys.readouterr().out
     assert "--method.rank" in out and "--method.mu" in out and "FedPGP" in out
+
+
+def test_listings_describe_each_entry_and_agree_with_the_registries(capsys):
+    from fedlit import catalog
+    from fedlit.backbones import list_backbones
+    from fedlit.methods import list_methods
+
+    assert [n for n, _ in catalog.methods()] == list_methods()  # read from the files = what the registry imports
+    assert all(d for _, d in catalog.methods())
+    listed = [n for n, _ in catalog.backbones()]
+    assert set(list_backbones()) <= set(listed) and "timm/<model>[@size]" in listed
+    assert main(["datasets"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert "no data root" in rows["shapes-dark"] and "--data.root" in rows["oxford_pets"]
+    assert all(rows.values())
+
+
+def test_listing_methods_and_backbones_does_not_import_torch():
+    code = ("import sys; from fedlit.cli import main; main(['methods']); main(['backbones']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "fedpgp" in proc.stdout and "ViT-B-16" in proc.stdout

@@ -224,6 +224,29 @@ def list_datasets() -> list[str]:
     return sorted(_FACTORIES)
 
 
+#: what each family of registered datasets is, by the module and factory that registered it
+_FAMILIES = {
+    "_shapes_factory": "procedural shapes world, embedded (no data root)",
+    "_coop_json_factory": "CoOp layout: --data.root holding the CoOp folder and split_zhou_*.json",
+    "fgvc_aircraft": "CoOp layout: --data.root holding fgvc_aircraft/",
+    "imagenet": "CoOp layout: --data.root holding imagenet/ (classnames.txt)",
+    "_imagenet_variant_factory": "CoOp layout: --data.root holding the ImageNet variant (evaluation)",
+    "_multi_factory": "FedBN domain layout: --data.root holding the domains' folders",
+    "_cifar_factory": "torchvision's CIFAR archive under --data.root (dataset_args download: true fetches it)",
+    "fashion_mnist": "Fashion-MNIST from Debian's dataset-fashion-mnist package (or --data.root)",
+}
+
+
+def describe_dataset(name: str) -> str:
+    """One line: what the registered dataset ``name`` is and whether it needs a data root."""
+    fn = _FACTORIES[name]
+    key = fn.__qualname__.split(".<locals>")[0] if "<locals>" in fn.__qualname__ else fn.__name__
+    for k in (key, name):
+        if k in _FAMILIES:
+            return _FAMILIES[k]
+    return (fn.__doc__ or "").strip().split("\n")[0]
+
+
 def _cache_key(name: str, root: str | None, seed: int, kwargs: dict[str, Any]) -> tuple:
     frozen_kwargs = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
     return (name, None if root is None else str(root), int(seed), frozen_kwargs)
