@@ -30,6 +30,10 @@ REGISTRY: dict[str, str] = {
     "pfedpg": "pfedpg:PFedPG",
     "fedvpt": "vpt:FedVPT",
     "localvpt": "vpt:LocalVPT",
+    "central": "central:Central",
+    "ivlp": "ivlp:IVLP",
+    "promptfolio": "promptfolio:PromptFolio",
+    "fedpha": "fedpha:FedPHA",
 }
 
 
