@@ -281,3 +281,85 @@ def test_fedpha_defaults_and_errors():
         FedPHA(projection="full")
     with pytest.raises(FedlitError, match="ratio"):
         FedPHA(ratio=1.5)
+
+
+# ============================================================================================ pFedMMA
+from fedlit.methods.pfedmma import MMAdapters, PFedMMA, adapter_branch, grad_scale  # noqa: E402
+
+
+def test_grad_scale_is_identity_forward_and_scales_backward():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = grad_scale(x, 0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((2,), 0.25))
+
+
+def test_adapter_branch_value_and_official_gradient_scaling():
+    torch.manual_seed(0)
+    a = MMAdapters(6, 8, [0], dim=3, scale=0.01)
+    down, shared, up = a.text_down[0], a.shared[0], a.text_up[0]
+    h = torch.randn(4, 6, requires_grad=True)
+    out = adapter_branch(h, down, shared, up, 0.01)
+    plain = up(torch.relu(shared(torch.relu(down(h)))))
+    assert torch.allclose(out, 0.01 * plain, atol=1e-7)
+    out.sum().backward()
+    got = [p.grad.clone() for p in (down.weight, shared.weight, up.weight)] + [h.grad.clone()]
+    for p in (down.weight, shared.weight, up.weight):
+        p.grad = None
+    h2 = h.detach().clone().requires_grad_(True)
+    up(torch.relu(shared(torch.relu(down(h2))))).sum().backward()  # the unscaled adapter
+    for g, p in zip(got, (down.weight, shared.weight, up.weight)):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)  # parameters: gradient of the unscaled adapter
+    assert torch.allclose(got[3], 0.01 * h2.grad, rtol=1e-4, atol=1e-9)  # input: exact gradient of s·adapter
+
+
+def test_pfedmma_adds_the_branch_to_the_block_output_and_detaches_afterwards(toy):
+    torch.manual_seed(0)
+    m = PFedMMA(adapter_start=1, adapter_end=2)
+    p = m.build(toy)
+    x = _images(toy)
+    plain = toy.encode_image(x)
+    blk = toy.model.visual.transformer.resblocks[0]
+    inp = torch.randn(2, 5, toy.vision_width)
+    ref = blk(inp) + adapter_branch(blk.ln_1(inp), p.vis_down[0], p.shared[0], p.vis_up[0], 0.001)
+    with p.attached(toy.model.visual.transformer.resblocks, "vision"):
+        assert torch.allclose(blk(inp), ref, atol=1e-6)
+    assert torch.allclose(toy.encode_image(x), plain)  # hooks removed
+    # zero up-projections: the frozen CLIP features exactly
+    with torch.no_grad():
+        for up in [*p.vis_up, *p.text_up]:
+            up.weight.zero_()
+    assert torch.allclose(m.image_features(p, toy, x), plain, atol=1e-6)
+    ref_t = toy.encode_text(toy.tokenize([f"a photo of a {c.replace('_', ' ')}." for c in TASK.classnames]))
+    assert torch.allclose(m.text_features(p, toy, TASK), ref_t / ref_t.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+def test_pfedmma_shares_only_the_shared_projection(toy):
+    m = PFedMMA(adapter_start=1, adapter_end=2)
+    shared, personal = ClientModule(toy, m).export()
+    assert set(shared) == {f"shared.{i}.{w}" for i in range(2) for w in ("weight", "bias")}
+    assert all(k.split(".")[0] in ("text_down", "text_up", "vis_down", "vis_up") for k in personal)
+    ups = [_update(0, {"shared.0.bias": torch.zeros(2)}, n=1), _update(1, {"shared.0.bias": torch.ones(2)}, n=3)]
+    assert torch.allclose(m.aggregate(ups, {})["shared.0.bias"], torch.full((2,), 0.75))
+
+
+def test_pfedmma_parameter_counts_on_vit_b16_widths():
+    a = MMAdapters(512, 768, list(range(4, 12)))
+    count = lambda name: sum(p.numel() for n, p in a.named_parameters() if n.startswith(name))  # noqa: E731
+    assert count("text_") == 266_496 and count("vis_") == 399_616 and count("shared") == 8_448
+
+
+def test_pfedmma_stale_text_cache_is_faithful_by_default(toy):
+    for stale in (True, False):
+        torch.manual_seed(0)
+        m = PFedMMA(adapter_start=1, adapter_end=2, stale_text_cache=stale)
+        p = m.build(toy)
+        first = m.prepare(p, toy, TASK)
+        with torch.no_grad():
+            for up in p.text_up:
+                up.weight.add_(1.0)
+        second = m.prepare(p, toy, TASK)
+        assert torch.equal(first, second) == stale
+    with pytest.raises(FedlitError, match="adapter_end"):
+        PFedMMA().build(toy)

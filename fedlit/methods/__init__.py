@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "ivlp": "ivlp:IVLP",
     "promptfolio": "promptfolio:PromptFolio",
     "fedpha": "fedpha:FedPHA",
+    "pfedmma": "pfedmma:PFedMMA",
 }
 
 
