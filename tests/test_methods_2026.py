@@ -326,6 +326,8 @@ def test_pfedmma_adds_the_branch_to_the_block_output_and_detaches_afterwards(toy
     with p.attached(toy.model.visual.transformer.resblocks, "vision"):
         assert torch.allclose(blk(inp), ref, atol=1e-6)
     assert torch.allclose(toy.encode_image(x), plain)  # hooks removed
+    adapted = m.image_features(p, toy, x)  # the hooks fire through the backbone's own forward path
+    assert not torch.equal(adapted, plain) and torch.allclose(adapted, plain, atol=1e-2)
     # zero up-projections: the frozen CLIP features exactly
     with torch.no_grad():
         for up in [*p.vis_up, *p.text_up]:
