@@ -47,6 +47,7 @@ class Orchestrator:
 
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
                  trainer: FedTrainer, seed: int, meta: dict | None = None):
+        federation = method.arrange_clients(federation)  # Central: pooled training data
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None

@@ -19,12 +19,15 @@ EXTRA = {
     "pfedpg": ["--data.subsample", "all"],
     "fedvpt": ["--data.subsample", "all"],
     "localvpt": ["--data.subsample", "all"],
+    "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"],
+    "fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],  # heterogeneous lengths, 3 clients
 }
 
 
 def test_every_registered_method_is_listed():
     assert set(list_methods()) >= {"zeroshot", "coop", "promptfl", "fedprox", "fedkgcoop", "fedcocoop", "fedmaple",
-                                   "fedvlp", "fedotp", "fedpgp", "fedtpg", "pfedpg", "fedvpt", "localvpt"}
+                                   "fedvlp", "fedotp", "fedpgp", "fedtpg", "pfedpg", "fedvpt", "localvpt", "central", "ivlp",
+                                   "promptfolio", "fedpha", "pfedmma"}
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -27,6 +27,11 @@ METHOD_NAMES: dict[str, str] = {
     "fedotp": "FedOTP",
     "fedpgp": "FedPGP",
     "fedtpg": "FedTPG",
+    "central": "Central (CoOp, pooled)",
+    "ivlp": "IVLP",
+    "promptfolio": "PromptFolio",
+    "fedpha": "FedPHA",
+    "pfedmma": "pFedMMA",
 }
 DATASET_NAMES: dict[str, str] = {
     "oxford_pets": "OxfordPets",

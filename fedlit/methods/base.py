@@ -12,6 +12,7 @@ A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
 - :meth:`FedMethod.loss` — its local training objective (default: cross-entropy).
 - :meth:`FedMethod.aggregate` — how the server combines the shared tensors (default: FedAvg weighted by
   each client's number of training samples, as FedPGP/FedOTP do).
+- :meth:`FedMethod.arrange_clients` — the federation it trains on (Central pools the clients' data).
 - :meth:`FedMethod.client_state` — what the server sends a given client (default: the global shared
   state; pFedPG sends each client its own generated prompt). Server-side modules live on the method
   and are saved through :meth:`server_state_dict` / :meth:`load_server_state_dict`.
@@ -135,6 +136,11 @@ class FedMethod:
     def setup_federation(self, train_task: Task, num_clients: int) -> None:
         """Called by the orchestrator once, before :meth:`build`, with the task clients train among and the
         number of clients (linear-head methods size their head from it; pFedPG its client descriptors)."""
+
+    def arrange_clients(self, federation):
+        """Called by the orchestrator once, before anything is built: the federation the run trains on (default:
+        unchanged). Central pools every client's training data into client 0 here (evaluation sets untouched)."""
+        return federation
 
     def build(self, clip: FrozenCLIP) -> nn.Module | None:
         """The trainable prompt component, built once per process and reused for every client."""
