@@ -29,7 +29,8 @@ QUICK = str(ROOT / "configs" / "quickstart.yaml")
 
 
 def _orchestrator(clip, federation, method, rounds: int) -> Orchestrator:
-    trainer = FedTrainer(rounds=rounds, local_epochs=1, batch_size=16, checkpoint_every=1, progress=False)
+    trainer = FedTrainer(rounds=rounds, local_epochs=1, batch_size=16, checkpoint_every=1, progress=False,
+                         augment="none")  # exact cached features: the runs below share one bank
     fabric = trainer.make_fabric()
     fabric.launch()
     return Orchestrator(fabric, clip, federation, method, trainer, 0, {"dataset": "shapes-dark", "backbone": "fedlit-toy"})

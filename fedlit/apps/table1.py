@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import FedlitError
 from .paper_results import TABLE1_DATASETS, TABLE1_METHODS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_BACKBONE = "ViT-B-16"
 TOY = "fedlit-toy"
 # Embedded stand-ins for the five Table-1 datasets (same names in the run directories; the table says which).
