@@ -25,7 +25,7 @@ CASES = [
     (["--trainer.roundz", "3"], ["unknown config key 'trainer.roundz'", "trainer.rounds"]),
     (["--datax.shots", "3"], ["unknown config key 'datax.shots'", "data.shots"]),
     (["--method.lrr", "3"], ["method.init_args.lrr", "method.init_args.lr"]),
-    (["--method", "fedfoo"], ["unknown method 'fedfoo'", "promptfl"]),
+    (["--method", "fedfoo"], ["unknown method 'fedfoo'", "fedlit methods"]),
     (["--data.dataset", "shapez"], ["unknown dataset 'shapez'", "shapes"]),
     (["--backbone.name", "ViT-Q-99"], ["unknown backbone 'ViT-Q-99'", "fedlit backbones"]),
     (["--trainer.rounds", "-1"], ["trainer.rounds=-1"]),
