@@ -186,9 +186,7 @@ class FrozenCLIP(nn.Module):
     def _run_blocks(transformer, x, attn_mask, prompts, start: int, first: int) -> torch.Tensor:
         """open_clip ``Transformer.forward`` block by block; ``prompts[j]`` overwrite tokens before block j+first."""
         blocks = transformer.resblocks
-        prompts = list(prompts) if prompts is not None else []
-        if first < 0 or len(prompts) > len(blocks) - first:
-            raise ValueError(f"{len(prompts)} deep prompts from block {first} exceed {len(blocks)} blocks")
+        prompts = _sp.deep_prompt_list(prompts, blocks, first)
         for i, blk in enumerate(blocks):
             j = i - first
             if 0 <= j < len(prompts) and prompts[j] is not None:

@@ -98,6 +98,14 @@ def _block(blk, xp: torch.Tensor, xs: torch.Tensor, mask: torch.Tensor) -> tuple
     return xp, xs
 
 
+def deep_prompt_list(deep_prompts, blocks, first: int) -> list:
+    """``deep_prompts`` as a list, checked to fit the ``blocks`` from block ``first`` on (both text paths)."""
+    prompts = list(deep_prompts) if deep_prompts is not None else []
+    if first < 0 or len(prompts) > len(blocks) - first:
+        raise ValueError(f"{len(prompts)} deep prompts from block {first} exceed {len(blocks)} blocks")
+    return prompts
+
+
 def _deep(p: torch.Tensor, count: int) -> torch.Tensor:
     """A deep prompt ``[n, W]`` / ``[1, n, W]`` / ``[P, n, W]`` -> ``[P, n, W]``."""
     if p.dim() == 2:
@@ -142,9 +150,7 @@ def encode_shared_prefix(
     xs = (suffix[:, : length - lp].to(dtype) + pos[lp:]).unsqueeze(0).expand(n_pre, -1, -1, -1)
     mask = m.attn_mask[:length, :length]
     blocks = m.transformer.resblocks
-    prompts = list(deep_prompts) if deep_prompts is not None else []
-    if first_deep_block < 0 or len(prompts) > len(blocks) - first_deep_block:
-        raise ValueError(f"{len(prompts)} deep prompts from block {first_deep_block} exceed {len(blocks)} blocks")
+    prompts = deep_prompt_list(deep_prompts, blocks, first_deep_block)
     for i, blk in enumerate(blocks):
         j = i - first_deep_block
         if 0 <= j < len(prompts) and prompts[j] is not None:
