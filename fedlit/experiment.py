@@ -364,10 +364,6 @@ def fit(parser, cfg, init) -> int:
     return 0
 
 
-__all__ = ["Backbone", "build", "config_digest", "default_run_dir", "fit", "fit_parser", "friendly", "parse_fit",
-           "rewrite_method_shortcut", "run_dir", "run_name"]
-
-
 def fit_argv(argv: list[str]) -> int:
     """``fedlit fit ARGS``: parse the arguments, build the run and train it (raises :class:`FedlitError` on bad
     input, ``KeyboardInterrupt`` on Ctrl-C; the CLI turns both into one line)."""
@@ -375,3 +371,7 @@ def fit_argv(argv: list[str]) -> int:
     parser = fit_parser()
     cfg, init = parse_fit(parser, lambda: parser.parse_args(rewrite_method_shortcut(argv)))
     return fit(parser, cfg, init)
+
+
+__all__ = ["Backbone", "build", "check_config_files", "config_digest", "default_run_dir", "fit", "fit_argv",
+           "fit_parser", "friendly", "parse_fit", "rewrite_method_shortcut", "run_dir", "run_name"]
