@@ -279,7 +279,7 @@ class Orchestrator:
         scalars = self.protocol.round_scalars(selected, updates)
         self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
         scalars["comm/cumulative_bytes"] = self.cumulative_bytes
-        scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok})
+        scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok and u.steps})
         self._log(scalars, rnd + 1)
         return scalars["train/loss"]
 

@@ -164,12 +164,14 @@ class RoundProtocol:
         return bool(c.checkpoint_every) and ((rnd + 1) % c.checkpoint_every == 0 or rnd == c.rounds - 1)
 
     def round_scalars(self, selected: list[int], updates: list[Update]) -> dict[str, float]:
-        """The round's train/… and comm/… scalars (upload: successful clients; download: every selected one)."""
+        """The round's train/… and comm/… scalars (upload: successful clients; download: every selected one). The
+        loss is the mean over the clients that took a step (Central's data-less clients take none)."""
         ok = [u for u in updates if u.ok]
+        stepped = [u.loss for u in ok if u.steps]
         numel = sum(v.numel() * v.element_size() for v in self.global_state.values())
         lr = self.method.lr
         return {
-            "train/loss": float(np.mean([u.loss for u in ok])) if ok else float("nan"),
+            "train/loss": float(np.mean(stepped)) if stepped else float("nan"),
             "train/clients": len(selected),
             "train/failed_clients": len(updates) - len(ok),
             "train/lr": float(np.mean([lr if u.lr is None else u.lr for u in ok])) if ok else lr,

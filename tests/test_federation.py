@@ -172,3 +172,17 @@ def test_dirichlet_partition_runs(tmp_path):
     r = _run(tmp_path, "dir", "--trainer.rounds", "1", "--data.partition", "dirichlet", "--data.beta", "0.5",
              "--data.shots", "-1", "--data.min_samples", "5")
     assert len(r["per_client"]) == 6 and np.isfinite(r["final"]["hm"])
+
+
+def test_round_loss_is_the_mean_over_clients_that_took_a_step():
+    """Central's data-less clients return an update with no step and a NaN loss: the round's loss ignores them."""
+    from fedlit.methods.base import Update
+    from fedlit.methods.promptfl import PromptFL
+    from fedlit.rounds import RoundProtocol
+    from fedlit.trainer import FedTrainer
+
+    protocol = RoundProtocol(PromptFL(), FedTrainer(), 0, [4, 0, 4], {"ctx": torch.zeros(2, 3)})
+    updates = [Update(0, {}, {}, 4, 1.0, 2), Update(1, {}, {}, 0, float("nan"), 0), Update(2, {}, {}, 4, 3.0, 2)]
+    scalars = protocol.round_scalars([0, 1, 2], updates)
+    assert scalars["train/loss"] == 2.0 and scalars["train/failed_clients"] == 0
+    assert scalars["comm/bytes_up"] == 3 * 2 * 3 * 4  # every successful client uploads, stepped or not
