@@ -290,9 +290,14 @@ class FeatureBank:
         per = self.augment_views if augmented else 1
         return max(1, min(self.block_size // per, len(self.splits[split])))
 
+    def _tower(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen image tower on normalised images, under the run's autocast: pooled features or tokens (fp32)."""
+        encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            return encode(x).float()
+
     def _encode(self, split: str, rows: np.ndarray, augmented: bool, slots: np.ndarray, block: int) -> torch.Tensor:
         """Encode ``rows`` placed at ``slots`` of a full pass of ``block`` rows (the other slots hold zeros)."""
-        encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
         k = self.augment_views if augmented else 1
         if augmented:
             x = self.augmented_images(split, np.repeat(rows, k), np.tile(np.arange(k), len(rows)))
@@ -300,8 +305,7 @@ class FeatureBank:
             x = self.images(split, rows)
         full = x.new_zeros(block, k, *x.shape[1:])
         full[torch.as_tensor(slots, device=x.device)] = x.reshape(len(rows), k, *x.shape[1:])
-        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-            f = encode(full.flatten(0, 1)).float()
+        f = self._tower(full.flatten(0, 1))
         f = f.reshape(block, k, *f.shape[1:])[torch.as_tensor(slots, device=f.device)]
         return f if augmented else f[:, 0]
 
@@ -323,10 +327,8 @@ class FeatureBank:
         if augmented and self.augment_views == 0:
             raise ValueError("view numbers given but augment_views is 0")
         if augmented and not self.cache_views:  # the tower runs on the augmented batch (nothing kept)
-            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-                encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
-                self.encoded += len(idx)
-                return encode(self.augmented_images(split, idx, views)).float()
+            self.encoded += len(idx)
+            return self._tower(self.augmented_images(split, idx, views))
         store = self._store(split, augmented)
         todo = store.missing(idx)
         if len(todo) and split in self._expected:  # fill the passes with rows asked for later, not with zeros
