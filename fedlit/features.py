@@ -202,8 +202,9 @@ class FeatureBank:
 
     # -------------------------------------------------------------------------------------------- images
     def images(self, split: str, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
-        x = self.splits[split].images(np.asarray(idx))
-        return self.clip.normalize_images(x.to(self.clip.device))
+        data = self.splits[split]
+        x = data.images(np.asarray(idx))
+        return self.clip.normalize_images(x.to(self.clip.device), getattr(data, "pixel_norm", None))
 
     def augmented_images(self, split: str, idx: Sequence[int] | np.ndarray,
                          views: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -218,8 +219,9 @@ class FeatureBank:
         def params(k: int, height: int, width: int):
             return augment_params(self.seed, int(idx[k]), int(views[k]), height, width)
 
-        x = self.splits[split].view_crops(idx, params, tuple(size))
-        return self.clip.normalize_images(x.to(self.clip.device, torch.float32))
+        data = self.splits[split]
+        x = data.view_crops(idx, params, tuple(size))
+        return self.clip.normalize_images(x.to(self.clip.device, torch.float32), getattr(data, "pixel_norm", None))
 
     def train_views(self, draw: tuple[int, ...], n: int, rows: np.ndarray) -> np.ndarray | None:
         """The view each of ``rows`` (positions in a client's data of ``n`` samples) uses at this step:

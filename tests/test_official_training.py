@@ -86,6 +86,8 @@ def test_protocol_overlays_set_the_official_script_values(overlay, epochs, batch
                         "--config", str(ROOT / "configs" / "protocols" / f"{overlay}.yaml"))
     t = init.trainer
     assert (t.local_epochs, t.batch_size, init.data.shots, t.rounds) == (epochs, batch, shots, rounds)
+    if "cifar" in overlay:  # the official CIFAR pipeline: its own mean/std + bilinear resize, no augmentation
+        assert init.data.dataset_args["preprocess"] == "official" and t.augment == "none"
     if "domains" in overlay:
         assert init.data.leave_out == []  # every domain trains (Table 2/4); leave_out is the named option
 

@@ -280,3 +280,46 @@ def test_embedded_domain_protocol_runs(tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert len(r["per_client"]) == 4 and {"local", "novel", "hm"} <= set(r["final"])
     assert all(f"acc/{d}" in r["per_client"]["0"] for d in ("shapes-textured", "shapes-noisy", "shapes-stripes"))
+
+
+def test_cifar_official_preprocessing_is_normalise_then_bilinear_resize(tmp_path):
+    """preprocess: official = the official CIFAR code's ToTensor → Normalize(CIFAR mean/std) → Resize([S, S]),
+    written here with torchvision's own transforms on the HWC uint8 array; the default keeps CLIP's path."""
+    import types
+
+    from torchvision import transforms as T
+
+    from fedlit.backbones.frozen_clip import FrozenCLIP
+    from fedlit.data.arrays import CIFAR_OFFICIAL_NORM
+
+    _write_cifar(tmp_path, "cifar10")
+    off = get_dataset("cifar10", root=str(tmp_path), preprocess="official")
+    plain = get_dataset("cifar10", root=str(tmp_path))
+    assert off.test.pixel_norm == CIFAR_OFFICIAL_NORM["cifar10"] and plain.test.pixel_norm is None
+    assert off.train.cache_key() != plain.train.cache_key()  # a feature cache never mixes the two
+    fake = types.SimpleNamespace(device=torch.device("cpu"), _size_hw=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3)
+    x = off.test.images([0, 1])
+    got = FrozenCLIP.normalize_images(fake, x, off.test.pixel_norm)
+    stats = CIFAR_OFFICIAL_NORM["cifar10"]
+    ref = T.Compose([T.ToTensor(), T.Normalize(stats["mean"], stats["std"]), T.Resize([64, 64])])
+    hwc = off.test.data[:2].permute(0, 2, 3, 1).numpy()
+    want = torch.stack([ref(img) for img in hwc])
+    assert got.shape == (2, 3, 64, 64) and torch.allclose(got, want, atol=1e-5)
+    clip_path = FrozenCLIP.normalize_images(fake, x)
+    assert not torch.allclose(clip_path, want, atol=1e-2)  # the CLIP path is a different pre-processing
+    with pytest.raises(FedlitError, match="preprocess='bgr'.*official"):
+        get_dataset("cifar100", root=str(tmp_path), preprocess="bgr")
+
+
+def test_feature_bank_applies_the_splits_own_preprocessing(tmp_path):
+    from fedlit.backbones import load_backbone
+    from fedlit.features import FeatureBank
+
+    _write_cifar(tmp_path, "cifar10")
+    clip = load_backbone("fedlit-toy")
+    off = get_dataset("cifar10", root=str(tmp_path), preprocess="official")
+    plain = get_dataset("cifar10", root=str(tmp_path))
+    x_off = FeatureBank(clip, {"test": off.test}).images("test", [0, 1])
+    x_plain = FeatureBank(clip, {"test": plain.test}).images("test", [0, 1])
+    assert torch.allclose(x_off, clip.normalize_images(off.test.images([0, 1]), off.test.pixel_norm))
+    assert not torch.allclose(x_off, x_plain, atol=1e-2)

@@ -345,12 +345,22 @@ class FrozenCLIP(nn.Module):
         return x.permute(1, 0, 2)
 
     # ----------------------------------------------------------------------------------------------- images
-    def normalize_images(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize_images(self, x: torch.Tensor, pixel_norm: dict | None = None) -> torch.Tensor:
         """Float images [B, 3, H, W] in [0, 1] -> resized (bicubic, antialiased) to ``image_size`` and mean/std
-        normalised, on the model's device."""
+        normalised, on the model's device. ``pixel_norm`` (a dataset's own pre-processing, see
+        :class:`~fedlit.data.registry.ImageSplit`) replaces that: its mean/std at the native size, then its resize
+        (torchvision's tensor ``Resize``: antialiased, no clamp)."""
         x = x.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        if pixel_norm is not None:
+            mean = torch.tensor(pixel_norm["mean"], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(pixel_norm["std"], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+            if tuple(x.shape[-2:]) != self._size_hw:
+                x = F.interpolate(x, size=self._size_hw, mode=pixel_norm["resize"], antialias=True,
+                                  align_corners=False)
+            return x
         if tuple(x.shape[-2:]) != self._size_hw:
             x = F.interpolate(x, size=self._size_hw, mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0.0, 1.0)

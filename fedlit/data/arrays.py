@@ -19,7 +19,7 @@ import torch
 from fedlit.data.registry import ClassificationData, TensorImageSplit, register_dataset
 from fedlit.errors import FedlitError
 
-__all__ = ["FASHION_MNIST_CLASSES", "SafeUnpickler", "read_idx", "load_cifar"]
+__all__ = ["FASHION_MNIST_CLASSES", "CIFAR_OFFICIAL_NORM", "SafeUnpickler", "read_idx", "load_cifar"]
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -201,18 +201,36 @@ def _seeded_val(train: TensorImageSplit, seed: int, fraction: float) -> TensorIm
     return TensorImageSplit(train.labels[rows], data=train.data[torch.as_tensor(rows)], meta=meta)
 
 
+#: The official FedPGP / FedOTP CIFAR pipeline (their ``DatasetCifar100``): ``ToTensor → Normalize(mean, std) →
+#: Resize([224, 224])`` on the 32-px image (torchvision's tensor resize: bilinear), in training and evaluation
+#: alike, with no augmentation. The statistics are the ones that code hard-codes for each dataset.
+CIFAR_OFFICIAL_NORM = {
+    "cifar10": {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010), "resize": "bilinear"},
+    "cifar100": {"mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762), "resize": "bilinear"},
+}
+
+
 def _cifar_factory(name: str):
-    def build(root: str | None, seed: int, download: bool = False, val_fraction: float = 0.1) -> ClassificationData:
+    def build(root: str | None, seed: int, download: bool = False, val_fraction: float = 0.1,
+              preprocess: str = "clip") -> ClassificationData:
+        if preprocess not in ("clip", "official"):
+            raise FedlitError(f"{name}: dataset_args preprocess={preprocess!r}; use 'clip' (the backbone's resize "
+                              f"and mean/std) or 'official' (FedPGP/FedOTP: CIFAR mean/std, bilinear resize)")
         classnames, arrays = load_cifar(name, root, download)
         splits = {}
         for split, (x, y, coarse) in arrays.items():
             meta = {} if coarse is None else {"coarse": coarse}
             splits[split] = TensorImageSplit(y, data=torch.from_numpy(x), meta=meta)
         splits["val"] = _seeded_val(splits["train"], seed, val_fraction)
+        if preprocess == "official":
+            for s in splits.values():
+                s.pixel_norm = dict(CIFAR_OFFICIAL_NORM[name])
         return ClassificationData(name, classnames, **splits, image_size=32)
 
     build.__doc__ = (f"{name}: torchvision's {_CIFAR[name][0]}/ under the data root, in memory (32 px); "
-                     f"val = a seeded val_fraction of train (overlapping it); download: true fetches it.")
+                     f"val = a seeded val_fraction of train (overlapping it); download: true fetches it; "
+                     f"preprocess: clip (the backbone's bicubic resize and mean/std) or official (FedPGP/FedOTP: "
+                     f"CIFAR mean/std, then bilinear resize to the tower's size, as their code does).")
     return build
 
 

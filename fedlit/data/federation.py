@@ -119,6 +119,12 @@ class ConcatSplit(ImageSplit):
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
         super().__init__(np.concatenate([p.labels + o for p, o in zip(parts, label_offsets)]) if parts
                          else np.zeros(0, dtype=np.int64))
+        norms = {repr(getattr(p, "pixel_norm", None)) for p in parts}
+        if len(norms) > 1:
+            raise FedlitError("datasets pooled in one federation use different pre-processing (dataset_args "
+                              "preprocess); pool datasets with the same one")
+        if parts and parts[0].pixel_norm is not None:
+            self.pixel_norm = parts[0].pixel_norm
 
     def images(self, indices: Indices = None) -> torch.Tensor:
         if indices is None or isinstance(indices, slice):

@@ -80,9 +80,14 @@ class ImageSplit(abc.ABC):
 
     Attributes:
         labels: int64 class labels [N], in the dataset's full label space.
+        pixel_norm: ``None`` (the backbone's own resize and mean/std) or a dataset-specific pre-processing that
+            replaces it, ``{"mean": (3,), "std": (3,), "resize": "bilinear"}``: normalise at the native size, then
+            resize (what FedPGP/FedOTP's CIFAR code does). Set as an instance attribute, so it is part of
+            :meth:`cache_key`.
     """
 
     labels: np.ndarray
+    pixel_norm = None  # class default; not a dataclass field (subclasses add fields without defaults)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
