@@ -1,12 +1,23 @@
 """What ``fedlit methods`` / ``datasets`` / ``backbones`` list, found without importing torch where possible: the
 method files are read (not imported) for each class's ``name`` and first docstring line, open_clip's model configs
-are read as JSON. Listing is a lookup, so it must not cost the seconds that importing torch does."""
+are read as JSON (the dataset readers import torch lazily, :mod:`fedlit.lazy`). Listing is a lookup, so it must
+not cost the seconds that importing torch does.
+
+``fedlit fit --help`` needs every method class (torch, Lightning) to build its parser, so its text is kept in a
+cache (:func:`cached_text`) keyed by everything it depends on: fedlit's source files (path, size, mtime),
+jsonargparse's version, the Python version and the terminal width. The first call builds it (seconds, once per
+install: ``make venv`` does it); later calls read it."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent
@@ -45,4 +56,46 @@ def backbones() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["backbones", "methods"]
+def help_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fedlit/cli`` (default ``~/.cache/fedlit/cli``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedlit" / "cli"
+
+
+def _source_key(kind: str) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{kind}|{sys.version}|{shutil.get_terminal_size().columns}|".encode())
+    try:
+        from importlib.metadata import version
+
+        h.update(version("jsonargparse").encode())
+    except Exception:  # noqa: BLE001 - no metadata: the key still covers fedlit's sources
+        pass
+    for path in sorted(PKG.rglob("*.py")):
+        st = path.stat()
+        h.update(f"{path.relative_to(PKG)}:{st.st_size}:{st.st_mtime_ns}|".encode())
+    return h.hexdigest()
+
+
+def cached_text(kind: str, build: Callable[[], str]) -> str:
+    """``build()``'s text, read from :func:`help_cache_dir` when fedlit's sources, jsonargparse, Python and the
+    terminal width are what they were when it was written; otherwise built and written (best effort: an
+    unwritable cache only costs the time)."""
+    path = help_cache_dir() / f"{kind}-{_source_key(kind)}.txt"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    text = build()
+    try:
+        from .atomic import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{kind}-*.txt"):  # one current file per kind
+            old.unlink(missing_ok=True)
+        atomic_write(path, lambda f: f.write(text), mode="w", unique=True)
+    except OSError:
+        pass
+    return text
+
+
+__all__ = ["backbones", "cached_text", "help_cache_dir", "methods"]

@@ -26,9 +26,20 @@ from .errors import FedlitError
 
 
 def cmd_fit(argv: list[str]) -> int:
+    if argv in (["--help"], ["-h"]):  # the full help without importing torch (see fedlit.catalog.cached_text)
+        from .catalog import cached_text
+
+        print(cached_text("fit-help", _fit_help), end="")
+        return 0
     from .experiment import fit_argv
 
     return fit_argv(argv)
+
+
+def _fit_help() -> str:
+    from .experiment import fit_parser
+
+    return fit_parser().format_help()
 
 
 def cmd_pretrain_toy(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,12 +166,16 @@ def test_switching_method_starts_from_the_new_methods_own_hyper_parameters(capsy
     assert cfg.method.init_args.lr == 0.5  # later overrides still win
 
 
-def test_fit_help_lists_every_method_and_method_help_takes_a_short_name(capsys):
+def test_fit_help_lists_every_method_and_method_help_takes_a_short_name(capsys, tmp_path, monkeypatch):
+    from fedlit.experiment import fit_parser
     from fedlit.methods import list_methods
 
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
+    assert out == fit_parser().format_help()  # the cached text is the parser's help
+    assert len(list((tmp_path / "fedlit" / "cli").glob("fit-help-*.txt"))) == 1
+    assert main(["fit", "-h"]) == 0 and capsys.readouterr().out == out  # read back from the cache
     classes = {__import__("fedlit.methods", fromlist=["x"]).method_class(m).__name__ for m in list_methods()}
     missing = [c for c in classes if c not in out]
     assert not missing, missing
@@ -195,9 +200,25 @@ def test_listings_describe_each_entry_and_agree_with_the_registries(capsys):
     assert all(rows.values())
 
 
-def test_listing_methods_and_backbones_does_not_import_torch():
-    code = ("import sys; from fedlit.cli import main; main(['methods']); main(['backbones']); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def test_listing_and_fit_help_do_not_import_torch(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    warm = subprocess.run([sys.executable, "-m", "fedlit.cli", "fit", "--help"], capture_output=True, text=True,
+                          timeout=300, env=env)  # the first call builds the help (torch), once per install
+    assert warm.returncode == 0 and "--trainer.rounds" in warm.stdout, warm.stderr[-1000:]
+    code = ("import sys; from fedlit.cli import main; main(['methods']); main(['backbones']); main(['datasets']); "
+            "main(['fit', '--help']); assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-1000:]
-    assert "fedpgp" in proc.stdout and "ViT-B-16" in proc.stdout
+    assert "fedpgp" in proc.stdout and "ViT-B-16" in proc.stdout and "oxford_pets" in proc.stdout
+    assert proc.stdout.endswith(warm.stdout)
+
+
+def test_help_cache_key_follows_the_sources(tmp_path, monkeypatch):
+    from fedlit import catalog
+
+    (tmp_path / "m.py").write_text("x = 1\n")
+    monkeypatch.setattr(catalog, "PKG", tmp_path)
+    key = catalog._source_key("fit-help")
+    assert catalog._source_key("fit-help") == key
+    (tmp_path / "m.py").write_text("x = 22\n")  # an edited source file: another key, so the help is rebuilt
+    assert catalog._source_key("fit-help") != key

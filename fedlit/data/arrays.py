@@ -14,10 +14,12 @@ import os
 import pickle
 
 import numpy as np
-import torch
 
+from ..lazy import lazy
 from fedlit.data.registry import ClassificationData, TensorImageSplit, register_dataset
 from fedlit.errors import FedlitError
+
+torch = lazy("torch", __name__, "torch")
 
 __all__ = ["FASHION_MNIST_CLASSES", "CIFAR_OFFICIAL_NORM", "SafeUnpickler", "read_idx", "load_cifar"]
 

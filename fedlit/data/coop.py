@@ -51,10 +51,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from fedlit.lazy import lazy
 from fedlit.errors import FedlitError
 from fedlit.data.registry import ClassificationData, ImageSplit, Indices, register_dataset
+
+torch = lazy("torch", __name__, "torch")
 
 __all__ = [
     "FileImageSplit",

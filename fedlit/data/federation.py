@@ -2,19 +2,19 @@
 
 A federation is made of one or more *groups* — a dataset or a domain — each partitioned into clients on its own:
 
-- **One dataset, class-level** (FedPGP/FedOTP base-to-novel, spec §7.4): classes are split CoOp-style into base
-  and novel halves; the *base* classes are partitioned over ``num_clients`` clients (pathological ``disjoint``
-  classes, ``dirichlet`` label skew, FedTPG ``contiguous`` dealing, or ``labeldir100`` over train+test); each
-  client holds ``shots`` training images per class and the test images of its classes. Evaluation sets: ``base``
-  (all base classes, whole base test set) and ``novel``.
-- **Several datasets pooled** (FedTPG cross-class, spec §7.3): the same per dataset; clients of different datasets
-  train in one run, each among its own dataset's classes; evaluation sets ``<dataset>/base`` and
-  ``<dataset>/novel``; summaries average clients per dataset, then datasets.
-- **Unseen datasets** (``eval_datasets``; FedTPG cross-data and cross-domain): evaluated on all their classes,
-  never trained; they count as *novel* for every client.
-- **One client per domain** (``partition: domain``; FedPGP Table 2, pFedPG): every dataset of the list is a
-  domain with the same classes; each holds ``num_clients`` clients (iid split); a client's *novel* accuracy is the
-  mean over the other domains (leave-one-domain-out), or over the ``leave_out`` domains, which get no client.
+- **One dataset, class-level** (FedPGP/FedOTP base-to-novel): classes are split CoOp-style into base and novel halves;
+  the *base* classes are partitioned over ``num_clients`` clients (pathological ``disjoint`` classes, ``dirichlet``
+  label skew, FedTPG ``contiguous`` dealing, or ``labeldir100`` over train+test); each client holds ``shots`` training
+  images per class and the test images of its classes. Evaluation sets: ``base`` (all base classes, whole base test
+  set) and ``novel``.
+- **Several datasets pooled** (FedTPG cross-class): the same per dataset; clients of different datasets train in one
+  run, each among its own dataset's classes; evaluation sets ``<dataset>/base`` and ``<dataset>/novel``; summaries
+  average clients per dataset, then datasets.
+- **Unseen datasets** (``eval_datasets``; FedTPG cross-data and cross-domain): evaluated on all their classes, never
+  trained; they count as *novel* for every client.
+- **One client per domain** (``partition: domain``; FedPGP Table 2, pFedPG): every dataset of the list is a domain
+  with the same classes; each holds ``num_clients`` clients (iid split); a client's *novel* accuracy is the mean over
+  the other domains (leave-one-domain-out), or over the ``leave_out`` domains, which get no client.
 
 :class:`Federation` records, per client, which evaluation sets are its ``base`` and ``novel`` ones and which set
 holds its own test images (``home``), so evaluation (:mod:`fedlit.evaluation`) is one generic loop.
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
+from ..lazy import lazy
 from ..errors import FedlitError
 from .task import Task
 from .protocol import (
@@ -44,6 +44,8 @@ from .protocol import (
     sample_kshot,
 )
 from .registry import ClassificationData, ImageSplit, Indices, get_dataset
+
+torch = lazy("torch", __name__, "torch")
 
 
 @dataclass
@@ -119,11 +121,9 @@ class ConcatSplit(ImageSplit):
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
         super().__init__(np.concatenate([p.labels + o for p, o in zip(parts, label_offsets)]) if parts
                          else np.zeros(0, dtype=np.int64))
-        norms = {repr(getattr(p, "pixel_norm", None)) for p in parts}
-        if len(norms) > 1:
-            raise FedlitError("datasets pooled in one federation use different pre-processing (dataset_args "
-                              "preprocess); pool datasets with the same one")
-        if parts and parts[0].pixel_norm is not None:
+        if len({repr(p.pixel_norm) for p in parts}) > 1:
+            raise FedlitError("pooled datasets must share one pre-processing (dataset_args preprocess)")
+        if parts and parts[0].pixel_norm is not None:  # set only when there is one: cache keys stay as they were
             self.pixel_norm = parts[0].pixel_norm
 
     def images(self, indices: Indices = None) -> torch.Tensor:
@@ -437,11 +437,8 @@ def _check_dataset_args(name: str, args: dict) -> None:
 
     from .registry import _FACTORIES
 
-    factory = _FACTORIES.get(name)
-    if factory is None or not args:
-        return
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = inspect.signature(_FACTORIES[name]).parameters if name in _FACTORIES and args else {}
+    if not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [p for p in params if p not in ("root", "seed")]
     bad = sorted(set(args) - set(accepted))

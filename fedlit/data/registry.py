@@ -15,13 +15,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
-import torch
 
+from fedlit.lazy import lazy
 from fedlit.data import shapes
 from fedlit.errors import FedlitError, unknown_name
+
+torch = lazy("torch", __name__, "torch")
 
 __all__ = [
     "ImageSplit",
@@ -33,7 +35,7 @@ __all__ = [
     "clear_cache",
 ]
 
-Indices = Sequence[int] | np.ndarray | torch.Tensor | slice | None
+Indices = Union[Sequence[int], np.ndarray, "torch.Tensor", slice, None]  # torch named, not imported
 Factory = Callable[..., "ClassificationData"]
 
 
@@ -237,7 +239,8 @@ _FAMILIES = {
     "imagenet": "CoOp layout: --data.root holding imagenet/ (classnames.txt)",
     "_imagenet_variant_factory": "CoOp layout: --data.root holding the ImageNet variant (evaluation)",
     "_multi_factory": "FedBN domain layout: --data.root holding the domains' folders",
-    "_cifar_factory": "torchvision's CIFAR archive under --data.root (dataset_args download: true fetches it)",
+    "_cifar_factory": ("torchvision's CIFAR archive under --data.root (dataset_args download: true fetches it; "
+                       "preprocess: official = the FedPGP/FedOTP pipeline)"),
     "fashion_mnist": "Fashion-MNIST from Debian's dataset-fashion-mnist package (or --data.root)",
 }
 

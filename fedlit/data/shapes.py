@@ -20,10 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from ..lazy import lazy
 from fedlit.errors import FedlitError, unknown_name
+
+torch = lazy("torch", __name__, "torch")
+F = lazy("torch.nn.functional", __name__, "F")
 
 __all__ = [
     "COLOURS",

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from ..lazy import lazy
+
+torch = lazy("torch", __name__, "torch")
 
 
 @dataclass(frozen=True)
