@@ -37,6 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+
+
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` loaded by path: the name ``benchmarks`` may be another package (opacus' wheel
+    installs a top-level ``benchmarks``), so it is never imported by that name."""
+    import importlib.util
+
+    key = f"fedlit_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parent / f"{name}.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
 FEDTPG_CLASSES = {"caltech101": 100, "oxford_flowers": 102, "fgvc_aircraft": 100, "ucf101": 101, "oxford_pets": 37,
                   "food101": 101, "dtd": 47, "stanford_cars": 196, "sun397": 397}
 TINY_CLASSES = {"a": 10, "b": 13, "c": 8}
@@ -143,7 +158,7 @@ def text_steps(clip, device, seconds: float) -> dict:
     from fedlit.methods.fedtpg import FedTPG
     from fedlit.prompts import ContextPrompt, Task
 
-    from benchmarks.bench import COOP50
+    COOP50 = _sibling("bench").COOP50
 
     out = {"text_path": clip.text_path}
     torch.manual_seed(0)
