@@ -301,3 +301,45 @@ def test_full_rn50_random_init_from_a_local_checkpoint_takes_a_promptfl_step(tmp
         assert not any(m.training for m in _bn_layers(clip))
     finally:
         backbones._CACHE.pop(("RN50", str(path), "cpu", "fp32"))
+
+
+# ------------------------------------------------------------------------------------------- configs
+def _printed(capsys, *configs) -> dict:
+    import yaml
+
+    args = [a for c in configs for a in ("--config", str(ROOT / "configs" / c))]
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args, "--print_config"])
+    assert e.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_rn50_overlay_swaps_only_the_backbone(capsys):
+    base = _printed(capsys, "promptfl.yaml")
+    rn50 = _printed(capsys, "promptfl.yaml", "backbones/rn50.yaml")
+    assert rn50["backbone"]["name"] == "RN50" and rn50["backbone"]["pretrained"] == "openai"
+    assert {k: v for k, v in rn50.items() if k != "backbone"} == {k: v for k, v in base.items() if k != "backbone"}
+
+
+def test_fedotp_few_shot_config_is_the_scripts_rn50_setting(capsys):
+    cfg = _printed(capsys, "fedotp_few_shot.yaml")
+    assert cfg["backbone"]["name"] == "RN50"
+    ot = cfg["method"]["init_args"]
+    assert (ot["eps"], ot["thresh"], ot["top_percent"], ot["n_ctx"], ot["num_prompts"]) == (0.01, 0.001, 0.8, 16, 2)
+    assert (cfg["data"]["subsample"], cfg["data"]["num_clients"], cfg["data"]["partition_seed"]) == ("all", 10, 2023)
+    assert (cfg["trainer"]["rounds"], cfg["trainer"]["local_epochs"], cfg["trainer"]["batch_size"]) == (10, 5, 16)
+    baseline = _printed(capsys, "promptfl.yaml", "protocols/fedotp_few_shot.yaml")
+    assert baseline["backbone"]["name"] == "RN50" and baseline["data"] == cfg["data"]
+    assert {k: baseline["trainer"][k] for k in ("rounds", "local_epochs", "batch_size")} == {
+        k: cfg["trainer"][k] for k in ("rounds", "local_epochs", "batch_size")}
+
+
+def test_fedotp_few_shot_config_runs_on_the_resnet_toy(tmp_path, rn_file):
+    out = tmp_path / "otp"
+    assert main(["fit", "--config", str(ROOT / "configs" / "fedotp_few_shot.yaml"), "--config",
+                 str(ROOT / "configs" / "embedded.yaml"), "--backbone.name", RN, "--backbone.pretrained", rn_file,
+                 "--data.subsample", "all", "--data.num_clients", "3", "--data.shots", "1", "--trainer.batch_size", "4",
+                 "--data.dataset_args", '{"test_per_class": 2, "train_per_class": 2}', "--trainer.rounds", "1",
+                 "--trainer.local_epochs", "1", "--out_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "fedotp" and math.isfinite(res["final"]["local"])
