@@ -199,7 +199,7 @@ def _fit(tmp_path, name, pretrained, *extra):
     return main(["fit", "--config", str(config), "--config", str(ROOT / "configs" / "embedded.yaml"),
                  "--backbone.name", RN, "--backbone.pretrained", pretrained,
                  "--trainer.rounds", "2", "--trainer.eval_every", "2", "--data.num_clients", "3", "--data.shots", "2",
-                 "--data.dataset_args", '{"test_per_class": 4, "train_per_class": 4}', "--trainer.batch_size", "8",
+                 "--data.dataset_args", '{"test_per_class": 2, "train_per_class": 2}', "--trainer.batch_size", "8",
                  "--out_dir", str(tmp_path / name), *extra])
 
 
