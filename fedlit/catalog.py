@@ -42,7 +42,8 @@ def methods() -> list[tuple[str, str]]:
 def backbones() -> list[tuple[str, str]]:
     """``(name, description)``: the embedded model, open_clip's plain-CLIP architectures (from its JSON configs)
     and the image-only timm ViTs."""
-    out = [("fedlit-toy", "embedded CLIP (2+2 layers, bundled weights, CPU)")]
+    out = [("fedlit-toy", "embedded CLIP (2+2 layers, bundled weights, CPU)"),
+           ("fedlit-toy-rn", "embedded tiny ModifiedResNet-tower CLIP for the RN50 code paths (random init, CPU)")]
     spec = importlib.util.find_spec("open_clip")
     if spec is not None and spec.submodule_search_locations:
         for path in sorted(Path(next(iter(spec.submodule_search_locations)), "model_configs").glob("*.json")):

@@ -28,7 +28,8 @@ class Backbone:
     """The frozen backbone (the ``backbone:`` section).
 
     Args:
-        name: ``fedlit-toy`` (embedded) or an open_clip architecture (``ViT-B-16``; CoOp's ``ViT-B/16`` works too).
+        name: ``fedlit-toy`` (embedded) or an open_clip architecture (``ViT-B-16``; CoOp's ``ViT-B/16`` works too;
+            ``RN50``: a ModifiedResNet image tower for the text-prompt methods; ``fedlit-toy-rn``: a tiny one).
         pretrained: ``default`` (bundled weights for fedlit-toy, ``openai`` otherwise), an open_clip tag,
             a local checkpoint file, or ``none`` for random init.
         text_path: ``shared_prefix`` (default: the prompt positions shared by every class are encoded once per

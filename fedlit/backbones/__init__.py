@@ -35,6 +35,10 @@ __all__ = ["FrozenCLIP", "load_backbone", "list_backbones", "register_toy_config
 
 TOY = "fedlit-toy"
 TOY_CONFIG = Path(__file__).with_name("fedlit-toy.json")
+#: a tiny ModifiedResNet-tower CLIP (``layers`` [1, 1, 1, 1], width 8, 64 px, 2-layer text tower; no bundled weights:
+#: ``pretrained=none``): the RN50 code paths (attention pooling, BatchNorm, FedOTP's RN tokens) in seconds on a CPU
+TOY_RN = "fedlit-toy-rn"
+TOY_RN_CONFIG = Path(__file__).with_name("fedlit-toy-rn.json")
 TOY_WEIGHTS = Path(__file__).parent / "weights" / "fedlit-toy.safetensors"
 _PRECISIONS = ("fp32", "fp16", "bf16")
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -42,11 +46,13 @@ _CACHE: dict[tuple, FrozenCLIP] = {}
 
 
 def register_toy_config() -> str:
-    """Register ``fedlit-toy.json`` with open_clip (idempotent); returns the model name."""
+    """Register ``fedlit-toy.json`` and ``fedlit-toy-rn.json`` with open_clip (idempotent); returns ``fedlit-toy``."""
     import open_clip
 
-    if TOY not in open_clip.list_models():
-        open_clip.add_model_config(TOY_CONFIG)
+    known = open_clip.list_models()
+    for name, path in ((TOY, TOY_CONFIG), (TOY_RN, TOY_RN_CONFIG)):
+        if name not in known:
+            open_clip.add_model_config(path)
     return TOY
 
 
@@ -141,7 +147,8 @@ def _weights_source(arch: str, pretrained: str | None) -> tuple[str, str | None]
                     "or pass `backbone.pretrained=none` for a random-init model")
             return "file", str(TOY_WEIGHTS)
         if not tags:
-            raise FedlitError(f"backbone {arch} has no open_clip weights; pass `backbone.pretrained=/path/to/file`")
+            raise FedlitError(f"backbone {arch} has no open_clip weights; pass `backbone.pretrained=/path/to/file`, "
+                              "or `backbone.pretrained=none` for a random-init model")
         return "tag", "openai" if "openai" in tags else tags[0]
     if os.path.isfile(os.path.expanduser(p)):
         return "file", os.path.expanduser(p)
@@ -161,11 +168,13 @@ def load_backbone(
     """Build (once per process) a frozen CLIP backbone.
 
     Args:
-        name: ``fedlit-toy`` or an open_clip architecture (``ViT-B-16``, CoOp's ``ViT-B/16``, ``RN50``, ...), or
+        name: ``fedlit-toy``, ``fedlit-toy-rn`` (tiny ModifiedResNet tower, no bundled weights) or an open_clip
+            architecture (``ViT-B-16``, CoOp's ``ViT-B/16``, ``RN50``, ...), or
             ``timm/<model>[.<tag>][@<img_size>]`` for an image-only timm ViT (returns a ``TimmViT``).
         pretrained: ``"default"``, ``None``/``"none"`` (random init, seed 0), an open_clip tag or a checkpoint path.
             OpenAI weights need QuickGELU: the ``openai`` tag and OpenAI TorchScript files switch it on
-            automatically; for an OpenAI state dict saved as ``.pt``/``.safetensors`` use ``ViT-B-16-quickgelu``.
+            automatically; for an OpenAI state dict saved as ``.pt``/``.safetensors`` use ``ViT-B-16-quickgelu``
+            (``RN50-quickgelu``).
         device: where the model lives.
         precision: ``fp32`` (default), ``fp16`` or ``bf16`` weights (open_clip's own casting).
     """

@@ -137,7 +137,8 @@ class PFedMMA(FedMethod):
 
     def build(self, clip: FrozenCLIP):
         if not clip.is_vit:
-            raise FedlitError(f"pfedmma adapts the blocks of a ViT image tower; backbone '{clip.name}' has none")
+            raise FedlitError(f"pfedmma adapts the blocks of a ViT image tower; backbone '{clip.name}' has none "
+                              "(use e.g. ViT-B-16)")
         layers = min(len(clip.model.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
         if self.adapter_end > layers:
             raise FedlitError(f"method.init_args.adapter_end={self.adapter_end} exceeds the {layers} transformer "
