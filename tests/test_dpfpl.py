@@ -25,7 +25,7 @@ from fedlit.methods.dpfpl import (DPFPL, clip_norm, factorise, legacy_sigma, loc
                                   rdp_epsilon, rdp_orders)
 from fedlit.methods.promptfl import PromptFL
 from fedlit.prompts import Task
-from fedlit.steps import StepSync, generator, sgd_step, subset
+from fedlit.steps import StepSync, generator, make_stepper, sgd_step, subset
 from fedlit.trainer import FedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +206,20 @@ def test_errors():
     orch = SimpleNamespace(fabric=SimpleNamespace(world_size=2), method=PromptFL(), fed=None, cfg=FedTrainer(sync="step"))
     with pytest.raises(FedlitError, match="one process"):
         StepSync(orch)
+    orch = SimpleNamespace(method=DPFPL(), cfg=FedTrainer(sync="round"))
+    with pytest.raises(FedlitError, match="needs trainer.sync=step"):
+        make_stepper(orch)
+    assert make_stepper(SimpleNamespace(method=PromptFL(), cfg=FedTrainer())) is None
+
+
+def test_server_optimiser_state_round_trips_through_the_checkpoint_entries():
+    stepper = StepSync.__new__(StepSync)
+    stepper.server_optim = {"0/momentum_buffer": torch.ones(3)}
+    server = {**stepper.state(), "generator.w": torch.zeros(2)}
+    other = StepSync.__new__(StepSync)
+    assert set(other.load_state(server)) == {"generator.w"}
+    assert set(other.server_optim) == {"0/momentum_buffer"} and torch.equal(other.server_optim["0/momentum_buffer"],
+                                                                          torch.ones(3))
 
 
 def test_step_helpers():
