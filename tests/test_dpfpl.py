@@ -256,6 +256,16 @@ def test_promptfl_step_mode_one_client_is_local_sgd(tmp_path):
     assert res_r["final"] == pytest.approx(res_s["final"])
 
 
+def test_dpfpl_promptfl_factorization_without_noise_is_promptfl_fedsgd(tmp_path):
+    """DP-FPL's own hooks reduce to the generic FedSGD step: factorization promptfl, ε = 0, no round-0 reload."""
+    common = ["--data.num_clients", "2", "--trainer.rounds", "2", "--trainer.batch_size", "8",
+              "--method.init_args.lr", "0.002", "--method.init_args.weighted", "false"]
+    _, a = _fit(tmp_path, "pfl", "promptfl.yaml", *common, "--trainer.sync", "step")
+    _, b = _fit(tmp_path, "dp", "dpfpl.yaml", *common, "--method.init_args.factorization", "promptfl",
+                "--method.init_args.epsilon", "0", "--method.init_args.round0_reload", "false")
+    assert torch.allclose(a.global_state["ctx"], b.global_state["G"], atol=1e-6, rtol=0)  # same init G = ctx
+
+
 def test_dpfpl_run_shares_only_G_reports_privacy_and_round0_reload(tmp_path):
     common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
               "--method.init_args.rank", "2", "--trainer.batch_size", "8"]
