@@ -35,6 +35,7 @@ from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
 from .rounds import ClientState, RoundProtocol, shard
+from .steps import make_stepper
 from .trainer import FedTrainer
 
 
@@ -82,6 +83,7 @@ class Orchestrator:
         self.history: list[dict] = []
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
+        self.stepper = make_stepper(self)  # trainer.sync=step: step-synchronous FedSGD rounds (fedlit.steps)
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -110,6 +112,8 @@ class Orchestrator:
     def train_round(self, rnd: int) -> float:
         """The protocol's clients and payloads → my shard's local updates → all updates → aggregation → logs.
         Returns the round's mean training loss."""
+        if self.stepper is not None:
+            return self.log_round(rnd, *self.stepper.run_round(rnd))
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
         updates = self.apply(self._gather([self.safe_update(cid, rnd, sent[cid]) for cid in mine]))
@@ -136,7 +140,8 @@ class Orchestrator:
         for c, st in self.protocol.clients.items():
             personal[c] = {**st.personal, **{f"optim/{k}": v for k, v in st.optim.items()}}
         state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=personal,
-                              server=self.method.server_state_dict(), history=self.history,
+                              server={**self.method.server_state_dict(),
+                                      **(self.stepper.state() if self.stepper else {})}, history=self.history,
                               identity=self.meta.get("identity", {}),
                               extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
         ckpt.save(self.run_dir / ckpt.NAME, state)
@@ -153,7 +158,8 @@ class Orchestrator:
             own = {k: v for k, v in tensors.items() if not k.startswith("optim/")}
             optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
             self.protocol.load(int(c), ClientState(own, optim))
-        self.method.load_server_state_dict(state.server)
+        server = self.stepper.load_state(state.server) if self.stepper else state.server
+        self.method.load_server_state_dict(server)
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
         return state.round
@@ -276,7 +282,7 @@ class Orchestrator:
 
     def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> float:
         """The round's scalars to TensorBoard; returns its mean training loss."""
-        scalars = self.protocol.round_scalars(selected, updates)
+        scalars = self.protocol.round_scalars(selected, updates, self.stepper.steps_per_round if self.stepper else 1)
         self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
         scalars["comm/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok and u.steps})
@@ -331,6 +337,8 @@ class Orchestrator:
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
+            "sync": self.cfg.sync_of(self.method),
+            **self.method.run_report(),
         }
         if self.fabric.global_rank == 0:
             self.logger.log_hyperparams(self.hparams(),

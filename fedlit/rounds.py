@@ -163,9 +163,10 @@ class RoundProtocol:
         c = self.cfg
         return bool(c.checkpoint_every) and ((rnd + 1) % c.checkpoint_every == 0 or rnd == c.rounds - 1)
 
-    def round_scalars(self, selected: list[int], updates: list[Update]) -> dict[str, float]:
-        """The round's train/… and comm/… scalars (upload: successful clients; download: every selected one). The
-        loss is the mean over the clients that took a step (Central's data-less clients take none)."""
+    def round_scalars(self, selected: list[int], updates: list[Update], exchanges: int = 1) -> dict[str, float]:
+        """The round's train/… and comm/… scalars (upload: successful clients; download: every selected one;
+        ``exchanges`` per round: the steps of a step-synchronous round). The loss is the mean over the clients that
+        took a step (Central's data-less clients take none)."""
         ok = [u for u in updates if u.ok]
         stepped = [u.loss for u in ok if u.steps]
         numel = sum(v.numel() * v.element_size() for v in self.global_state.values())
@@ -175,8 +176,8 @@ class RoundProtocol:
             "train/clients": len(selected),
             "train/failed_clients": len(updates) - len(ok),
             "train/lr": float(np.mean([lr if u.lr is None else u.lr for u in ok])) if ok else lr,
-            "comm/bytes_up": numel * len(ok),
-            "comm/bytes_down": numel * len(selected),
+            "comm/bytes_up": numel * len(ok) * exchanges,
+            "comm/bytes_down": numel * len(selected) * exchanges,
         }
 
 

@@ -56,6 +56,11 @@ class FedTrainer:
         drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
             incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
             trains on its one short batch; ``never`` keeps every last batch.
+        sync: how a round federates. ``method`` (default): the method's own mode (``step`` for DP-FPL, ``round``
+            for the others); ``round``: local epochs then the server aggregates the shared tensors (FedAvg);
+            ``step``: step-synchronous FedSGD (:mod:`fedlit.steps`): at every batch step every selected client
+            sends the gradient of its shared tensors, the server averages it, every client applies it. One
+            process only (``devices: 1``).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class FedTrainer:
         augment_views: int = 0,
         threads: int | None = None,
         drop_last: Literal["dassl", "never"] = "dassl",
+        sync: Literal["method", "round", "step"] = "method",
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -98,6 +104,7 @@ class FedTrainer:
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
             (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
+            (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -124,6 +131,11 @@ class FedTrainer:
         self.augment_views = augment_views
         self.threads = threads
         self.drop_last = drop_last
+        self.sync = sync
+
+    def sync_of(self, method) -> str:
+        """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""
+        return method.sync if self.sync == "method" else self.sync
 
     def batch_starts(self, n: int) -> range:
         """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""

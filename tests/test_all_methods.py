@@ -27,7 +27,7 @@ EXTRA = {
 def test_every_registered_method_is_listed():
     assert set(list_methods()) >= {"zeroshot", "coop", "promptfl", "fedprox", "fedkgcoop", "fedcocoop", "fedmaple",
                                    "fedvlp", "fedotp", "fedpgp", "fedtpg", "pfedpg", "fedvpt", "localvpt", "central", "ivlp",
-                                   "promptfolio", "fedpha", "pfedmma"}
+                                   "promptfolio", "fedpha", "pfedmma", "dpfpl"}
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -19,7 +19,7 @@ LAYERS = [
     ("backbones", ["fedlit.backbones", "fedlit.prompts", "fedlit.features", "fedlit.feature_store"]),
     ("methods", ["fedlit.methods"]),
     ("client", ["fedlit.client"]),
-    ("round loop", ["fedlit.rounds", "fedlit.evaluation", "fedlit.orchestrator"]),
+    ("round loop", ["fedlit.rounds", "fedlit.steps", "fedlit.evaluation", "fedlit.orchestrator"]),
     ("experiment", ["fedlit.experiment"]),
     ("integrations", ["fedlit.integrations"]),
     ("apps", ["fedlit.apps"]),

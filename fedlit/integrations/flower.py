@@ -370,6 +370,9 @@ def run_server(grid: Grid, run_config) -> dict:
     t0 = time.time()
     rt = build_runtime(str(run_config[CONFIG_KEY]))  # the server's own (never the node cache: separate method)
     o, method, data = rt.orchestrator, rt.init.method, rt.init.data
+    if o.stepper is not None:
+        raise FedlitError(f"trainer.sync=step ({method.name}: gradients exchanged every batch step) is not available "
+                          f"under Flower yet; run it with fedlit fit")
     out = str(run_config.get(OUT_KEY, "")) or None
     run_dir, resume = experiment.run_dir(out, method.name, data.label, rt.cfg.seed,
                                          bool(run_config.get(OVERWRITE_KEY, False)))

@@ -69,6 +69,27 @@ class Update:
         return self.error is None
 
 
+@dataclass
+class StepPlan:
+    """What a step-synchronous (FedSGD) run will do, told to :meth:`FedMethod.plan_steps` before it starts
+    (:mod:`fedlit.steps`): ``rounds`` × ``steps_per_round`` synchronous steps, each client's batches of
+    ``batch_size`` drawn from its ``samples_per_client`` training samples, ``clients`` per step."""
+
+    rounds: int
+    steps_per_round: int
+    batch_size: int
+    clients: int
+    samples_per_client: int
+
+    @property
+    def steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    @property
+    def sample_rate(self) -> float:
+        return min(self.batch_size / max(self.samples_per_client, 1), 1.0)
+
+
 #: short name → method class: every subclass of :class:`FedMethod` that sets its own ``name``
 METHODS: dict[str, type[FedMethod]] = {}
 
@@ -116,6 +137,10 @@ class FedMethod:
     #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
     lr_schedule: str = "constant"
     schedule_rounds: int = 500
+    #: How the method federates when ``trainer.sync: method``: ``round`` (local epochs, then the server aggregates
+    #: the shared tensors: FedAvg) or ``step`` (every batch step, the clients' shared gradients are averaged and
+    #: applied by every client: FedSGD, :mod:`fedlit.steps`; DP-FPL). Any method runs in either mode.
+    sync: str = "round"
 
     def __init_subclass__(cls, **kwargs):
         """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""
@@ -241,6 +266,32 @@ class FedMethod:
         if not states or not states[0]:
             return global_state
         return fedavg(states, [u.num_samples for u in updates]) if self.weighted else uniform_mean(states)
+
+    # ----------------------------------------------------------------------------- step-synchronous rounds
+    def plan_steps(self, plan: StepPlan) -> None:
+        """Step mode: told once, before the first step, what the run will do (DP-FPL calibrates its noise here)."""
+
+    def prepare_step(self, prompt: nn.Module | None, gen: torch.Generator) -> None:
+        """Step mode: called with the client's tensors loaded, before its forward (DP-FPL factorises its local
+        prompt here, outside autograd); ``gen`` is this client-step's random stream."""
+
+    def client_gradient(self, prompt: nn.Module | None, grads: dict[str, torch.Tensor],
+                        gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Step mode: the client's gradients of its trainable tensors after its batch → what it uses (the shared
+        keys are sent to the server, the others stay). Default: unchanged. DP-FPL clips and adds local noise."""
+        return grads
+
+    def server_gradient(self, grads: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int],
+                        gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Step mode: the shared gradient every client applies, from the clients' shared gradients (in client
+        order). Default: their mean, weighted by sample count when ``weighted`` (FedSGD)."""
+        if not grads or not grads[0]:
+            return {}
+        return fedavg(grads, num_samples) if self.weighted else uniform_mean(grads)
+
+    def run_report(self) -> dict:
+        """Extra entries for ``results.json`` (DP-FPL: ``privacy``); default none."""
+        return {}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
