@@ -15,8 +15,7 @@ from fedlit.client import ClientModule
 from fedlit.data.federation import FederatedData
 from fedlit.methods import method_class
 from fedlit.methods.base import FedMethod, Update
-from fedlit.methods.fedpgp import encode_contexts
-from fedlit.methods.pfedmoap import GatingNet, PFedMoAP, moap_logits, pool
+from fedlit.methods.pfedmoap import GatingNet, PFedMoAP, encode_contexts, moap_logits, pool
 from fedlit.orchestrator import Orchestrator
 from fedlit.prompts import Task
 from fedlit.rounds import RoundProtocol

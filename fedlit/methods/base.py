@@ -16,6 +16,9 @@ A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
 - :meth:`FedMethod.client_state` — what the server sends a given client (default: the global shared
   state; pFedPG sends each client its own generated prompt). Server-side modules live on the method
   and are saved through :meth:`server_state_dict` / :meth:`load_server_state_dict`.
+- :meth:`FedMethod.server_payload` / :meth:`FedMethod.receive_payload` — extra tensors the server builds for a client
+  beside its shared state (pFedMoAP's expert prompts, chosen from the round protocol's bank of every client's last
+  upload, kept when :attr:`FedMethod.server_bank` is set) and how the client takes them in.
 
 Its constructor arguments are its hyper-parameters; the CLI introspects them, so
 ``method.init_args.lr`` in a config or ``--method.lr 0.01`` on the command line set them.

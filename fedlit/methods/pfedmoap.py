@@ -60,12 +60,16 @@ import torch
 from torch import nn
 
 from ..errors import FedlitError
-from ..prompts import Task
+from ..prompts import Task, encode_context, prompt_template
 from .base import FedMethod, fp32
-from .fedpgp import encode_contexts
 
 PROMPT_KEY = "ctx"
 EXPERTS_KEY = "experts"
+
+
+def encode_contexts(clip, task: Task, ctx: torch.Tensor) -> torch.Tensor:
+    """Normalised text features ``[P, C, D]`` of ``P`` contexts ``[P, n_ctx, W]`` in one encoder pass."""
+    return encode_context(clip, prompt_template(clip, task, ctx.shape[1]), ctx)
 
 
 def pool(v: torch.Tensor, r: int) -> torch.Tensor:
