@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file per run, written atomically, loaded without executing code.
 
 A checkpoint holds only trainable state — the global shared tensors, every client's personal tensors,
-the method's server-side state, the server's bank of client uploads where the method keeps one — plus, as JSON in the file's metadata, the round counter, the metric
-history, the identity of the run (method, backbone, dataset, seed, config digest) and a format version.
+the method's server-side state, the server's bank of client uploads where the method keeps one (pFedMoAP) —
+plus, as JSON in the file's metadata, the round counter, the metric history, the identity of the run (method,
+backbone, dataset, seed, config digest) and a format version.
 No backbone weights, no pickles. Randomness needs no saved RNG state: every draw of a run is a function
 of ``(seed, round, client)``, so a resumed run continues exactly where an uninterrupted one would be.
 
