@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file per run, written atomically, loaded without executing code.
 
 A checkpoint holds only trainable state — the global shared tensors, every client's personal tensors,
-the method's server-side state — plus, as JSON in the file's metadata, the round counter, the metric
-history, the identity of the run (method, backbone, dataset, seed, config digest) and a format version.
+the method's server-side state, the server's bank of client uploads where the method keeps one (pFedMoAP) —
+plus, as JSON in the file's metadata, the round counter, the metric history, the identity of the run (method,
+backbone, dataset, seed, config digest) and a format version.
 No backbone weights, no pickles. Randomness needs no saved RNG state: every draw of a run is a function
 of ``(seed, round, client)``, so a resumed run continues exactly where an uninterrupted one would be.
 
@@ -40,6 +41,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     identity: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    #: the server's bank of every client's last upload (methods with ``server_bank``: pFedMoAP)
+    bank: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def fault_point(name: str) -> None:
@@ -55,6 +58,8 @@ def _flatten(state: RunState) -> dict[str, torch.Tensor]:
     for cid, tensors in state.personal.items():
         flat.update({f"personal/{cid}/{k}": v for k, v in tensors.items()})
     flat.update({f"server/{k}": v for k, v in state.server.items()})
+    for cid, tensors in state.bank.items():
+        flat.update({f"bank/{cid}/{k}": v for k, v in tensors.items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in flat.items()}
 
 
@@ -108,9 +113,9 @@ def load(path: str | Path) -> RunState:
             state.global_state[rest] = v
         elif kind == "server":
             state.server[rest] = v
-        elif kind == "personal":
+        elif kind in ("personal", "bank"):
             cid, _, key = rest.partition("/")
-            state.personal.setdefault(int(cid), {})[key] = v
+            getattr(state, kind).setdefault(int(cid), {})[key] = v
     return state
 
 

@@ -54,12 +54,17 @@ class ClientModule(L.LightningModule):
         return shared, personal
 
     def load_prompt_state(self, *states: dict[str, torch.Tensor]) -> None:
-        """Load the union of ``states`` (e.g. global shared + the client's personal) into the component."""
+        """Load the union of ``states`` (e.g. global shared + the client's personal) into the component; tensors
+        that are not keys of the component (a method's :meth:`~FedMethod.server_payload`) go to the method's
+        :meth:`~FedMethod.receive_payload`."""
         if self.prompt is None:
             return
         merged: dict[str, torch.Tensor] = {}
         for s in states:
             merged.update(s)
+        own = set(self.prompt.state_dict())
+        self.method.receive_payload(self.prompt, {k: v for k, v in merged.items() if k not in own})
+        merged = {k: v for k, v in merged.items() if k in own}
         missing = set(self.prompt.state_dict()) - set(merged)
         if missing:
             raise RuntimeError(f"prompt state is missing {sorted(missing)}")
@@ -67,6 +72,7 @@ class ClientModule(L.LightningModule):
 
     def export(self) -> tuple[dict, dict]:
         """(shared, personal) tensors after local training."""
+        self.method.finish_local(self.prompt)
         return self.split_state(self.prompt_state())
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -42,7 +42,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------ protocols
     def personalized(self, cids: Iterable[int], has_personal: Callable[[int], bool]) -> Results:
-        client_specific = type(self.method).client_state is not FedMethod.client_state
+        client_specific = self.method.client_specific
         shared: dict[str, torch.Tensor] = {}  # predictions of the global model, for clients equal to it
         out = {}
         for cid in cids:

@@ -141,7 +141,8 @@ class Orchestrator:
             personal[c] = {**st.personal, **{f"optim/{k}": v for k, v in st.optim.items()}}
         state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=personal,
                               server={**self.method.server_state_dict(),
-                                      **(self.stepper.state() if self.stepper else {})}, history=self.history,
+                                      **(self.stepper.state() if self.stepper else {})},
+                              bank=self.protocol.bank, history=self.history,
                               identity=self.meta.get("identity", {}),
                               extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
         ckpt.save(self.run_dir / ckpt.NAME, state)
@@ -160,6 +161,7 @@ class Orchestrator:
             self.protocol.load(int(c), ClientState(own, optim))
         server = self.stepper.load_state(state.server) if self.stepper else state.server
         self.method.load_server_state_dict(server)
+        self.protocol.bank = {int(c): dict(t) for c, t in state.bank.items()}
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
         return state.round
@@ -225,8 +227,8 @@ class Orchestrator:
         if tracked and own.optim and self.method.persistent_optimizer:
             load_optimizer_state(optimizer, own.optim)
         lr = self.method.lr_at(int(own.optim.get("participations", 0)) if tracked else 0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # a group the method gave a ``fixed_lr`` keeps it (pFedMoAP's gating)
+            group["lr"] = group.get("fixed_lr", lr)
         return self.fabric.setup_optimizers(optimizer), tracked, lr
 
     # ------------------------------------------------------------------------------------ evaluation

@@ -76,6 +76,9 @@ class RoundProtocol:
         self.clients: dict[int, ClientState] = {}  # only clients that trained hold state
         self.sent: dict[int, Tensors] = {}  # what each client of the current round was sent
         self.received: dict[int, Tensors] = {}  # on a SuperNode: what the server sent each hosted client
+        #: every client's last successful upload (its shared tensors), kept only for methods with ``server_bank``
+        #: (pFedMoAP's expert prompts); updated after aggregation, so a round's payloads see the previous rounds only
+        self.bank: dict[int, Tensors] = {}
 
     @property
     def num_clients(self) -> int:
@@ -87,10 +90,16 @@ class RoundProtocol:
         return sample_clients(self.seed, rnd, self.num_clients, c.participation, c.first_round_all)
 
     def payload(self, cid: int) -> Tensors:
-        """The shared tensors client ``cid`` is sent (server: the method's ``client_state``; node: what arrived)."""
+        """The tensors client ``cid`` is sent (server: the method's ``client_state`` plus its ``server_payload``;
+        node: what arrived)."""
         if cid in self.received:
             return self.received[cid]
-        return self.method.client_state(cid, self.global_state)
+        state = self.method.client_state(cid, self.global_state)
+        extra = self.method.server_payload(cid, self.global_state, self.bank, self.seed)
+        clash = set(extra) & set(state)
+        if clash:
+            raise FedlitError(f"{self.method.name}: server_payload keys {sorted(clash)} clash with the shared state")
+        return {**state, **extra} if extra else state
 
     def configure(self, rnd: int) -> dict[int, Tensors]:
         """The round's clients and what each is sent (remembered: aggregation hands it to the method)."""
@@ -147,6 +156,8 @@ class RoundProtocol:
         self.global_state = self.method.aggregate(ok, self.global_state)
         for u in ok:
             self.clients[u.cid] = self.state_of(u.cid).after(u)
+            if self.method.server_bank and u.shared:
+                self.bank[u.cid] = {k: v.detach().to("cpu", copy=True) for k, v in u.shared.items()}
         return updates
 
     # ------------------------------------------------------------------------------------ schedule
@@ -169,7 +180,8 @@ class RoundProtocol:
         took a step (Central's data-less clients take none)."""
         ok = [u for u in updates if u.ok]
         stepped = [u.loss for u in ok if u.steps]
-        numel = sum(v.numel() * v.element_size() for v in self.global_state.values())
+        numel = _nbytes(self.global_state)
+        down = sum(_nbytes(self.sent[c]) if c in self.sent else numel for c in selected)
         lr = self.method.lr
         return {
             "train/loss": float(np.mean(stepped)) if stepped else float("nan"),
@@ -177,8 +189,12 @@ class RoundProtocol:
             "train/failed_clients": len(updates) - len(ok),
             "train/lr": float(np.mean([lr if u.lr is None else u.lr for u in ok])) if ok else lr,
             "comm/bytes_up": numel * len(ok) * exchanges,
-            "comm/bytes_down": numel * len(selected) * exchanges,
+            "comm/bytes_down": down * exchanges,
         }
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors.values())
 
 
 __all__ = ["ClientState", "RoundProtocol", "sample_clients", "shard"]

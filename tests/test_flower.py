@@ -234,6 +234,35 @@ def test_fedtpg_client_optimizer_state_stays_on_the_supernodes_and_global_protoc
             assert not any("/" in k or k == "participations" for k in rec.keys())
 
 
+def test_pfedmoap_expert_payloads_travel_to_the_supernodes_and_the_run_equals_in_process(tmp_path, task_identity):
+    """pFedMoAP: the server's bank of client prompts (round protocol) builds each client's expert payload; the
+    experts reach the SuperNodes in round 2, the gating nets never leave them, and the run equals the in-process one."""
+    args = ["--config", str(CONFIGS / "pfedmoap.yaml"), *EMBEDDED, "--data.num_clients", "4", "--data.shots", "2",
+            "--trainer.eval_every", "2"]
+    ref = tmp_path / "ref"
+    fit_in_process(ref, args)
+    app, out, run_config = make_app(tmp_path, "flower", args)
+    grid = InProcessGrid(run_config, supernodes=2)
+    sent = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, **kw: sent.extend(messages) or send(messages, **kw)
+    fl.run_server(grid, run_config)
+    results = assert_same_run(out, ref)
+    experts = [{k: list(m.content.array_records[k].keys()) for k in m.content.array_records if k.startswith("client.")}
+               for m in sent if m.metadata.message_type == "train"]
+    assert len(experts) == 4 and all(len(msg) == 2 for msg in experts)  # 2 rounds × 2 SuperNodes × 2 clients
+    assert all(keys == ["ctx"] for msg in experts[:2] for keys in msg.values())  # round 1: no expert yet
+    assert all(keys == ["ctx", "experts"] for msg in experts[2:] for keys in msg.values())
+    for e in grid.log:
+        for rec in e["reply"].content.array_records.values():
+            assert set(rec.keys()) == {"ctx"}
+        for tensors in e["personal"].values():
+            assert "gate.q.weight" in tensors and "own_ctx" in tensors
+    down = dict(scalars(ref)["comm/bytes_down"])
+    assert [r["tensor_bytes_down"] for r in results["flower"]["rounds"]] == [down[1], down[2]]
+    assert down[2] == 4 * down[1]  # p̄ + 3 expert prompts per client
+
+
 def test_strategy_rejects_a_reply_carrying_personal_tensors(tmp_path, task_identity):
     """The server refuses any returned tensor the method does not share (a guard against a rogue client)."""
     import torch

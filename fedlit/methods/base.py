@@ -16,6 +16,9 @@ A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
 - :meth:`FedMethod.client_state` — what the server sends a given client (default: the global shared
   state; pFedPG sends each client its own generated prompt). Server-side modules live on the method
   and are saved through :meth:`server_state_dict` / :meth:`load_server_state_dict`.
+- :meth:`FedMethod.server_payload` / :meth:`FedMethod.receive_payload` — extra tensors the server builds for a client
+  beside its shared state (pFedMoAP's expert prompts, chosen from the round protocol's bank of every client's last
+  upload, kept when :attr:`FedMethod.server_bank` is set) and how the client takes them in.
 
 Its constructor arguments are its hyper-parameters; the CLI introspects them, so
 ``method.init_args.lr`` in a config or ``--method.lr 0.01`` on the command line set them.
@@ -249,8 +252,31 @@ class FedMethod:
 
     @property
     def client_specific(self) -> bool:
-        """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG)."""
-        return type(self).client_state is not FedMethod.client_state
+        """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG, or
+        :meth:`server_payload`, pFedMoAP)."""
+        return (type(self).client_state is not FedMethod.client_state
+                or type(self).server_payload is not FedMethod.server_payload)
+
+    #: Keep every client's last uploaded shared tensors on the server (:attr:`fedlit.rounds.RoundProtocol.bank`,
+    #: checkpointed) and hand them to :meth:`server_payload` (pFedMoAP's expert prompts).
+    server_bank: bool = False
+
+    def server_payload(self, cid: int, global_state: dict[str, torch.Tensor], bank: dict[int, dict[str, torch.Tensor]],
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+        """Tensors sent to client ``cid`` beside its shared state (default: none). Their keys must not be keys of
+        the component; the client hands them to :meth:`receive_payload` instead of loading them. ``bank``: every
+        client's last successful upload (only with :attr:`server_bank`; the round's uploads enter it after
+        aggregation); ``seed``: the run's seed (server-side draws)."""
+        return {}
+
+    def receive_payload(self, prompt: nn.Module | None, extra: dict[str, torch.Tensor]) -> None:
+        """Client side of :meth:`server_payload`: called on every load of a client model with the payload tensors
+        that are not keys of the component (empty when the server sent none: reset what an earlier client left)."""
+        if extra:
+            raise RuntimeError(f"{type(self).__name__} was sent tensors {sorted(extra)} that its component lacks")
+
+    def finish_local(self, prompt: nn.Module | None) -> None:
+        """Called on the component right before its state is exported (after local training, and once at build)."""
 
     def server_state_dict(self) -> dict[str, torch.Tensor]:
         """Server-side trainable state beyond the shared tensors (pFedPG's generator), for checkpoints."""
