@@ -56,6 +56,10 @@ class FedTrainer:
         drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
             incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
             trains on its one short batch; ``never`` keeps every last batch.
+        lockstep: clients of a round trained together in one process (:mod:`fedlit.local_training`): ``1``
+            (default) one at a time; ``M`` > 1 groups of M; ``0`` all of the process's clients. A group's text passes
+            are one joint pass per step; each client keeps its own tensors, optimiser, data order and step count, so
+            the results equal one-at-a-time up to float rounding. Methods that prompt the image tower ignore it.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class FedTrainer:
         augment_views: int = 0,
         threads: int | None = None,
         drop_last: Literal["dassl", "never"] = "dassl",
+        lockstep: int = 1,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -98,6 +103,8 @@ class FedTrainer:
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
             (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
+            (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
+                            f"or 0 (all of the process's clients)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -124,6 +131,7 @@ class FedTrainer:
         self.augment_views = augment_views
         self.threads = threads
         self.drop_last = drop_last
+        self.lockstep = lockstep
 
     def batch_starts(self, n: int) -> range:
         """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
