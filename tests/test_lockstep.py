@@ -107,6 +107,15 @@ def test_lockstep_setting_and_which_methods_can():
         assert not method_class(name)().lockstep
 
 
+def test_lockstep_keeps_the_config_digest():  # a run resumes whatever lockstep the rerun asks for
+    def digest(*argv):
+        parser = experiment.fit_parser()
+        cfg, _ = experiment.parse_fit(parser, lambda: parser.parse_args(["--config", QUICK, *argv]))
+        return experiment.config_digest(parser, cfg)
+
+    assert digest() == digest("--trainer.lockstep", "0") != digest("--trainer.batch_size", "8")
+
+
 def test_a_raising_lockstep_group_falls_back_to_one_client_at_a_time(monkeypatch):
     from fedlit import local_training
 
