@@ -207,7 +207,7 @@ class Orchestrator:
     def lanes(self, count: int) -> list[ClientModule]:
         """``count`` client modules for lock-step training: the process's module and copies built like it (the
         global RNG untouched; their tensors are loaded from each client's state before training)."""
-        while len(self._lanes) < count:
+        while len(self._lanes) < count - 1:
             with torch.random.fork_rng(devices=[]):
                 self._lanes.append(ClientModule(self.clip, self.method).to(self.fabric.device))
         return [self.module, *self._lanes[: count - 1]]
@@ -216,7 +216,7 @@ class Orchestrator:
         """A fresh optimiser for one client-round (on ``module``, default the process's), or — for methods with a
         per-client schedule or persistent optimiser (FedTPG) — one restored from the client's own state.
         Returns (optimizer, tracked, lr)."""
-        optimizer = (module or self.module).configure_optimizers()
+        optimizer = (self.module if module is None else module).configure_optimizers()
         tracked = self.method.persistent_optimizer or self.method.lr_schedule != "constant"
         if tracked and own.optim and self.method.persistent_optimizer:
             load_optimizer_state(optimizer, own.optim)

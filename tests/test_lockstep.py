@@ -117,16 +117,27 @@ def test_lockstep_keeps_the_config_digest():  # a run resumes whatever lockstep 
 
 
 def test_a_raising_lockstep_group_falls_back_to_one_client_at_a_time(monkeypatch):
+    """The group trained (steps taken, FedTPG's persistent momentum moved), then raised: its clients rerun one at a
+    time from their untouched state and give the sequential round."""
     from fedlit import local_training
 
     def broken(fabric, runs):
+        local_training.train_lockstep(fabric, runs)
         raise RuntimeError("joint pass failed")
 
+    seq, lock = _orchestrator("fedtpg", 1), _orchestrator("fedtpg", 0)
+    for orch in (seq, lock):
+        orch.train_round(0)
     monkeypatch.setattr("fedlit.orchestrator.train_lockstep", broken)
-    assert local_training.train_lockstep is not broken
-    orch = _orchestrator("promptfl", 0)
-    updates = orch.train_clients(list(range(6)), 0, orch.protocol.configure(0))
+    seq.train_round(1)
+    updates = lock.train_clients(list(range(6)), 1, lock.protocol.configure(1))
     assert [u.cid for u in updates] == list(range(6)) and all(u.ok for u in updates)
+    lock.apply(updates)
+    for k, v in seq.protocol.global_state.items():
+        torch.testing.assert_close(lock.protocol.global_state[k], v, rtol=0, atol=1e-5)
+    for cid, st in seq.protocol.clients.items():
+        for k, v in st.optim.items():
+            torch.testing.assert_close(lock.protocol.clients[cid].optim[k].float(), v.float(), rtol=1e-3, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ the joint text pass
