@@ -8,6 +8,7 @@
     python benchmarks/bench.py memory --method fedpgp --clients-list 10 100 1000   # (c) peak memory vs clients
     python benchmarks/bench.py procs                                   # (d) 1 vs 2 processes (gloo on CPU)
     python benchmarks/bench.py cache                                   # disk feature cache: first vs second run
+    python benchmarks/bench.py lockstep --method fedtpg               # clients in lock-step vs one at a time
 
 (a) fedlit's round vs a *naive* round that re-runs the frozen image encoder on every step and deep-copies
     the client model (backbone included) per client (what the official code bases do, spec §9), same
@@ -22,6 +23,8 @@
     path, the truncated plain path and the shared-prefix path, interleaved, medians;
 (c) peak resident memory of whole runs (``fedlit fit``) with 10, 100 and 1,000 clients on the same data
     (FedPGP: every client keeps personal U, V); (d) wall time with 1 and 2 processes;
+(lockstep) a round with the clients in lock-step (``trainer.lockstep``: ``--lockstep`` M, 0 = all) vs one at a
+    time, interleaved round by round, same start and data order; the final global states compared;
 (cache) feature encoding with ``trainer.feature_cache=disk``: a first process encodes and writes the cache,
     a second, fresh process reads it.
 
@@ -104,7 +107,7 @@ def _text_side(method, m, clip, task):
     return method.text_features(m.prompt, clip, task)
 
 
-def _orchestrator(args, method):
+def _orchestrator(args, method, lockstep: int = 1):
     import lightning as L
 
     from fedlit.backbones import load_backbone
@@ -116,7 +119,7 @@ def _orchestrator(args, method):
     fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,
                         dataset_args=json.loads(args.dataset_args)).setup(seed=0)
     trainer = FedTrainer(rounds=args.rounds, local_epochs=1, batch_size=args.batch or args.shots * 2,
-                         checkpoint_every=0, progress=False,
+                         checkpoint_every=0, progress=False, lockstep=lockstep,
                          accelerator="cpu" if not torch.cuda.is_available() else "auto")
     fabric = trainer.make_fabric()
     L.seed_everything(0, verbose=False)
@@ -259,6 +262,30 @@ def speed(args) -> dict:
         "acc_naive": {k: round(v, 2) for k, v in acc_naive.items()},
         "max_acc_diff_points": round(max(abs(acc_fedlit[k] - acc_naive[k]) for k in acc_fedlit), 3),
         "state_max_abs_diff": float(max((state_fedlit[k] - orch2.global_state[k]).abs().max() for k in state_fedlit)),
+    }
+
+
+def lockstep(args) -> dict:
+    """Rounds with the clients in lock-step vs one at a time (interleaved; steady = median over rounds 2..R)."""
+    seq, clip, fed = _orchestrator(args, _method(args.method))
+    lock, _, _ = _orchestrator(args, _method(args.method), lockstep=args.lockstep)
+    cids = list(range(len(fed.clients)))
+    times: dict[str, list[float]] = {"sequential": [], "lockstep": []}
+    for r in range(args.rounds):
+        for name, orch in (("sequential", seq), ("lockstep", lock)):
+            t0 = time.perf_counter()
+            orch.apply(orch.train_clients(cids, r, orch.protocol.configure(r)))
+            times[name].append(time.perf_counter() - t0)
+    steady = {k: float(np.median(v[1:])) if len(v) > 1 else v[0] for k, v in times.items()}
+    diff = max(float((seq.global_state[k] - lock.global_state[k]).abs().max()) for k in seq.global_state)
+    return {
+        "method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "clients": len(fed.clients),
+        "lockstep": args.lockstep, "batch": seq.cfg.batch_size, "rounds": args.rounds,
+        "steps_per_client_round": [len(seq.cfg.batch_starts(c.num_samples)) for c in fed.clients],
+        **{f"{k}_round_s": [round(t, 3) for t in v] for k, v in times.items()},
+        **{f"{k}_steady_round_s": round(v, 3) for k, v in steady.items()},
+        "speedup": round(steady["sequential"] / steady["lockstep"], 2),
+        "global_state_max_abs_diff": diff,
     }
 
 
@@ -407,7 +434,7 @@ def cache(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("which", choices=["speed", "memory", "procs", "cache", "text"])
+    p.add_argument("which", choices=["speed", "memory", "procs", "cache", "text", "lockstep"])
     p.add_argument("--method", default=None,
                    help="speed: promptfl (default), fedtpg or fedpgp; memory: fedpgp (default), coop …")
     p.add_argument("--backbone", default="fedlit-toy")
@@ -421,6 +448,7 @@ def main() -> None:
     p.add_argument("--train-per-class", type=int, default=512, help="memory: shapes images per class")
     p.add_argument("--test-per-class", type=int, default=128, help="memory: shapes test images per class")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lockstep", type=int, default=0, help="lockstep: clients per lock-step group (0 = all)")
     p.add_argument("--reps", type=int, default=5, help="text: interleaved repetitions per path")
     p.add_argument("--n-ctx", type=int, default=16, help="text: context tokens")
     p.add_argument("--naive-text", choices=["old", "new"], default="old",
@@ -429,8 +457,9 @@ def main() -> None:
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    args.method = args.method or {"speed": "promptfl", "memory": "fedpgp"}.get(args.which)
-    res = {"speed": speed, "memory": memory, "procs": procs, "cache": cache, "text": text}[args.which](args)
+    args.method = args.method or {"speed": "promptfl", "memory": "fedpgp", "lockstep": "promptfl"}.get(args.which)
+    res = {"speed": speed, "memory": memory, "procs": procs, "cache": cache, "text": text,
+           "lockstep": lockstep}[args.which](args)
     print(json.dumps({"machine": machine(), "command": " ".join(["python", *sys.argv]), "result": res}, indent=2))
 
 

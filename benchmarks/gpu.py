@@ -201,7 +201,8 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     fed = FederatedData(dataset=names, partition="contiguous", classes_per_client=cpc, shots=shots,
                         subsample="base").setup(seed=43)
     trainer = FedTrainer(rounds=500, local_epochs=1, batch_size=200, checkpoint_every=0, progress=False,
-                         eval_every=500, accelerator="auto" if device.type == "cuda" else "cpu")
+                         eval_every=500, accelerator="auto" if device.type == "cuda" else "cpu",
+                         lockstep=args.lockstep)
     fabric = trainer.make_fabric()
     L.seed_everything(43, verbose=False)
     torch.manual_seed(43)
@@ -213,7 +214,8 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     t_loop = time.perf_counter()
     while not rounds or (len(rounds) < args.max_rounds and time.perf_counter() - t_loop + float(np.median(rounds[1:] or rounds)) < budget_s):
         t0 = time.perf_counter()
-        orch.apply([orch.safe_update(c, len(rounds)) for c in range(n_clients)])
+        rnd = len(rounds)
+        orch.apply(orch.train_clients(list(range(n_clients)), rnd, orch.protocol.configure(rnd)))
         _sync(device)
         rounds.append(time.perf_counter() - t0)
     steady = float(np.median(rounds[1:])) if len(rounds) > 1 else rounds[0]
@@ -240,6 +242,7 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     with torch.no_grad():
         img_flops = count_flops(lambda: clip.encode_image(img)) * distinct
     return {"datasets": len(names), "class_counts": list(counts.values()), "clients": n_clients,
+            "lockstep": args.lockstep,
             "classes_per_client": cpc, "shots": shots, "local_steps_per_round": steps, "train_images": distinct,
             "setup_s": round(setup_s, 2), "rounds_run": len(rounds), "round_s": [round(t, 3) for t in rounds],
             "first_round_s (incl. feature cache fill)": round(rounds[0], 3), "steady_round_s (median)": round(steady, 4),
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backbone", default=None, help="default ViT-B-16 (random weights); fedlit-toy with --tiny")
     p.add_argument("--budget-s", type=float, default=None, help="seconds for the FedTPG rounds (default 300; tiny 5)")
     p.add_argument("--max-rounds", type=int, default=500)
+    p.add_argument("--lockstep", type=int, default=1,
+                   help="FedTPG rounds: trainer.lockstep (1: one client at a time; 0: all 30 clients in lock-step)")
     p.add_argument("--section-s", type=float, default=None, help="seconds per timed micro-benchmark (default 10)")
     p.add_argument("--img-batch", type=int, default=None, help="image-tower batch (default 256; tiny 8)")
     p.add_argument("--img-size", type=int, default=32, help="procedural image side before resizing to the tower")

@@ -127,6 +127,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch
     for key, v in flat.items():
         if "/" in key:
             i, name = key.split("/", 1)
-            state.setdefault(int(i), {})[name] = v
+            state.setdefault(int(i), {})[name] = v.clone()  # the optimiser steps in place: keep the client's own
     sd["state"] = state
     optimizer.load_state_dict(sd)

@@ -275,7 +275,7 @@ def config_digest(parser, cfg) -> str:
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
     for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
-                "feature_cache", "cache_dir", "threads"):  # never change the numbers beyond kernel rounding
+                "feature_cache", "cache_dir", "threads", "lockstep"):  # never change the numbers beyond kernel rounding
         d.get("trainer", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -24,13 +24,14 @@ from lightning.fabric.loggers import TensorBoardLogger
 from . import checkpoint as ckpt
 from .atomic import write_json_atomic
 from .backbones import FrozenCLIP
-from .client import ClientModule, load_optimizer_state, optimizer_state_tensors
+from .client import ClientModule, load_optimizer_state
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
 from .figures import per_client_figure
 from .heap import release_free_memory
+from .local_training import LocalRun, train_alone, train_lockstep
 from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
@@ -64,6 +65,7 @@ class Orchestrator:
                               f"text-prompt method, or one dataset / partition: domain")
         method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
+        self._lanes: list[ClientModule] = []  # further client modules for lock-step training (built on demand)
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
@@ -116,7 +118,7 @@ class Orchestrator:
             return self.log_round(rnd, *self.stepper.run_round(rnd))
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
-        updates = self.apply(self._gather([self.safe_update(cid, rnd, sent[cid]) for cid in mine]))
+        updates = self.apply(self._gather(self.train_clients(mine, rnd, sent)))
         return self.log_round(rnd, list(sent), updates)
 
     def apply(self, updates: list[Update]) -> list[Update]:
@@ -183,46 +185,46 @@ class Orchestrator:
     def local_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None) -> Update:
         """Load (``sent`` ∪ the client's personal state) → ``local_epochs`` passes over its data → an Update.
         ``sent``: what the server sent the client this round (default: the protocol's payload for it)."""
-        client, m, cfg, dev = self.fed.clients[cid], self.module, self.cfg, self.fabric.device
-        sent = self.protocol.payload(cid) if sent is None else sent
-        own = self.protocol.state_of(cid)
-        restart = self.method.restart_personal  # official CoOp baseline: local training from the initial weights
-        m.load_prompt_state(sent, self.init_personal if restart else (own.personal or self.init_personal))
-        received = {k: v.to(dev) for k, v in sent.items()}
-        task = self.fed.task_of(cid)
-        pos = {name: i for i, name in enumerate(task.classnames)}
-        classes = [pos[self.fed.data.classnames[c]] for c in client.classes]
-        m.train()
-        optimizer, tracked, lr = self._client_optimizer(own)
-        losses, step = [], 0
-        y_all = torch.as_tensor(client.train_y, device=dev)
-        for epoch in range(cfg.local_epochs):
-            order = np.random.default_rng([self.seed, rnd, cid, epoch]).permutation(client.num_samples)
-            for s in cfg.batch_starts(len(order)):
-                rows = order[s : s + cfg.batch_size]
-                x = self.bank.inputs("train", client.train_idx[rows],
-                                     views=self.bank.train_views((self.seed, rnd, cid, epoch), client.num_samples, rows))
-                with self.fabric.autocast():
-                    loss = m.training_step((x, y_all[rows]), step, task, classes, received)
-                if not torch.isfinite(loss):
-                    return Update(cid, {}, {}, client.num_samples, float("nan"), step, error=f"loss became {loss.item()}")
-                self.fabric.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-        shared, personal = m.export()
-        optim = None
-        if tracked:
-            optim = {**(optimizer_state_tensors(optimizer) if self.method.persistent_optimizer else {}),
-                     "participations": own.optim.get("participations", torch.tensor(0)) + 1}
-        return Update(cid, shared, personal, client.num_samples, float(np.mean(losses)) if losses else float("nan"),
-                      step, optim=optim, lr=lr)
+        return train_alone(self.fabric, LocalRun(self, self.module, cid, rnd, sent))
 
-    def _client_optimizer(self, own: ClientState):
-        """A fresh optimiser for one client-round, or — for methods with a per-client schedule or persistent
-        optimiser (FedTPG) — one restored from the client's own state. Returns (optimizer, tracked, lr)."""
-        optimizer = self.module.configure_optimizers()
+    def train_clients(self, cids: list[int], rnd: int, sent: dict[int, dict[str, torch.Tensor]]) -> list[Update]:
+        """This process's clients of the round: one at a time, or in lock-step groups of ``trainer.lockstep``
+        (0 = all of them) for methods that can (:mod:`fedlit.local_training`)."""
+        size = self.cfg.lockstep if self.method.lockstep else 1
+        size = len(cids) if size == 0 else size
+        if size <= 1 or len(cids) < 2:
+            return [self.safe_update(cid, rnd, sent[cid]) for cid in cids]
+        return [u for i in range(0, len(cids), size) for u in self.safe_lockstep(cids[i:i + size], rnd, sent)]
+
+    def safe_lockstep(self, cids: list[int], rnd: int, sent: dict[int, dict[str, torch.Tensor]]) -> list[Update]:
+        """:func:`train_lockstep` on ``cids``; if the joint computation raises, they train one at a time instead
+        (so a raising client fails alone, as in the sequential loop)."""
+        for cid in cids:
+            ckpt.fault_point(f"client:{rnd + 1}:{cid}")
+        try:
+            runs = [LocalRun(self, lane, cid, rnd, sent[cid]) for lane, cid in zip(self.lanes(len(cids)), cids)]
+            updates = train_lockstep(self.fabric, runs)
+        except FedlitError:
+            raise
+        except Exception:  # attribute the failure to its client: rerun the group sequentially (nothing was kept)
+            return [self.safe_update(cid, rnd, sent[cid]) for cid in cids]
+        self.protocol.check(updates, rnd)
+        release_free_memory()
+        return updates
+
+    def lanes(self, count: int) -> list[ClientModule]:
+        """``count`` client modules for lock-step training: the process's module and copies built like it (the
+        global RNG untouched; their tensors are loaded from each client's state before training)."""
+        while len(self._lanes) < count - 1:
+            with torch.random.fork_rng(devices=[]):
+                self._lanes.append(ClientModule(self.clip, self.method).to(self.fabric.device))
+        return [self.module, *self._lanes[: count - 1]]
+
+    def _client_optimizer(self, own: ClientState, module: ClientModule | None = None):
+        """A fresh optimiser for one client-round (on ``module``, default the process's), or — for methods with a
+        per-client schedule or persistent optimiser (FedTPG) — one restored from the client's own state.
+        Returns (optimizer, tracked, lr)."""
+        optimizer = (self.module if module is None else module).configure_optimizers()
         tracked = self.method.persistent_optimizer or self.method.lr_schedule != "constant"
         if tracked and own.optim and self.method.persistent_optimizer:
             load_optimizer_state(optimizer, own.optim)

@@ -61,6 +61,11 @@ class PromptTemplate:
         return max(1, min(run, int(self.eot.min())))
 
 
+#: While clients train in lock-step, :class:`fedlit.text_batch.TextBatch` answers :func:`encode_context` here
+#: (records the call, or replays the joint pass's result); ``None`` otherwise.
+ENCODE_HOOK = None
+
+
 def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, deep_prompts=None,
                    first_deep_block: int = 1, normalize: bool = True) -> torch.Tensor:
     """Text features of a template with contexts spliced at positions ``1 … n``.
@@ -70,6 +75,8 @@ def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, dee
     replaces positions ``1 … n`` at the input of text block ``j + first_deep_block``. L2-normalised unless
     ``normalize=False``. Runs in one batched pass on ``clip.text_path``.
     """
+    if ENCODE_HOOK is not None:
+        return ENCODE_HOOK(clip, tpl, ctx, deep_prompts, first_deep_block, normalize)
     single = ctx.dim() == 2
     ctxs = (ctx.unsqueeze(0) if single else ctx).to(tpl.prefix.dtype)
     n_pre, n = ctxs.shape[0], ctxs.shape[1]

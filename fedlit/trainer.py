@@ -61,6 +61,10 @@ class FedTrainer:
             ``step``: step-synchronous FedSGD (:mod:`fedlit.steps`): at every batch step every selected client
             sends the gradient of its shared tensors, the server averages it, every client applies it. One
             process only (``devices: 1``).
+        lockstep: clients of a round trained together in one process (:mod:`fedlit.local_training`): ``1``
+            (default) one at a time; ``M`` > 1 groups of M; ``0`` all of the process's clients. A group's text passes
+            are one joint pass per step; each client keeps its own tensors, optimiser, data order and step count, so
+            the results equal one-at-a-time up to float rounding. Methods that prompt the image tower ignore it.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class FedTrainer:
         threads: int | None = None,
         drop_last: Literal["dassl", "never"] = "dassl",
         sync: Literal["method", "round", "step"] = "method",
+        lockstep: int = 1,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -105,6 +110,8 @@ class FedTrainer:
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
             (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
             (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
+            (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
+                            f"or 0 (all of the process's clients)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -132,6 +139,7 @@ class FedTrainer:
         self.threads = threads
         self.drop_last = drop_last
         self.sync = sync
+        self.lockstep = lockstep
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""

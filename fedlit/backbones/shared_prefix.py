@@ -132,7 +132,8 @@ def encode_shared_prefix(
             :func:`blocks_ok`.
         prefix: token embeddings ``[P, Lp, W]`` of the ``P`` distinct prefixes (no positional embedding yet).
         suffix: token embeddings ``[C, ≥Ls, W]`` of the class suffixes, positions ``Lp …``; cut at the last EOT.
-        eot_idx: ``[C]`` absolute EOT positions (each ``≥ Lp``).
+            ``[P, C, ≥Ls, W]``: a suffix set per prefix (lock-step clients on different class lists).
+        eot_idx: ``[C]`` absolute EOT positions (each ``≥ Lp``); ``[P, C]`` with a suffix set per prefix.
         deep_prompts: ``deep_prompts[j]`` (``[n, W]`` or ``[P, n, W]``) replaces positions
             ``deep_start : deep_start + n`` (inside the prefix) at the input of block ``j + first_deep_block``.
         length: ``max(eot_idx) + 1`` when the caller knows it (no device sync); the caller then guarantees
@@ -147,7 +148,10 @@ def encode_shared_prefix(
                 raise ValueError(f"an EOT position {int(eot_idx.min())} lies inside the shared prefix of {lp} tokens")
     pos = m.positional_embedding[:length].to(dtype)
     xp = prefix.to(dtype) + pos[:lp]
-    xs = (suffix[:, : length - lp].to(dtype) + pos[lp:]).unsqueeze(0).expand(n_pre, -1, -1, -1)
+    if suffix.dim() == 4:  # a suffix set per prefix
+        xs = suffix[:, :, : length - lp].to(dtype) + pos[lp:]
+    else:
+        xs = (suffix[:, : length - lp].to(dtype) + pos[lp:]).unsqueeze(0).expand(n_pre, -1, -1, -1)
     mask = m.attn_mask[:length, :length]
     blocks = m.transformer.resblocks
     prompts = deep_prompt_list(deep_prompts, blocks, first_deep_block)
@@ -160,7 +164,11 @@ def encode_shared_prefix(
                 raise ValueError(f"deep prompt of shape {tuple(dp.shape)} at {deep_start} leaves the {lp}-token prefix")
             xp = torch.cat([xp[:, :deep_start], dp, xp[:, deep_start + n:]], dim=1)
         xp, xs = _block(blk, xp, xs, mask)
-    x = xs[:, torch.arange(xs.shape[1], device=xs.device), (eot_idx - lp).to(xs.device)]  # [P, C, W]
+    cls = torch.arange(xs.shape[1], device=xs.device)
+    if eot_idx.dim() == 2:  # per prefix
+        x = xs[torch.arange(n_pre, device=xs.device)[:, None], cls[None], (eot_idx - lp).to(xs.device)]
+    else:
+        x = xs[:, cls, (eot_idx - lp).to(xs.device)]  # [P, C, W]
     x = m.ln_final(x)
     proj = m.text_projection
     if isinstance(proj, nn.Module):

@@ -251,6 +251,14 @@ class FedMethod:
         return global_state
 
     @property
+    def lockstep(self) -> bool:
+        """Whether this method's clients can train in lock-step (``trainer.lockstep``, :mod:`fedlit.local_training`):
+        methods on cached image features/tokens, whose per-step cost is the text pass that lock-step shares. Methods
+        that prompt the image tower (``image_input = "images"``: MaPLe, VPT, IVLP, FedVLP, pFedPG, pFedMMA) train one
+        client at a time: the joint text pass would not save their image-tower passes on per-client prompts."""
+        return self.trainable and self.image_input != "images"
+
+    @property
     def client_specific(self) -> bool:
         """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG, or
         :meth:`server_payload`, pFedMoAP)."""

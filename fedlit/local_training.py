@@ -1,0 +1,135 @@
+"""A client's local training in a round, one client at a time or several in lock-step (``trainer.lockstep``).
+
+:class:`LocalRun` is one client-round: its state loaded into a :class:`~fedlit.client.ClientModule`, its optimiser,
+its batches (the order, epochs, ``drop_last`` rule and augmentation views are functions of
+``(seed, round, client, epoch)`` only), its step count and losses, and the :class:`~fedlit.methods.base.Update` it
+ends with. :func:`train_alone` runs one; :func:`train_lockstep` runs several on their own modules at once:
+
+    at step t, the clients that still have a batch (the active set) each compute their loss; the text passes of
+    all of them are one joint pass (:class:`~fedlit.text_batch.TextBatch`); the SUM of their losses is
+    back-propagated once (each client's tensors get exactly its own loss's gradient); each active client's own
+    optimiser steps. A client whose batches are exhausted leaves the active set: no step, no momentum update.
+
+Each client keeps its own tensors and optimiser, so momentum, weight decay, schedules and persistent optimiser
+state are per client as in the sequential loop, and the final prompts equal it up to float rounding.
+Methods that prompt the image tower (``image_input = "images"``: MaPLe, VPT, IVLP, FedVLP, pFedPG, pFedMMA) train
+one client at a time: their per-step cost is the image tower on their own prompts, which a joint text pass does
+not save (:attr:`~fedlit.methods.base.FedMethod.lockstep`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .client import optimizer_state_tensors
+from .methods.base import Update
+from .text_batch import TextBatch
+
+
+class LocalRun:
+    """One client's local training in round ``rnd`` on ``module``; ``orch`` is the orchestrator (federation,
+    protocol, bank, trainer settings). ``sent``: what the server sent it (default: the protocol's payload)."""
+
+    def __init__(self, orch, module, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None):
+        client, cfg, dev = orch.fed.clients[cid], orch.cfg, orch.fabric.device
+        self.cid, self.rnd, self.module, self.orch, self.client = cid, rnd, module, orch, client
+        sent = orch.protocol.payload(cid) if sent is None else sent
+        self.own = own = orch.protocol.state_of(cid)
+        restart = orch.method.restart_personal  # official CoOp baseline: local training from the initial weights
+        module.load_prompt_state(sent, orch.init_personal if restart else (own.personal or orch.init_personal))
+        self.received = {k: v.to(dev) for k, v in sent.items()}
+        self.task = orch.fed.task_of(cid)
+        pos = {name: i for i, name in enumerate(self.task.classnames)}
+        self.classes = [pos[orch.fed.data.classnames[c]] for c in client.classes]
+        module.train()
+        self.optimizer, self.tracked, self.lr = orch._client_optimizer(own, module)
+        self.y_all = torch.as_tensor(client.train_y, device=dev)
+        self.losses: list[float] = []
+        self.steps = 0
+        self.error: str | None = None
+        self.batches = self._batches()
+
+    def _batches(self):
+        """The client's batches ``(x, y)`` over all its local epochs, in order."""
+        orch, cfg, client = self.orch, self.orch.cfg, self.client
+        for epoch in range(cfg.local_epochs):
+            draw = (orch.seed, self.rnd, self.cid, epoch)
+            order = np.random.default_rng(list(draw)).permutation(client.num_samples)
+            for s in cfg.batch_starts(len(order)):
+                rows = order[s : s + cfg.batch_size]
+                x = orch.bank.inputs("train", client.train_idx[rows],
+                                     views=orch.bank.train_views(draw, client.num_samples, rows))
+                yield x, self.y_all[rows]
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.module.training_step(batch, self.steps, self.task, self.classes, self.received)
+
+    def diverged(self, loss: torch.Tensor) -> bool:
+        """A non-finite loss ends the client's round as a failed update (no step on it)."""
+        if not torch.isfinite(loss):
+            self.error = f"loss became {loss.item()}"
+            return True
+        return False
+
+    def step(self, loss: torch.Tensor) -> None:
+        """The optimiser step after the gradient of ``loss`` is in the client's tensors."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+        self.steps += 1
+
+    def update(self) -> Update:
+        n = self.client.num_samples
+        if self.error is not None:
+            return Update(self.cid, {}, {}, n, float("nan"), self.steps, error=self.error)
+        shared, personal = self.module.export()
+        optim = None
+        if self.tracked:
+            method = self.orch.method
+            optim = {**(optimizer_state_tensors(self.optimizer) if method.persistent_optimizer else {}),
+                     "participations": self.own.optim.get("participations", torch.tensor(0)) + 1}
+        return Update(self.cid, shared, personal, n, float(np.mean(self.losses)) if self.losses else float("nan"),
+                      self.steps, optim=optim, lr=self.lr)
+
+
+def train_alone(fabric, run: LocalRun) -> Update:
+    """The sequential loop: one client's steps, one after the other."""
+    for batch in run.batches:
+        with fabric.autocast():
+            loss = run.loss(batch)
+        if run.diverged(loss):
+            break
+        fabric.backward(loss)
+        run.step(loss)
+    return run.update()
+
+
+def train_lockstep(fabric, runs: list[LocalRun]) -> list[Update]:
+    """Several clients' local training at once (module docstring); their updates in the order of ``runs``."""
+    text = TextBatch()
+    active = list(runs)
+    while active:
+        stepping = [(r, b) for r in active if (b := next(r.batches, None)) is not None]
+        if not stepping:
+            break
+        with fabric.autocast():
+            if len(stepping) == 1:  # nothing to share
+                losses = [stepping[0][0].loss(stepping[0][1])]
+            else:
+                with text.recording():
+                    for r, b in stepping:
+                        r.loss(b)  # its text passes are recorded; the value is thrown away
+                text.encode()
+                with text.replaying():
+                    losses = [r.loss(b) for r, b in stepping]
+        kept = [(r, loss) for (r, _), loss in zip(stepping, losses) if not r.diverged(loss)]
+        if kept:
+            fabric.backward(torch.stack([loss for _, loss in kept]).sum())
+        for r, loss in kept:
+            r.step(loss)
+        active = [r for r, _ in kept]
+    return [r.update() for r in runs]
+
+
+__all__ = ["LocalRun", "train_alone", "train_lockstep"]
