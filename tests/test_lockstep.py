@@ -59,9 +59,10 @@ def _assert_same_round(method: str, lockstep: int, *argv: str, rounds: int = 1):
     ("promptfl", 0, ()),
     ("fedpgp", 4, ()),  # groups of 4 and 2
     ("fedtpg", 0, ()),  # each client among its own classes: the joint pass over different class lists
+    ("pfedmoap", 0, ()),  # round 2: expert features computed (without gradient) and kept inside the loss
 ])
 def test_lockstep_equals_one_client_at_a_time(method, lockstep, argv):
-    _assert_same_round(method, lockstep, *argv, rounds=2 if method == "fedtpg" else 1)
+    _assert_same_round(method, lockstep, *argv, rounds=2 if method in ("fedtpg", "pfedmoap") else 1)
 
 
 @pytest.mark.slow

@@ -169,7 +169,6 @@ class PFedMoAP(FedMethod):
         self.eval_prompt, self.gating_lr = eval_prompt, gating_lr
         self._num_clients: int | None = None
         self._r = 1
-        self._gate_params: set[int] = set()
 
     # ----------------------------------------------------------------------------- the component
     def setup_federation(self, train_task: Task, num_clients: int) -> None:
@@ -182,7 +181,8 @@ class PFedMoAP(FedMethod):
                               f"{dim} of {clip.name} (the gating net keeps every (D/d')-th coordinate)")
         self._r = dim // self.gating_dim
         module = MoAPPrompt(clip.text_width, self.n_ctx, self.gating_dim, self.gating_heads)
-        self._gate_params = {id(p) for p in module.gate.parameters()}
+        for p in module.gate.parameters():  # marked on the tensor: the method object serves many client modules
+            p.moap_gate = True
         return module
 
     def is_shared(self, key: str) -> bool:
@@ -193,8 +193,8 @@ class PFedMoAP(FedMethod):
             prompt.own_ctx.copy_(prompt.ctx)
 
     def configure_optimizer(self, params):
-        gate = [p for p in params if id(p) in self._gate_params]
-        rest = [p for p in params if id(p) not in self._gate_params]
+        gate = [p for p in params if getattr(p, "moap_gate", False)]
+        rest = [p for p in params if not getattr(p, "moap_gate", False)]
         groups = [{"params": rest}]
         if gate:
             groups.append({"params": gate, "lr": self.gating_lr, "fixed_lr": self.gating_lr})
