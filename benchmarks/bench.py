@@ -118,8 +118,9 @@ def _orchestrator(args, method, lockstep: int = 1):
     clip = load_backbone(args.backbone, args.pretrained)
     fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,
                         dataset_args=json.loads(args.dataset_args)).setup(seed=0)
+    # augment none / drop_last never: the naive path and the floor do the same work (exact features, every batch)
     trainer = FedTrainer(rounds=args.rounds, local_epochs=1, batch_size=args.batch or args.shots * 2,
-                         checkpoint_every=0, progress=False, lockstep=lockstep,
+                         checkpoint_every=0, progress=False, lockstep=lockstep, augment="none", drop_last="never",
                          accelerator="cpu" if not torch.cuda.is_available() else "auto")
     fabric = trainer.make_fabric()
     L.seed_everything(0, verbose=False)
