@@ -160,16 +160,30 @@ class StepSync:
         x = o.bank.inputs("train", client.train_idx[idx],
                           views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
         y = torch.as_tensor(client.train_y, device=dev)[idx]
+        sent = {k: v.to(dev) for k, v in shared.items()}
         with o.fabric.autocast():
-            loss = m.training_step((x, y), step, task, classes, {k: v.to(dev) for k, v in shared.items()})
+            loss = m.training_step((x, y), step, task, classes, sent)
         if not torch.isfinite(loss):
             raise FedlitError(f"client {cid}: loss became {loss.item()} in round {rnd + 1}, step {step + 1} "
                               f"(trainer.sync=step cannot leave a client out of a synchronous step)")
-        o.fabric.backward(loss)
-        grads = {k: p.grad.detach().to("cpu", copy=True) for k, p in m.prompt.named_parameters() if p.grad is not None}
-        m.prompt.zero_grad(set_to_none=True)
+        if method.per_sample_gradients:  # one gradient per sample, stacked [B, ...] (DP-SGD's per-sample clipping)
+            per = []
+            for i in range(len(y)):
+                with o.fabric.autocast():
+                    o.fabric.backward(m.training_step((x[i : i + 1], y[i : i + 1]), step, task, classes, sent))
+                per.append(self._grads(m))
+            grads = {k: torch.stack([g[k] for g in per]) for k in per[0]}
+        else:
+            o.fabric.backward(loss)
+            grads = self._grads(m)
         grads = method.client_gradient(m.prompt, grads, gen)
         return grads, m.export()[1], loss.item()
+
+    @staticmethod
+    def _grads(m) -> Tensors:
+        grads = {k: p.grad.detach().to("cpu", copy=True) for k, p in m.prompt.named_parameters() if p.grad is not None}
+        m.prompt.zero_grad(set_to_none=True)
+        return grads
 
 
 __all__ = ["StepSync", "generator", "make_stepper", "sgd_step", "subset"]

@@ -314,3 +314,35 @@ def test_step_mode_sigkill_then_resume_gives_identical_state(tmp_path):
         assert set(x) == set(y) and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ref", "run"))
     assert ra["final"] == pytest.approx(rb["final"]) and ra["privacy"] == rb["privacy"]
+
+
+# ============================================================================================ per-sample clipping
+def test_per_sample_clipping_on_hand_built_gradients(toy):
+    """``clipping: per_sample``: every sample's tensor clipped to C, then the mean, then the local noise."""
+    m = DPFPL(n_ctx=4, rank=2, epsilon=0.4, clipping="per_sample")
+    m.plan_steps(_plan(rounds=100, batch=3))
+    assert m.per_sample_gradients and m.local_std == pytest.approx(legacy_sigma(0.4, 1e-5, 100) * 10 / 3)
+    p = m.build(toy).train()
+    m.prepare_step(p, generator(0))
+    w = toy.text_width
+    g_G = torch.stack([torch.full((4, w), 0.01), torch.full((4, w), 5.0), torch.zeros(4, w)])  # norms < C, > C, 0
+    per = {"G": g_G, "u": torch.ones(3, 4, 2) * 100, "v": torch.zeros(3, 2, w)}
+    out = m.client_gradient(p, per, generator(7))
+    want_G = (g_G[0] + g_G[1] * 10.0 / (float(g_G[1].norm()) + 1e-6)) / 3  # the second sample clipped to C
+    assert torch.allclose(out["G"], want_G, atol=1e-6)  # G: clipped, no local noise (the server adds it)
+    noise = torch.randn(4, 2, generator=generator(7)) * m.local_std  # the noise stream of client_gradient
+    u_clipped = torch.ones(4, 2) * 100 * 10.0 / (float(torch.ones(4, 2).norm() * 100) + 1e-6)
+    assert torch.allclose(out["u"], u_clipped + noise, atol=1e-4)
+    assert m.run_report()["privacy"]["clipping"] == "per_sample"
+
+
+def test_per_sample_gradients_average_to_the_batch_gradient(tmp_path):
+    """Without noise, the mean of the per-sample gradients (B one-sample backward passes) is the batch gradient:
+    the per-sample path of the step loop trains like the batch path."""
+    common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
+              "--method.init_args.rank", "2", "--trainer.batch_size", "8", "--method.init_args.epsilon", "0"]
+    _, a = _fit(tmp_path, "batch", "dpfpl.yaml", *common)
+    _, b = _fit(tmp_path, "per", "dpfpl.yaml", *common, "--method.init_args.clipping", "per_sample")
+    assert torch.allclose(a.global_state["G"], b.global_state["G"], atol=1e-6, rtol=0)
+    for c in a.personal:
+        assert torch.allclose(a.personal[c]["L"], b.personal[c]["L"], atol=1e-6, rtol=0)

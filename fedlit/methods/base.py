@@ -309,6 +309,10 @@ class FedMethod:
         """Step mode: called with the client's tensors loaded, before its forward (DP-FPL factorises its local
         prompt here, outside autograd); ``gen`` is this client-step's random stream."""
 
+    #: Step mode: :meth:`client_gradient` receives one gradient per sample (``[B, ...]``, each of a one-sample loss)
+    #: instead of the batch's (DP-SGD's per-sample clipping; costs B backward passes).
+    per_sample_gradients: bool = False
+
     def client_gradient(self, prompt: nn.Module | None, grads: dict[str, torch.Tensor],
                         gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Step mode: the client's gradients of its trainable tensors after its batch → what it uses (the shared

@@ -17,21 +17,27 @@ N(0, σ_loc²) to g_G (promptfl), g_L (fedotp) or g_u, g_v (fedpgp, dplora, dpfp
 client applies it (one G in fedlit) and steps SGD on its own L, u, v. Clipping is ``torch.nn.utils.clip_grad_norm_``'s
 rule (factor ``C / (‖g‖ + 1e-6)`` when below 1).
 
+Clipping (``clipping``): ``batch`` (official, default) clips each client's batch gradient; ``per_sample`` is DP-SGD:
+every sample's gradient (of a one-sample loss) is clipped to C, tensor by tensor as the official code clips, and the
+noisy tensors get the same N(0, σ_loc²) on the mean of the clipped gradients (σ_loc = σ C / B: noise multiplier σ
+for a per-sample sensitivity C / B of the mean), so the accountant's ε below holds for that mechanism (up to the
+shuffled, not Poisson, batches). It costs B backward passes per client step.
+
 Calibration (``calibration``, spec §4.5): ``dpfpl_legacy`` (default, the official closed form, no accountant):
 ``σ = sqrt(T ln(1/δ)) / ε`` with T = **rounds**, ``σ_loc = σ · C / B`` (B: the largest batch), server std σ_loc/K.
 ``rdp``: σ chosen by Opacus' RDP accountant so that ``rounds × S`` steps of the sampled Gaussian (sample rate B/n)
 spend ε. Either way ``results.json`` carries ``privacy``: the calibration used, σ, the stds, and the ε that Opacus'
 RDP accountant (``opacus.accountants.analysis.rdp``) gives for the noise multiplier σ, the sample rate B/n and the
 steps actually run, next to the closed form's ε. That accounting assumes a per-sample sensitivity C/B, which batch
-clipping does not guarantee (spec §4.5 caveat), and Poisson sampling (clients shuffle).
+clipping does not guarantee (spec §4.5 caveat; ``clipping: per_sample`` does), and Poisson sampling (clients
+shuffle).
 
 Official quirks: reproduced by default — the closed-form calibration with T = rounds (``calibration: rdp`` is the
 fix), batch-level clipping, the 1/10 of g_L (``grad_divisor``), uniform server mean (``weighted: false``), round 0
 restarting every step from the initial weights so only its last step survives (``round0_reload: false`` fixes it),
 ``useall`` truncation of every client to the smallest client's count (the step loop, :mod:`fedlit.steps`).
 Not reproduced: one optimiser whose momentum carries from client to client (spec Q-a): fedlit keeps one momentum
-for G (the server's) and one per client for L, u, v. Not built: the membership-inference attack, per-sample
-clipping, the "neighbor" accuracy (fedlit's personalized protocol reports Local / Base / Novel).
+for G (the server's) and one per client for L, u, v. Not built: the membership-inference attack, the "neighbor" accuracy (fedlit's personalized protocol reports Local / Base / Novel).
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class DPFPL(FedMethod):
         delta: δ (1e-5).
         clip: C, the ℓ₂ clipping threshold (10).
         calibration: ``dpfpl_legacy`` (official closed form, default) or ``rdp`` (σ from Opacus' RDP accountant).
+        clipping: ``batch`` (official: the batch gradient, default) or ``per_sample`` (DP-SGD, module docstring).
         grad_divisor: the official 1/10 in the rebuilt g_L (10).
         round0_reload: round 0 restarts every step from the initial weights (official, default True).
         lr, momentum, weight_decay: SGD (0.001, 0.9, 5e-4, constant).
@@ -137,7 +144,8 @@ class DPFPL(FedMethod):
     def __init__(self, n_ctx: int = 16, rank: int = 8,
                  factorization: Literal["promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"] = "dpfpl",
                  epsilon: float = 0.0, delta: float = 1e-5, clip: float = 10.0,
-                 calibration: Literal["dpfpl_legacy", "rdp"] = "dpfpl_legacy", grad_divisor: float = 10.0,
+                 calibration: Literal["dpfpl_legacy", "rdp"] = "dpfpl_legacy",
+                 clipping: Literal["batch", "per_sample"] = "batch", grad_divisor: float = 10.0,
                  round0_reload: bool = True, lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4,
                  weighted: bool = False):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
@@ -151,6 +159,8 @@ class DPFPL(FedMethod):
             (clip > 0, f"method.init_args.clip={clip}: must be > 0"),
             (calibration in ("dpfpl_legacy", "rdp"), f"method.init_args.calibration={calibration!r}: use "
                                                      f"'dpfpl_legacy' or 'rdp'"),
+            (clipping in ("batch", "per_sample"), f"method.init_args.clipping={clipping!r}: use 'batch' or "
+                                                  f"'per_sample'"),
             (grad_divisor > 0, f"method.init_args.grad_divisor={grad_divisor}: must be > 0"),
         ]
         for ok, msg in checks:
@@ -158,7 +168,8 @@ class DPFPL(FedMethod):
                 raise FedlitError(msg)
         self.n_ctx, self.rank, self.factorization = n_ctx, rank, factorization
         self.epsilon, self.delta, self.clip, self.calibration = epsilon, delta, clip, calibration
-        self.grad_divisor, self.round0_reload = grad_divisor, round0_reload
+        self.grad_divisor, self.round0_reload, self.clipping = grad_divisor, round0_reload, clipping
+        self.per_sample_gradients = clipping == "per_sample"
         self.noise_multiplier = self.local_std = 0.0
         self.plan: StepPlan | None = None
 
@@ -217,10 +228,17 @@ class DPFPL(FedMethod):
     def client_gradient(self, prompt: DPFPLPrompt, grads, gen: torch.Generator):
         """Clip g_G; clip + local noise on the mode's gradients; rebuild g_L from g_u, g_v (dplora, dpfpl)."""
         out = dict(grads)
-        if self.epsilon > 0:
+        clipped = ("G", *NOISY[self.factorization]) if self.epsilon > 0 else ()
+        if self.per_sample_gradients:  # [B, ...] per sample: clip each sample's tensor, then the mean
+            out = {k: (torch.stack([clip_norm(g, self.clip) for g in v]) if k in clipped else v).mean(0)
+                   for k, v in out.items()}
+        elif self.epsilon > 0:
             out["G"] = clip_norm(out["G"], self.clip)
             for k in NOISY[self.factorization]:
-                out[k] = clip_norm(out[k], self.clip) + torch.randn(out[k].shape, generator=gen) * self.local_std
+                out[k] = clip_norm(out[k], self.clip)
+        if self.epsilon > 0:
+            for k in NOISY[self.factorization]:
+                out[k] = out[k] + torch.randn(out[k].shape, generator=gen) * self.local_std
         if self.factorization in ("dplora", "dpfpl"):
             u, v = prompt.u.detach().to(out["u"]), prompt.v.detach().to(out["v"])
             out["L"] = local_gradient(u, v, out["u"], out["v"], self.grad_divisor)
@@ -237,7 +255,8 @@ class DPFPL(FedMethod):
     def run_report(self) -> dict:
         """``privacy``: the calibration used and the ε Opacus' RDP accountant gives for what was run."""
         p = self.plan
-        out = {"dp": self.epsilon > 0, "calibration": self.calibration, "epsilon_target": self.epsilon,
+        out = {"dp": self.epsilon > 0, "calibration": self.calibration, "clipping": self.clipping,
+               "epsilon_target": self.epsilon,
                "delta": self.delta, "clip": self.clip, "factorization": self.factorization}
         if p is None:
             return {"privacy": out}
@@ -249,8 +268,10 @@ class DPFPL(FedMethod):
                        epsilon_closed_form=math.sqrt(p.rounds * math.log(1 / self.delta)) / self.noise_multiplier,
                        epsilon_rdp=rdp_epsilon(self.noise_multiplier, p.sample_rate, p.steps, self.delta),
                        accountant="opacus.accountants.analysis.rdp (RDPAccountant.DEFAULT_ALPHAS + orders up to 4096)",
-                       assumes="per-sample sensitivity C/B and Poisson sampling at rate B/n; the official batch "
-                               "clipping bounds neither (spec 4.5)")
+                       assumes=("per-sample sensitivity C/B and Poisson sampling at rate B/n; "
+                                + ("per-sample clipping gives the first, shuffled batches approximate the second"
+                                   if self.per_sample_gradients else
+                                   "the official batch clipping bounds neither (spec 4.5)")))
         return {"privacy": out}
 
 
