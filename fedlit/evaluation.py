@@ -99,6 +99,12 @@ class Evaluator:
             rows = _positions(home.idx, client.test_idx) if home is not None else None
             if rows is not None:
                 res["local"] = accuracy(pred(ce.home)[rows], torch.as_tensor(client.test_y), len(home.task))
+                if self.method.neighbor_accuracy:  # DP-FPL: the home set's images that are not the client's own
+                    others = torch.ones(len(home.idx), dtype=torch.bool)
+                    others[rows] = False
+                    if bool(others.any()):
+                        y = torch.as_tensor(home.y)[others]
+                        res["neighbor"] = accuracy(pred(ce.home)[others], y, len(home.task))
             else:  # no set holds the client's test images: predict them directly
                 task = fed.task_of(cid)
                 res["local"] = accuracy(self.predict(task, client.test_idx), torch.as_tensor(client.test_y), len(task))
@@ -160,6 +166,7 @@ def summarize_clients(per_client: dict[int, dict[str, float]], fed: Federation) 
 def mean_with_hm(rows: list[dict]) -> dict[str, float]:
     """Mean over rows (clients or groups) of each metric present (NaN skipped), plus ``hm`` of Local/Base/Novel."""
     keys = [k for k in ("local", "base", "novel") if any(k in r for r in rows)]
+    keys += [k for k in ("neighbor",) if any(k in r for r in rows)]
     keys += sorted({k for r in rows for k in r if k.startswith("acc/")})
     out: dict[str, float] = {}
     for k in keys:

@@ -276,6 +276,9 @@ def test_dpfpl_run_shares_only_G_reports_privacy_and_round0_reload(tmp_path):
     priv = res["privacy"]
     assert res["sync"] == "step" and priv["calibration"] == "dpfpl_legacy" and priv["epsilon_target"] == 0.4
     assert priv["steps"] == priv["steps_per_round"] == 3 and math.isfinite(priv["epsilon_rdp"])
+    for c, r in res["per_client"].items():  # "neighbor": the other client's half of the base set (equal halves here)
+        assert r["base"] == pytest.approx((r["local"] + r["neighbor"]) / 2, abs=1e-4), c
+    assert "neighbor" in res["final"]
     _, a = _fit(tmp_path, "reload", "dpfpl.yaml", *common, "--method.init_args.epsilon", "0")
     _, b = _fit(tmp_path, "noreload", "dpfpl.yaml", *common, "--method.init_args.epsilon", "0",
                 "--method.init_args.round0_reload", "false")

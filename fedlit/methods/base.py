@@ -309,6 +309,10 @@ class FedMethod:
         """Step mode: called with the client's tensors loaded, before its forward (DP-FPL factorises its local
         prompt here, outside autograd); ``gen`` is this client-step's random stream."""
 
+    #: Evaluation also reports ``neighbor``: the accuracy on the images of the client's home evaluation set that are
+    #: not its own (the other clients' test images, classified among the same classes; DP-FPL's "neighbor").
+    neighbor_accuracy: bool = False
+
     #: Step mode: :meth:`client_gradient` receives one gradient per sample (``[B, ...]``, each of a one-sample loss)
     #: instead of the batch's (DP-SGD's per-sample clipping; costs B backward passes).
     per_sample_gradients: bool = False

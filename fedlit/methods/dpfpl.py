@@ -37,7 +37,9 @@ fix), batch-level clipping, the 1/10 of g_L (``grad_divisor``), uniform server m
 restarting every step from the initial weights so only its last step survives (``round0_reload: false`` fixes it),
 ``useall`` truncation of every client to the smallest client's count (the step loop, :mod:`fedlit.steps`).
 Not reproduced: one optimiser whose momentum carries from client to client (spec Q-a): fedlit keeps one momentum
-for G (the server's) and one per client for L, u, v. Not built: the membership-inference attack, the "neighbor" accuracy (fedlit's personalized protocol reports Local / Base / Novel).
+for G (the server's) and one per client for L, u, v. Evaluation: Local (the client's own test images) plus the official "neighbor" accuracy (``neighbor`` in
+``results.json``: the other clients' test images of the evaluation set, among the same classes). Not built: the
+membership-inference attack.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class DPFPL(FedMethod):
 
     name = "dpfpl"
     sync = "step"
+    neighbor_accuracy = True
 
     def __init__(self, n_ctx: int = 16, rank: int = 8,
                  factorization: Literal["promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"] = "dpfpl",
