@@ -211,15 +211,21 @@ def test_fedpgp_over_flower_messages_equals_in_process_and_keeps_u_v_on_the_supe
     assert up == {1: 4 * sigma_bytes, 2: 4 * sigma_bytes}
 
 
-def test_fedtpg_client_optimizer_state_stays_on_the_supernodes_and_global_protocol_matches(tmp_path, task_identity):
-    """FedTPG (global evaluation protocol): each client's momentum buffers and cosine-schedule step are client
-    state kept in the SuperNode's Context.state between rounds; the run still equals the in-process one."""
-    args = ["--config", str(CONFIGS / "fedtpg.yaml"), *EMBEDDED, "--data.num_clients", "4", "--data.shots", "2",
+def _reference_and_grid(tmp_path, config: str):
+    """The in-process reference run of ``config`` on the embedded default (4 clients, 2 shots) and the Flower app's
+    in-process grid of 2 SuperNodes for the same arguments: ``(ref, out, run_config, grid)``."""
+    args = ["--config", str(CONFIGS / config), *EMBEDDED, "--data.num_clients", "4", "--data.shots", "2",
             "--trainer.eval_every", "2"]
     ref = tmp_path / "ref"
     fit_in_process(ref, args)
-    app, out, run_config = make_app(tmp_path, "flower", args)
-    grid = InProcessGrid(run_config, supernodes=2)
+    _, out, run_config = make_app(tmp_path, "flower", args)
+    return ref, out, run_config, InProcessGrid(run_config, supernodes=2)
+
+
+def test_fedtpg_client_optimizer_state_stays_on_the_supernodes_and_global_protocol_matches(tmp_path, task_identity):
+    """FedTPG (global evaluation protocol): each client's momentum buffers and cosine-schedule step are client
+    state kept in the SuperNode's Context.state between rounds; the run still equals the in-process one."""
+    ref, out, run_config, grid = _reference_and_grid(tmp_path, "fedtpg.yaml")
     fl.run_server(grid, run_config)
     assert_same_run(out, ref)  # includes train/lr: the per-client schedule stepped on the SuperNodes
     lrs = dict(scalars(ref)["train/lr"])
@@ -237,12 +243,7 @@ def test_fedtpg_client_optimizer_state_stays_on_the_supernodes_and_global_protoc
 def test_pfedmoap_expert_payloads_travel_to_the_supernodes_and_the_run_equals_in_process(tmp_path, task_identity):
     """pFedMoAP: the server's bank of client prompts (round protocol) builds each client's expert payload; the
     experts reach the SuperNodes in round 2, the gating nets never leave them, and the run equals the in-process one."""
-    args = ["--config", str(CONFIGS / "pfedmoap.yaml"), *EMBEDDED, "--data.num_clients", "4", "--data.shots", "2",
-            "--trainer.eval_every", "2"]
-    ref = tmp_path / "ref"
-    fit_in_process(ref, args)
-    app, out, run_config = make_app(tmp_path, "flower", args)
-    grid = InProcessGrid(run_config, supernodes=2)
+    ref, out, run_config, grid = _reference_and_grid(tmp_path, "pfedmoap.yaml")
     sent = []
     send = grid.send_and_receive
     grid.send_and_receive = lambda messages, **kw: sent.extend(messages) or send(messages, **kw)
