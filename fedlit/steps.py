@@ -161,23 +161,21 @@ class StepSync:
                           views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
         y = torch.as_tensor(client.train_y, device=dev)[idx]
         sent = {k: v.to(dev) for k, v in shared.items()}
-        with o.fabric.autocast():
-            loss = m.training_step((x, y), step, task, classes, sent)
-        if not torch.isfinite(loss):
-            raise FedlitError(f"client {cid}: loss became {loss.item()} in round {rnd + 1}, step {step + 1} "
-                              f"(trainer.sync=step cannot leave a client out of a synchronous step)")
-        if method.per_sample_gradients:  # one gradient per sample, stacked [B, ...] (DP-SGD's per-sample clipping)
-            per = []
-            for i in range(len(y)):
-                with o.fabric.autocast():
-                    o.fabric.backward(m.training_step((x[i : i + 1], y[i : i + 1]), step, task, classes, sent))
-                per.append(self._grads(m))
-            grads = {k: torch.stack([g[k] for g in per]) for k in per[0]}
-        else:
+        # per-sample mode (DP-SGD's clipping): B one-sample losses, gradients stacked [B, ...]; loss = their mean
+        parts = [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))] if method.per_sample_gradients else [(x, y)]
+        per, losses = [], []
+        for batch in parts:
+            with o.fabric.autocast():
+                loss = m.training_step(batch, step, task, classes, sent)
+            if not torch.isfinite(loss):
+                raise FedlitError(f"client {cid}: loss became {loss.item()} in round {rnd + 1}, step {step + 1} "
+                                  f"(trainer.sync=step cannot leave a client out of a synchronous step)")
             o.fabric.backward(loss)
-            grads = self._grads(m)
+            per.append(self._grads(m))
+            losses.append(loss.item())
+        grads = {k: torch.stack([g[k] for g in per]) for k in per[0]} if method.per_sample_gradients else per[0]
         grads = method.client_gradient(m.prompt, grads, gen)
-        return grads, m.export()[1], loss.item()
+        return grads, m.export()[1], float(np.mean(losses))
 
     @staticmethod
     def _grads(m) -> Tensors:
