@@ -11,6 +11,14 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The embedded CLIP (bundled weights), loaded once per test module."""
+    from fedlit.backbones import load_backbone
+
+    return load_backbone("fedlit-toy")
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test's code path immediately."""

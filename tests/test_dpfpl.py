@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from fedlit import checkpoint as ckpt
-from fedlit.backbones import load_backbone
 from fedlit.cli import main
 from fedlit.client import ClientModule
 from fedlit.errors import FedlitError
@@ -30,11 +29,6 @@ from fedlit.trainer import FedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_backbone("fedlit-toy")
 
 
 def _plan(rounds=100, steps=1, batch=32, clients=10, n=320):

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlit.backbones import load_backbone
 from fedlit.client import ClientModule
 from fedlit.data.federation import ClientData, Federation
 from fedlit.errors import FedlitError
@@ -24,11 +23,6 @@ from fedlit.methods.promptfolio import PromptFolio, mix_features
 from fedlit.prompts import Task, prompt_template
 
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_backbone("fedlit-toy")
 
 
 def _batch(clip, n: int = 6, seed: int = 0):

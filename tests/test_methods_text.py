@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlit.backbones import load_backbone
 from fedlit.client import ClientModule
 from fedlit.errors import FedlitError
 from fedlit.methods import method_class
@@ -23,11 +22,6 @@ from fedlit.methods.fedtpg import FedTPG, PromptGenerator
 from fedlit.prompts import ContextPrompt, Task, handcrafted_features
 
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_backbone("fedlit-toy")
 
 
 def _batch(clip, n: int = 6, seed: int = 0):

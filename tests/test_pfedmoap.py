@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from fedlit import checkpoint as ckpt
-from fedlit.backbones import load_backbone
 from fedlit.client import ClientModule
 from fedlit.data.federation import FederatedData
 from fedlit.methods import method_class
@@ -22,11 +20,6 @@ from fedlit.rounds import RoundProtocol
 from fedlit.trainer import FedTrainer
 
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_backbone("fedlit-toy")
 
 
 def _direct_gating(gate: GatingNet, f, keys, r: int, s: float) -> torch.Tensor:
