@@ -134,9 +134,7 @@ def _client_setup(orch, m, cid: int, rnd: int):
     client = orch.fed.clients[cid]
     sent = orch.protocol.payload(cid)
     m.load_prompt_state(sent, orch.protocol.state_of(cid).personal or orch.init_personal)
-    task = orch.fed.task_of(cid)
-    pos = {name: i for i, name in enumerate(task.classnames)}
-    classes = [pos[orch.fed.data.classnames[c]] for c in client.classes]
+    task, classes = orch.fed.task_of(cid), orch.fed.held_classes(cid)
     m.train()
     return client, task, classes, {k: v.clone() for k, v in sent.items()}
 

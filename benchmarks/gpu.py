@@ -226,9 +226,7 @@ def fedtpg_cross_class(args, clip, device, budget_s: float) -> dict:
     m = orch.module
     text_flops = 0
     for c in fed.clients:
-        task = fed.task_of(c.cid)
-        pos = {name: i for i, name in enumerate(task.classnames)}
-        own = client_task(task, [pos[fed.data.classnames[k]] for k in c.classes], torch.as_tensor(c.train_y))[0]
+        own = client_task(fed.task_of(c.cid), fed.held_classes(c.cid), torch.as_tensor(c.train_y))[0]
 
         def step(own=own):
             with fabric.autocast():

@@ -32,16 +32,14 @@ class LocalRun:
     protocol, bank, trainer settings). ``sent``: what the server sent it (default: the protocol's payload)."""
 
     def __init__(self, orch, module, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None):
-        client, cfg, dev = orch.fed.clients[cid], orch.cfg, orch.fabric.device
+        client, dev = orch.fed.clients[cid], orch.fabric.device
         self.cid, self.rnd, self.module, self.orch, self.client = cid, rnd, module, orch, client
         sent = orch.protocol.payload(cid) if sent is None else sent
         self.own = own = orch.protocol.state_of(cid)
         restart = orch.method.restart_personal  # official CoOp baseline: local training from the initial weights
         module.load_prompt_state(sent, orch.init_personal if restart else (own.personal or orch.init_personal))
         self.received = {k: v.to(dev) for k, v in sent.items()}
-        self.task = orch.fed.task_of(cid)
-        pos = {name: i for i, name in enumerate(self.task.classnames)}
-        self.classes = [pos[orch.fed.data.classnames[c]] for c in client.classes]
+        self.task, self.classes = orch.fed.task_of(cid), orch.fed.held_classes(cid)
         module.train()
         self.optimizer, self.tracked, self.lr = orch._client_optimizer(own, module)
         self.y_all = torch.as_tensor(client.train_y, device=dev)

@@ -154,9 +154,7 @@ class StepSync:
         with torch.no_grad():
             method.prepare_step(m.prompt, gen)
         idx = self.subsets[cid][rows]
-        task = o.fed.task_of(cid)
-        pos = {name: i for i, name in enumerate(task.classnames)}
-        classes = [pos[o.fed.data.classnames[c]] for c in client.classes]
+        task, classes = o.fed.task_of(cid), o.fed.held_classes(cid)
         x = o.bank.inputs("train", client.train_idx[idx],
                           views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
         y = torch.as_tensor(client.train_y, device=dev)[idx]

@@ -176,7 +176,7 @@ def _encode_mixed(calls: list[_Call], deep: list | None) -> list[torch.Tensor]:
 
 
 def _encode_mixed_shared(calls: list[_Call], deep: list | None) -> list[torch.Tensor]:
-    head, width = calls[0].head, calls[0].ctx.shape[2]
+    head = calls[0].head
     counts = [c.tpl.prefix.shape[0] for c in calls]
     most = max(counts)
     prefixes, suffixes, eots = [], [], []

@@ -96,6 +96,11 @@ class Federation:
     def task_of(self, cid: int) -> Task:
         return self.clients[cid].task or self.train_task
 
+    def held_classes(self, cid: int) -> list[int]:
+        """Positions in :meth:`task_of` of the classes client ``cid`` holds."""
+        pos = {name: i for i, name in enumerate(self.task_of(cid).classnames)}
+        return [pos[self.data.classnames[c]] for c in self.clients[cid].classes]
+
     def evals_of(self, cid: int) -> ClientEvals:
         return self.client_evals.get(cid) or ClientEvals(
             base=[n for n in ("base",) if n in self.evals], novel=[n for n in ("novel",) if n in self.evals],
