@@ -204,7 +204,7 @@ class FeatureBank:
     def images(self, split: str, idx: Sequence[int] | np.ndarray) -> torch.Tensor:
         data = self.splits[split]
         x = data.images(np.asarray(idx))
-        return self.clip.normalize_images(x.to(self.clip.device), getattr(data, "pixel_norm", None))
+        return self.clip.normalize_images(x.to(self.clip.device), data.pixel_norm)
 
     def augmented_images(self, split: str, idx: Sequence[int] | np.ndarray,
                          views: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -221,7 +221,7 @@ class FeatureBank:
 
         data = self.splits[split]
         x = data.view_crops(idx, params, tuple(size))
-        return self.clip.normalize_images(x.to(self.clip.device, torch.float32), getattr(data, "pixel_norm", None))
+        return self.clip.normalize_images(x.to(self.clip.device, torch.float32), data.pixel_norm)
 
     def train_views(self, draw: tuple[int, ...], n: int, rows: np.ndarray) -> np.ndarray | None:
         """The view each of ``rows`` (positions in a client's data of ``n`` samples) uses at this step:
