@@ -5,8 +5,8 @@ its batches (the order, epochs, ``drop_last`` rule and augmentation views are fu
 ``(seed, round, client, epoch)`` only), its step count and losses, and the :class:`~fedlit.methods.base.Update` it
 ends with. :func:`train_alone` runs one; :func:`train_lockstep` runs several on their own modules at once:
 
-    at step t, the clients that still have a batch (the active set) each compute their loss; the text passes of
-    all of them are one joint pass (:class:`~fedlit.text_batch.TextBatch`); the SUM of their losses is
+    at step t, the clients that still have a batch (the active set) each compute their loss, once; the text passes
+    of all of them are one joint pass (:class:`~fedlit.text_batch.FusedText`); the SUM of their losses is
     back-propagated once (each client's tensors get exactly its own loss's gradient); each active client's own
     optimiser steps. A client whose batches are exhausted leaves the active set: no step, no momentum update.
 
@@ -24,7 +24,7 @@ import torch
 
 from .client import optimizer_state_tensors
 from .methods.base import Update
-from .text_batch import TextBatch
+from .text_batch import FusedText
 
 
 class LocalRun:
@@ -105,22 +105,22 @@ def train_alone(fabric, run: LocalRun) -> Update:
 
 def train_lockstep(fabric, runs: list[LocalRun]) -> list[Update]:
     """Several clients' local training at once (module docstring); their updates in the order of ``runs``."""
-    text = TextBatch()
+    text = FusedText()
     active = list(runs)
     while active:
         stepping = [(r, b) for r in active if (b := next(r.batches, None)) is not None]
         if not stepping:
             break
-        with fabric.autocast():
-            if len(stepping) == 1:  # nothing to share
+        if len(stepping) == 1:  # nothing to share
+            with fabric.autocast():
                 losses = [stepping[0][0].loss(stepping[0][1])]
-            else:
-                with text.recording():
-                    for r, b in stepping:
-                        r.loss(b)  # its text passes are recorded; the value is thrown away
-                text.encode()
-                with text.replaying():
-                    losses = [r.loss(b) for r, b in stepping]
+        else:
+            jobs = [lambda r=r, b=b: _autocast_loss(fabric, r, b) for r, b in stepping]
+            done = text.run(runs[0].module.clip, jobs, joint=fabric.autocast)
+            for _, error in done:
+                if error is not None:
+                    raise error
+            losses = [loss for loss, _ in done]
         kept = [(r, loss) for (r, _), loss in zip(stepping, losses) if not r.diverged(loss)]
         if kept:
             fabric.backward(torch.stack([loss for _, loss in kept]).sum())
@@ -128,6 +128,12 @@ def train_lockstep(fabric, runs: list[LocalRun]) -> list[Update]:
             r.step(loss)
         active = [r for r, _ in kept]
     return [r.update() for r in runs]
+
+
+def _autocast_loss(fabric, run: LocalRun, batch) -> torch.Tensor:
+    """A client's loss in a lock-step worker thread (autocast is per thread)."""
+    with fabric.autocast():
+        return run.loss(batch)
 
 
 __all__ = ["LocalRun", "train_alone", "train_lockstep"]

@@ -61,13 +61,6 @@ class PromptTemplate:
         return max(1, min(run, int(self.eot.min())))
 
 
-#: While clients train in lock-step, :class:`fedlit.text_batch.TextBatch` answers :func:`encode_context` here
-#: (records the call, or replays the joint pass's result); ``None`` otherwise. Passes without gradient (constant
-#: features a method may compute and keep, e.g. pFedMoAP's expert features) always run directly: a placeholder
-#: kept by a method during the recording would otherwise outlive it.
-ENCODE_HOOK = None
-
-
 def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, deep_prompts=None,
                    first_deep_block: int = 1, normalize: bool = True) -> torch.Tensor:
     """Text features of a template with contexts spliced at positions ``1 … n``.
@@ -77,8 +70,9 @@ def encode_context(clip: FrozenCLIP, tpl: PromptTemplate, ctx: torch.Tensor, dee
     replaces positions ``1 … n`` at the input of text block ``j + first_deep_block``. L2-normalised unless
     ``normalize=False``. Runs in one batched pass on ``clip.text_path``.
     """
-    if ENCODE_HOOK is not None and torch.is_grad_enabled():
-        return ENCODE_HOOK(clip, tpl, ctx, deep_prompts, first_deep_block, normalize)
+    service = getattr(clip, "text_service", None)  # lock-step: fedlit.text_batch.FusedText, for its own workers
+    if service is not None and torch.is_grad_enabled() and service.answers():
+        return service.request(clip, tpl, ctx, deep_prompts, first_deep_block, normalize)
     single = ctx.dim() == 2
     ctxs = (ctx.unsqueeze(0) if single else ctx).to(tpl.prefix.dtype)
     n_pre, n = ctxs.shape[0], ctxs.shape[1]

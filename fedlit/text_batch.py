@@ -1,33 +1,36 @@
 """One text pass for several clients: the text side of lock-step training (``trainer.lockstep``).
 
 Every CoOp-style method computes its class text features with :func:`fedlit.prompts.encode_context`, once or a few
-times per step, from contexts that depend on the client's own tensors only. :class:`TextBatch` lets ``M`` clients'
-losses share that pass without any method knowing about it:
+times per step, from contexts that depend on the client's own tensors only. :class:`FusedText` is an explicit
+text-encoding service that lets ``M`` clients' losses share that pass without any method knowing about it, each
+loss running ONCE:
 
-1. **record** — each client's loss runs once with ``encode_context`` answering a placeholder (the call's
-   ``(template, context, deep prompts)`` are kept, contexts with their autograd graph to the client's tensors);
-   those losses are thrown away;
-2. **encode** — the recorded calls are encoded together: calls on the same template are concatenated along the
-   context axis and take ``encode_context`` itself (the shared-prefix path when the backbone has it); calls on
-   different templates of the same context length (FedTPG: each client trains among its own classes) are
-   encoded as one batch of sequences on the plain path;
-3. **replay** — each client's loss runs again, ``encode_context`` answering, in call order, its slice of the joint
-   result (checked to be the call recorded: same template, same context shape).
+1. each client's loss runs in a worker thread of its own, one worker at a time (a strict hand-off, so the order of
+   every operation — and of every draw from the global RNG — is fixed);
+2. a worker whose loss asks for a text pass (with gradient) hands the call ``(template, context, deep prompts)`` to
+   the service and waits; the next worker runs;
+3. when every worker waits or is done, the service encodes the waiting calls together — calls on the same template
+   concatenated along the context axis through ``encode_context`` itself (the shared-prefix path when the backbone
+   has it); calls on different templates of the same context length (FedTPG: each client trains among its own
+   classes) as one batch of sequences — and hands each worker its slice; the workers go on, in order.
 
-The loss a client gets is its own loss evaluated on its own context's features, so summing the clients' losses and
-back-propagating once gives each client exactly the gradient of its own loss (up to float rounding: the joint pass
-is a larger batched matmul). What a method computes besides the text pass (a prompt generator, the logits) runs
-twice; the text pass, which dominates, runs once for all clients.
+The service is reached through the backbone (``clip.text_service``, set only while :meth:`FusedText.run` runs) and
+answers only its own worker threads: every other text pass — the service's joint pass, passes without gradient,
+other threads — runs directly. The loss a client gets is its own loss evaluated on its own context's features, so
+summing the clients' losses and back-propagating once gives each client exactly the gradient of its own loss (up to
+float rounding: the joint pass is a larger batched matmul). Grad mode and autocast are per thread: each job sets
+its own (:func:`fedlit.local_training.train_lockstep` wraps the loss in the run's autocast).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from . import prompts
 from .prompts import PromptTemplate, encode_context
 
 
@@ -62,70 +65,107 @@ def _as_call(clip, tpl, ctx, deep_prompts, first_deep_block, normalize) -> _Call
     return _Call(clip, tpl, ctxs, single, deep, first_deep_block, normalize, torch.is_grad_enabled())
 
 
-class TextBatch:
-    """Record → encode → replay the ``encode_context`` calls of several clients' losses (module docstring)."""
+def encode_calls(calls: list[_Call]) -> list[torch.Tensor]:
+    """Every call's features, the calls grouped by context length / deep layout / options into joint passes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(call.key(), []).append(i)
+    out: list = [None] * len(calls)
+    for idx in groups.values():
+        group = [calls[i] for i in idx]
+        with torch.set_grad_enabled(group[0].grad):
+            feats = _encode_group(group)
+        for i, f in zip(idx, feats):
+            out[i] = f[0] if calls[i].single else f
+    return out
+
+
+class _Worker:
+    """One job in a thread of its own, advanced by the service in strict hand-off (``advance`` returns when the job
+    waits for a text pass or is done)."""
+
+    def __init__(self, job: Callable[[], Any], service: "FusedText"):
+        self.job, self.service = job, service
+        self.call: _Call | None = None  # the text pass it waits for
+        self.answer: Any = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        self.service._workers[threading.get_ident()] = self
+        try:
+            self.result = self.job()
+        except BaseException as e:  # handed to the caller of FusedText.run
+            self.error = e
+        finally:
+            self.done = True
+            self._back.release()
+
+    def advance(self) -> None:
+        if not self._thread.is_alive() and not self.done:
+            self._thread.start()
+        else:
+            self._go.release()
+        self._back.acquire()
+
+    def wait_for(self, call: _Call):
+        """In the worker's thread: hand ``call`` to the service, wait for its features."""
+        self.call = call
+        self._back.release()
+        self._go.acquire()
+        self.call, answer, self.answer = None, self.answer, None
+        if isinstance(answer, BaseException):
+            raise RuntimeError("lock-step: the joint text pass failed") from answer
+        return answer
+
+
+class FusedText:
+    """The fused text-encoding service of lock-step training (module docstring)."""
 
     def __init__(self):
-        self.calls: list[_Call] = []
-        self.results: list[torch.Tensor] = []
-        self._next = 0
+        self._workers: dict[int, _Worker] = {}
+        self.passes = 0  # joint text passes made (one per wave of waiting calls)
 
-    # ------------------------------------------------------------------------------------------ the three phases
-    @contextlib.contextmanager
-    def recording(self):
-        """Calls of ``encode_context`` inside are recorded and answered with a placeholder."""
-        self.calls, self.results, self._next = [], [], 0
-        with _hooked(self._record):
-            yield
+    def run(self, clip, jobs: list[Callable[[], Any]], joint: Callable[[], contextlib.AbstractContextManager]
+            = contextlib.nullcontext) -> list[tuple[Any, BaseException | None]]:
+        """Run ``jobs`` (e.g. each client's loss of one step) with their text passes fused; ``joint()`` is the
+        context the joint passes run in (the run's autocast). Returns ``(result, error)`` per job, in order."""
+        if getattr(clip, "text_service", None) is not None:
+            raise RuntimeError("lock-step text services do not nest")
+        workers = [_Worker(job, self) for job in jobs]
+        clip.text_service = self
+        try:
+            waiting = workers
+            while waiting:
+                for w in waiting:
+                    w.advance()
+                waiting = [w for w in waiting if not w.done]
+                if not waiting:
+                    break
+                try:
+                    with joint():
+                        feats = encode_calls([w.call for w in waiting])
+                    self.passes += 1
+                except BaseException as e:
+                    feats = [e] * len(waiting)
+                for w, f in zip(waiting, feats):
+                    w.answer = f
+        finally:
+            clip.text_service = None
+            self._workers.clear()
+        return [(w.result, w.error) for w in workers]
 
-    def encode(self) -> None:
-        """Encode every recorded call, grouped (module docstring)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, call in enumerate(self.calls):
-            groups.setdefault(call.key(), []).append(i)
-        self.results = [None] * len(self.calls)
-        for idx in groups.values():
-            calls = [self.calls[i] for i in idx]
-            with torch.set_grad_enabled(calls[0].grad):
-                feats = _encode_group(calls)
-            for i, f in zip(idx, feats):
-                self.results[i] = f[0] if self.calls[i].single else f
+    def answers(self) -> bool:
+        """Whether the calling thread is one of this service's workers (its text passes come here)."""
+        return threading.get_ident() in self._workers
 
-    @contextlib.contextmanager
-    def replaying(self):
-        """Calls of ``encode_context`` inside are answered with the encoded results, in recorded order."""
-        self._next = 0
-        with _hooked(self._replay):
-            yield
-        if self._next != len(self.calls):
-            raise RuntimeError(f"lock-step replay made {self._next} text passes, the recording {len(self.calls)}")
-
-    # ------------------------------------------------------------------------------------------ the hooks
-    def _record(self, clip, tpl, ctx, deep_prompts=None, first_deep_block=1, normalize=True):
+    def request(self, clip, tpl, ctx, deep_prompts=None, first_deep_block=1, normalize=True) -> torch.Tensor:
+        """A worker's ``encode_context`` call: handed to the next joint pass."""
         call = _as_call(clip, tpl, ctx, deep_prompts, first_deep_block, normalize)
-        self.calls.append(call)
-        d = clip.embed_dim
-        shape = (tpl.prefix.shape[0], d) if call.single else (call.ctx.shape[0], tpl.prefix.shape[0], d)
-        return torch.full(shape, d ** -0.5, device=ctx.device)
-
-    def _replay(self, clip, tpl, ctx, deep_prompts=None, first_deep_block=1, normalize=True):
-        i = self._next
-        call = self.calls[i] if i < len(self.calls) else None
-        if call is None or call.tpl is not tpl or call.ctx.shape != (ctx.unsqueeze(0) if ctx.dim() == 2 else ctx).shape:
-            raise RuntimeError(f"lock-step replay: text pass {i} differs from the recorded one")
-        self._next += 1
-        return self.results[i]
-
-
-@contextlib.contextmanager
-def _hooked(fn):
-    if prompts.ENCODE_HOOK is not None:
-        raise RuntimeError("lock-step text batches do not nest")
-    prompts.ENCODE_HOOK = fn
-    try:
-        yield
-    finally:
-        prompts.ENCODE_HOOK = None
+        return self._workers[threading.get_ident()].wait_for(call)
 
 
 def _encode_group(calls: list[_Call]) -> list[torch.Tensor]:
@@ -196,4 +236,4 @@ def _encode_mixed_shared(calls: list[_Call], deep: list | None) -> list[torch.Te
     return [f[:, :k] for f, k in zip(feats.split(sizes), counts)]
 
 
-__all__ = ["TextBatch"]
+__all__ = ["FusedText", "encode_calls"]

@@ -135,3 +135,52 @@ def test_a_new_method_is_one_class_found_by_its_name(monkeypatch):
         METHODS.clear()
         METHODS.update(before)
     assert "throwaway" not in list_methods()
+
+
+#: module-level names a function may rebind with ``global``: handles initialised once, lazily (never a hook that
+#: changes what another module's code does)
+LAZY_ONCE = {"fedlit.heap": {"_TRIM"}, "fedlit.methods": {"_loaded"}, "fedlit.data.coop": {"_POOL"}}
+
+
+def _hook_writes(name: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """Writes that turn module-level state into a hook: ``othermodule.NAME = …`` on an imported fedlit module, and
+    ``global NAME`` rebinding outside :data:`LAZY_ONCE`."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    aliases = set()  # local names bound to fedlit modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                base = ".".join(anchor[: len(anchor) - (node.level - 1)] + ([base] if base else []))
+            aliases |= {a.asname or a.name for a in node.names if f"{base}.{a.name}" in modules}
+        elif isinstance(node, ast.Import):
+            aliases |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("fedlit")}
+    bad = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AugAssign | ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in aliases:
+                bad.append(f"{name}:{node.lineno} assigns {t.value.id}.{t.attr}")
+        if isinstance(node, ast.Global):
+            extra = set(node.names) - LAZY_ONCE.get(name, set())
+            if extra:
+                bad.append(f"{name}:{node.lineno} rebinds module-level {sorted(extra)}")
+    return bad
+
+
+def test_no_module_level_mutable_hooks():
+    """State that changes behaviour is passed explicitly (e.g. lock-step's FusedText service, set on the backbone
+    object it serves), never stored in a module-level hook another module rebinds (issue 22)."""
+    modules = _modules()
+    bad = [b for name, path in modules.items() for b in _hook_writes(name, path, modules)]
+    assert not bad, "module-level hooks:\n" + "\n".join(bad)
+
+
+def test_the_hook_checker_sees_a_hook(tmp_path):
+    mod = tmp_path / "x.py"
+    mod.write_text("from . import prompts\n\ndef f():\n    global HOOK\n    prompts.ENCODE_HOOK = f\n    HOOK = 1\n")
+    found = _hook_writes("fedlit.x", mod, {**_modules(), "fedlit.x": mod})
+    assert any("assigns prompts.ENCODE_HOOK" in b for b in found) and any("['HOOK']" in b for b in found)

@@ -75,6 +75,9 @@ class FrozenCLIP(nn.Module):
     #: context (:mod:`fedlit.backbones.shared_prefix`); ``plain``: one full pass per (context, class) prompt.
     #: Both truncate at the batch's last EOT. Set per run by the ``backbone.text_path`` option.
     text_path: str = "shared_prefix"
+    #: While clients train in lock-step: the :class:`fedlit.text_batch.FusedText` service that answers the text passes
+    #: of its own worker threads (set and cleared by the service itself); ``None`` otherwise.
+    text_service = None
 
     def __init__(self, model: nn.Module, tokenizer, name: str, preprocess_cfg: dict | None = None):
         super().__init__()
