@@ -34,7 +34,7 @@ from .heap import release_free_memory
 from .local_training import LocalRun, train_alone, train_lockstep
 from .progress import Progress
 from .methods.base import FedMethod, Update
-from .metrics import harmonic_mean
+from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values, statistic_of
 from .rounds import ClientState, RoundProtocol, shard
 from .steps import make_stepper
 from .trainer import FedTrainer
@@ -83,6 +83,7 @@ class Orchestrator:
         self.protocol = RoundProtocol(method, trainer, seed, [c.num_samples for c in federation.clients], shared,
                                       verbose=fabric.global_rank == 0)
         self.history: list[dict] = []
+        self.best_eval: dict = {}  # the evaluation of the best mean Local so far (ties: the later), all its clients
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
         self.stepper = make_stepper(self)  # trainer.sync=step: step-synchronous FedSGD rounds (fedlit.steps)
@@ -146,7 +147,8 @@ class Orchestrator:
                                       **(self.stepper.state() if self.stepper else {})},
                               bank=self.protocol.bank, history=self.history,
                               identity=self.meta.get("identity", {}),
-                              extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
+                              extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes,
+                                     "best_metrics": _jsonable(self.best_eval)})
         ckpt.save(self.run_dir / ckpt.NAME, state)
 
     def restore(self, state: ckpt.RunState) -> int:
@@ -166,6 +168,7 @@ class Orchestrator:
         self.protocol.bank = {int(c): dict(t) for c, t in state.bank.items()}
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
+        self.best_eval = dict(state.extra.get("best_metrics") or {})
         return state.round
 
     # ------------------------------------------------------------------------------------ one client
@@ -263,6 +266,9 @@ class Orchestrator:
         out = {"round": rnd + 1, "mean": mean, "per_client": per_client}
         if per_group:
             out["per_group"] = per_group
+        key = "local" if "local" in mean else "hm"  # as fedlit.metrics.history_statistics picks the best round
+        if not self.best_eval or mean.get(key, float("nan")) >= self.best_eval["mean"].get(key, float("-inf")):
+            self.best_eval = out
         return out
 
     def load_client_model(self, cid: int | None) -> None:
@@ -329,15 +335,24 @@ class Orchestrator:
                          "method_args": args, "trainer": settings})
 
     def finish(self, metrics: dict, wall: float) -> dict:
+        """``results.json``: ``final`` = the ``selection`` statistic of the history (``trainer.statistic``; every
+        statistic under ``statistics``); ``per_client`` / ``per_group`` of the round ``final`` comes from
+        (``per_client_round``; the last round for ``max`` / ``last5_mean``, which no single round holds)."""
+        stats = history_statistics(self.history)
+        selection = statistic_of(self.method.name, self.cfg.statistic)
+        chosen = self.best_eval if selection == "best_local" and self.best_eval else metrics
         results = {
             **self.meta,
             "method": self.method.name,
             "seed": self.seed,
             "run_dir": str(self.run_dir),
-            "selection": "last_round",  # "final" is the last round's model (never a test-set-selected best)
-            "final": metrics.get("mean", {}),
-            "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
-            "per_group": metrics.get("per_group", {}),
+            "selection": selection,
+            "final": selected_values(stats, selection) or metrics.get("mean", {}),
+            "final_round": stats.get(selection, {}).get("round"),
+            "statistics": stats,
+            "per_client_round": chosen.get("round"),
+            "per_client": {str(c): r for c, r in sorted(chosen.get("per_client", {}).items(), key=lambda cr: int(cr[0]))},
+            "per_group": chosen.get("per_group", {}),
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
@@ -361,9 +376,23 @@ def _jsonable(metrics: dict) -> dict:
 
 
 def format_final(results: dict) -> str:
-    f = results.get("final", {})
-    parts = [f"{k.capitalize() if k != 'hm' else 'HM'} {f[k]:.2f}" for k in ("local", "base", "novel", "hm") if k in f]
-    return f"{results.get('method')}: " + "  ".join(parts) if parts else "no evaluation"
+    """``method: Local … Base … Novel … HM …`` of ``final``; where that is not the last round, the statistic named
+    and the last round's values beside it."""
+    def values(f: dict) -> str:
+        return "  ".join(f"{k.capitalize() if k != 'hm' else 'HM'} {f[k]:.2f}"
+                         for k in ("local", "base", "novel", "hm") if k in f)
+
+    f, sel = results.get("final", {}), results.get("selection", "last_round")
+    if not values(f):
+        return "no evaluation"
+    line = f"{results.get('method')}: {values(f)}"
+    last = (results.get("statistics") or {}).get("last_round")
+    if sel != "last_round" and last:
+        where = f" {results['final_round']}" if results.get("final_round") else ""
+        same = results.get("final_round") == last["round"]
+        line += (f"  ({STATISTIC_LABELS.get(sel, sel)}{where} = the last)" if same else
+                 f"  ({STATISTIC_LABELS.get(sel, sel)}{where}; last round {last['round']}: {values(last)})")
+    return line
 
 
 __all__ = ["Orchestrator", "format_final"]

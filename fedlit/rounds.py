@@ -168,7 +168,8 @@ class RoundProtocol:
 
     def eval_due(self, rnd: int) -> bool:
         c = self.cfg
-        return (rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or not self.method.trainable
+        return ((rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or rnd >= c.rounds - c.eval_last
+                or not self.method.trainable)
 
     def checkpoint_due(self, rnd: int) -> bool:
         c = self.cfg

@@ -115,7 +115,7 @@ def test_quickstart_promptfl_beats_zeroshot_by_5_points_and_writes_outputs(tmp_p
         assert f"eval_client/{k}/client_000" in tags
     assert "train/loss" in tags and "comm/bytes_up" in tags
     final_tb = dict(tags["eval/local"])[10]
-    assert final_tb == pytest.approx(pf["final"]["local"], abs=1e-3)
+    assert final_tb == pytest.approx(pf["statistics"]["last_round"]["local"], abs=1e-3)
 
 
 def test_same_seed_same_numbers_and_coop_keeps_personal_state(tmp_path):
