@@ -1,0 +1,99 @@
+"""Reports group by config (issue 26 items 1, 4): `fedlit summarize` and `fedlit plot` never merge runs of
+different configs, show the keys that differ, label the reported statistic with the last round beside it, and
+never let a domain run replace a single-dataset run or overwrite another run's figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from fedlit.apps.summarize import find_runs, summarize, summarize_runs
+from fedlit.metrics import harmonic_mean
+from fedlit.settings import inapplicable, report_config
+
+CONFIG = {"seed": 1, "out_dir": "x", "backbone": {"name": "fedlit-toy", "pretrained": "default"},
+          "data": {"dataset": "shapes-dark", "shots": 16, "num_clients": 6, "partition": "disjoint", "beta": 0.3,
+                   "classes_per_client": 20, "root": None},
+          "method": {"class_path": "fedlit.methods.FedPGP", "init_args": {"n_ctx": 16, "lr": 0.001}},
+          "trainer": {"rounds": 10, "eval_every": 1, "devices": 1, "progress": False, "statistic": "method"}}
+
+
+def _run(root, name, seed, final, config=None, last=None, selection="best_local", final_round=7, **extra):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = json.loads(json.dumps(config or CONFIG))
+    cfg["seed"], cfg["out_dir"] = seed, str(d)
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    final = {**final, "hm": harmonic_mean(list(final.values()))}
+    last = last or final
+    res = {"method": "fedpgp", "dataset": cfg["data"]["dataset"], "backbone": "fedlit-toy", "seed": seed,
+           "selection": selection, "final": final, "final_round": final_round,
+           "statistics": {"last_round": {"round": 10, **last}}, "per_client": {"0": final, "1": final},
+           "history": [{"round": r, **final} for r in range(1, 11)], **extra}
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def _other(**changes):
+    cfg = json.loads(json.dumps(CONFIG))
+    for key, value in changes.items():
+        section, k = key.split("__")
+        (cfg[section]["init_args"] if section == "method" else cfg[section])[k] = value
+    return cfg
+
+
+def test_settings_that_do_not_apply_are_neither_keys_nor_columns():
+    assert inapplicable({"partition": "disjoint"}) == {"beta", "min_samples", "classes_per_client"}
+    assert "beta" not in inapplicable({"partition": "dirichlet"})
+    flat = report_config(CONFIG)
+    assert flat["trainer.rounds"] == 10 and flat["method.n_ctx"] == 16  # rounds change a report's numbers
+    assert not {"data.beta", "data.classes_per_client", "seed", "trainer.devices", "data.root"} & set(flat)
+    assert report_config(_other(data__beta=0.5)) == flat  # β of a disjoint partition changes nothing
+
+
+def test_two_configs_of_one_method_and_dataset_are_two_rows_with_the_differing_keys(tmp_path):
+    a = [_run(tmp_path, f"a{s}", s, {"local": 30.0 + s, "base": 30.0, "novel": 20.0}) for s in (1, 2)]
+    b = _run(tmp_path, "b1", 1, {"local": 50.0, "base": 40.0, "novel": 30.0},
+             config=_other(trainer__rounds=20, method__n_ctx=4))
+    md, rows, written = summarize([tmp_path], out=tmp_path / "t", paper="none")
+    assert len(rows) == 2, md  # never one average over the two configs
+    by = {r.settings["trainer.rounds"]: r for r in rows}
+    assert set(by) == {"10", "20"} and by["10"].settings["method.n_ctx"] == "16"
+    assert by["10"].seeds == [1, 2] and by["10"].mean["local"] == pytest.approx(31.5)
+    assert by["20"].seeds == [1] and by["20"].mean["local"] == 50.0
+    head = md.splitlines()[0]
+    assert "method.n_ctx" in head and "trainer.rounds" in head  # the differing keys are columns
+    with open(written[1]) as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["trainer.rounds"] for r in table) == ["10", "20"] and len({r["config_key"] for r in table}) == 2
+
+
+def test_a_domain_run_never_replaces_a_single_dataset_run(tmp_path):
+    _run(tmp_path, "single", 1, {"local": 35.03, "base": 34.07, "novel": 30.14})
+    domains = ["shapes-dark", "shapes-noisy"]
+    cfg = _other(data__partition="domain", data__num_clients=2)
+    cfg["data"]["dataset"] = domains
+    _run(tmp_path, "domains", 1, {"local": 20.0, "novel": 29.0}, config=cfg,
+         per_group={"shapes-dark": {"local": 21.61, "novel": 29.77}, "shapes-noisy": {"local": 18.0, "novel": 28.0}})
+    rows = [r for r in summarize_runs(find_runs([tmp_path]), paper="none") if r.dataset == "shapes-dark"]
+    assert sorted(r.mean["local"] for r in rows) == [21.61, 35.03]  # two rows: the single run is still there
+    single = next(r for r in rows if r.mean["local"] == 35.03)
+    assert single.settings["data.partition"] == "disjoint" and single.mean["novel"] == 30.14
+
+
+def test_the_reported_statistic_is_labelled_with_the_last_round_beside_it(tmp_path):
+    _run(tmp_path, "r", 1, {"local": 40.0, "base": 30.0, "novel": 20.0}, final_round=7,
+         last={"local": 38.0, "base": 29.0, "novel": 19.0})
+    md, rows, written = summarize([tmp_path], out=tmp_path / "t", paper="fedpgp-table1",
+                                  aliases={"shapes-dark": "oxford_pets"})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| FedPGP"))
+    assert "best-Local round 7" in line and "| 40.00 |" in line
+    assert "38.00 / 29.00 / 19.00 / " in line  # the last round beside it
+    assert "Last round" in md.splitlines()[0]
+    with open(written[1]) as f:
+        row = next(csv.DictReader(f))
+    assert row["statistic"] == "best-Local round" and row["statistic_rounds"] == "7"
+    assert row["last_local"] == "38.0000" and row["comparable_with_paper"] == "no"  # a stand-in dataset, the toy
