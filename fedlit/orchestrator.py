@@ -259,9 +259,13 @@ class Orchestrator:
         scalars = {f"eval/{k}": v for k, v in mean.items()}
         for g, res in per_group.items():
             scalars.update({f"eval_group/{k}/{g}": v for k, v in res.items()})
+        reference = dict(scalars)
         for cid, res in sorted(per_client.items()):
             scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
         self._log(scalars, rnd + 1)
+        if not self.method.trainable:  # one evaluation (zero-shot): a flat reference line over the rounds, as in plot
+            for step in range(rnd + 2, self.cfg.rounds + 1):
+                self._log(reference, step)
         self._log_figure(per_client, rnd + 1)
         out = {"round": rnd + 1, "mean": mean, "per_client": per_client}
         if per_group:
@@ -308,16 +312,26 @@ class Orchestrator:
         if self.logger is None:
             return
         try:
-            fig = per_client_figure(per_client, f"{self.method.name}, round {step}")
+            fig = per_client_figure(per_client, f"{self.method.name}, round {step}", names=self.client_groups())
         except FedlitError:  # matplotlib missing: scalars only
             return
         self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
+    def client_groups(self) -> dict[str, str]:
+        """Each client's domain / dataset in a run of several (figure labels), {} in a run of one."""
+        groups = {str(c.cid): c.group for c in self.fed.clients}
+        return groups if len(set(groups.values())) > 1 else {}
+
     def hparams(self) -> dict[str, int | float | str | bool]:
-        """Flat scalars/strings for TensorBoard's HParams view: run meta (dataset, backbone, the ``data:`` settings
-        as ``data/…`` when the run was built from a config, ``identity/config_digest``), the method's constructor
-        arguments (``method_args/…``) and the trainer settings (``trainer/…``)."""
+        """Flat scalars/strings for TensorBoard's HParams view, only what tells runs apart: method, dataset,
+        backbone, seed, the ``data:`` settings that apply to this run (``data/…``: no Dirichlet β under a disjoint
+        partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
+        method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
+        (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
+        :data:`fedlit.settings.NOT_NUMBERS`) and ``identity/…`` (config digest, backbone weights)."""
         import inspect
+
+        from .settings import NOT_NUMBERS, inapplicable
 
         def flat(prefix: str, obj) -> dict:
             if isinstance(obj, dict):
@@ -328,9 +342,12 @@ class Orchestrator:
 
         init = inspect.signature(type(self.method).__init__).parameters
         args = {p: getattr(self.method, p) for p in init if p != "self" and hasattr(self.method, p)}
-        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_")}
+        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_") and f"trainer.{k}" not in NOT_NUMBERS}
         meta = dict(self.meta)  # identity/… only where it adds something (config digest, backbone weights)
         meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
+        if isinstance(meta.get("data"), dict):
+            unused = inapplicable(meta["data"]) | {"root"}
+            meta["data"] = {k: v for k, v in meta["data"].items() if k not in unused}
         return flat("", {"method": self.method.name, "seed": self.seed, **meta,
                          "method_args": args, "trainer": settings})
 
@@ -353,6 +370,7 @@ class Orchestrator:
             "per_client_round": chosen.get("round"),
             "per_client": {str(c): r for c, r in sorted(chosen.get("per_client", {}).items(), key=lambda cr: int(cr[0]))},
             "per_group": chosen.get("per_group", {}),
+            "client_groups": self.client_groups(),
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,

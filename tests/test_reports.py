@@ -97,3 +97,50 @@ def test_the_reported_statistic_is_labelled_with_the_last_round_beside_it(tmp_pa
         row = next(csv.DictReader(f))
     assert row["statistic"] == "best-Local round" and row["statistic_rounds"] == "7"
     assert row["last_local"] == "38.0000" and row["comparable_with_paper"] == "no"  # a stand-in dataset, the toy
+
+
+# ------------------------------------------------------------------------------- figures
+def _plot_runs(tmp_path):
+    _run(tmp_path, "a1", 1, {"local": 30.0, "base": 30.0, "novel": 20.0})
+    _run(tmp_path, "b1", 1, {"local": 50.0, "base": 40.0, "novel": 30.0}, config=_other(trainer__rounds=20))
+    return find_runs([tmp_path])
+
+
+def test_two_configs_give_two_groups_and_two_figures_that_never_overwrite(tmp_path):
+    from fedlit.apps.plot import group_runs, plot_runs
+
+    groups = group_runs(_plot_runs(tmp_path / "runs"))
+    assert sorted(g.label for g in groups) == ["FedPGP · rounds=10", "FedPGP · rounds=20"]
+    written = plot_runs([tmp_path / "runs"], tmp_path / "fig", formats=("png",))
+    per_client = sorted(p.name for p in written if p.name.startswith("per_client_"))
+    assert len(per_client) == 2 and all(n.startswith("per_client_fedpgp_shapes-dark_") for n in per_client)
+
+
+def test_bars_start_at_zero_with_values_and_the_legend_is_inside_the_figure(tmp_path):
+    from fedlit.apps.plot import accuracy_figure, group_runs, methods_figure
+    from fedlit.figures import per_client_figure
+
+    groups = group_runs(_plot_runs(tmp_path))
+    fig = methods_figure(groups)
+    for ax in fig.axes:
+        assert ax.get_xlim()[0] == 0.0  # bars are read by their length
+        assert any(t.get_text() == "50.0" for t in ax.texts) or ax.get_title() != "Local"  # value labels
+    fig = per_client_figure({"0": {"local": 70.0, "base": 60.0}, "1": {"local": 75.0, "base": 65.0}},
+                            names={"0": "shapes-dark", "1": "shapes-noisy"})
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0.0 and "70.0" in [t.get_text() for t in ax.texts]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0\nshapes-dark", "1\nshapes-noisy"]  # by domain
+    for f in (fig, accuracy_figure(groups)):
+        f.canvas.draw()
+        legend = f.legends[0].get_window_extent()
+        assert legend.y0 >= 0 and legend.x0 >= 0 and legend.x1 <= f.bbox.width  # inside the canvas
+        assert all(legend.y1 <= a.get_tightbbox().y0 + 1 for a in f.axes)  # under the panels, overlapping none
+
+
+def test_the_mean_curve_of_runs_of_different_lengths_is_not_cut_to_the_shortest():
+    from fedlit.apps.plot import Group
+
+    runs = [{"history": [{"round": r, "local": 10.0 * r} for r in range(1, 4)]},
+            {"history": [{"round": r, "local": 10.0 * r + 2} for r in range(1, 6)]}]
+    rounds, mean, std = Group("promptfl", "d", "b", runs).curve("local")
+    assert rounds == [1, 2, 3, 4, 5] and mean == [11.0, 21.0, 31.0, 42.0, 52.0] and std[-1] == 0.0

@@ -128,7 +128,7 @@ def expand_groups(runs: Sequence[Mapping]) -> list[dict]:
         r = {**r, "dataset": "+".join(ds) if isinstance(ds, list) else str(ds)}
         out.append(r)
         for g, res in (r.get("per_group") or {}).items():  # one group's numbers: no overall last-round values
-            out.append({**r, "dataset": g, "final": res, "statistics": {}})
+            out.append({**r, "dataset": g, "final": res, "statistics": {}, "_part_of": r["dataset"]})
     return out
 
 
