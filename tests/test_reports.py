@@ -144,3 +144,27 @@ def test_the_mean_curve_of_runs_of_different_lengths_is_not_cut_to_the_shortest(
             {"history": [{"round": r, "local": 10.0 * r + 2} for r in range(1, 6)]}]
     rounds, mean, std = Group("promptfl", "d", "b", runs).curve("local")
     assert rounds == [1, 2, 3, 4, 5] and mean == [11.0, 21.0, 31.0, 42.0, 52.0] and std[-1] == 0.0
+
+
+def test_table1_explains_itself_footnotes_bibtex_and_the_comparable_flag_in_the_csv(tmp_path):
+    from fedlit.apps.table1 import write_table
+
+    root = tmp_path / "table1" / "fedlit-toy"
+    for method in ("promptfl", "fedprox", "fedotp"):
+        d = root / method / "oxford_pets" / "seed1"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({
+            "method": method, "dataset": "shapes-dark", "backbone": "fedlit-toy", "seed": 1,
+            "selection": "best_local", "final_round": 2, "final": {"local": 30.0, "base": 30.0, "novel": 20.0},
+            "statistics": {"last_round": {"round": 2, "local": 29.0, "base": 29.0, "novel": 19.0}}}))
+    md_path, csv_path = write_table("fedlit-toy", tmp_path, quiet=True)
+    md = md_path.read_text()
+    assert "| Prompt+Prox¹ |" in md and "| FedOTP² |" in md and "| PromptFL |" in md  # marks on the rows
+    assert "¹ Prompt+Prox: its proximal term is computed on detached tensors in the official code" in md
+    assert "paper's rows differ" in md and "² FedOTP: far below the others" in md
+    assert "@inproceedings{cui2024fedpgp," in md and "Harmonizing Generalization and Personalization" in md
+    assert "best-Local round 2" in md and "29.00 / 29.00 / 19.00" in md  # the paper's statistic, last round beside
+    with open(csv_path) as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert {r["comparable_with_paper"] for r in rows.values()} == {"no"}  # the toy: flagged in the CSV too
+    assert rows["fedprox"]["footnote"].startswith("its proximal term") and rows["promptfl"]["footnote"] == ""

@@ -320,7 +320,20 @@ def _last_cell(r: Row) -> str:
     return " / ".join(_fmt(r.last.get(k)) for k in COLUMNS if k in r.last) or "—"
 
 
-def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[str] = ()) -> str:
+MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
+
+
+def footnote_marks(rows: Sequence[Row], footnotes: Mapping[str, str]) -> dict[str, str]:
+    """Method → its footnote mark, for the methods of ``footnotes`` that have a row, in row order."""
+    order = list(dict.fromkeys(r.method for r in rows if r.method in footnotes))
+    return {m: MARKS[i % len(MARKS)] for i, m in enumerate(order)}
+
+
+def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[str] = (),
+                footnotes: Mapping[str, str] | None = None) -> str:
+    """The table; ``footnotes``: method → a note, marked on that method's rows and written under the table."""
+    footnotes = dict(footnotes or {})
+    marks = footnote_marks(rows, footnotes)
     with_paper = any(r.paper for r in rows)
     extra = setting_columns(rows)
     head = ["Method", "Dataset", "Backbone", *extra, "Seeds", "Statistic"]
@@ -333,7 +346,8 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * fixed + ["---:"] * (len(head) - fixed)) + "|"]
     for r in rows:
         stat = f"{r.statistic} {r.rounds}".strip() if r.statistic else "—"
-        cells = [_label_method(r.method), _label_dataset(r), r.backbone, *(r.settings.get(k, "") for k in extra),
+        cells = [_label_method(r.method) + marks.get(r.method, ""), _label_dataset(r), r.backbone,
+                 *(r.settings.get(k, "") for k in extra),
                  str(len(r.seeds)), stat]
         for k in COLUMNS:
             if r.status != "ok":
@@ -359,17 +373,18 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
     used = sorted({r.paper_name for r in rows if r.paper_name})
     if used:
         foot.append("paper = " + " ".join(PAPERS[p] for p in used) + " Δ = ours − paper.")
-    return "\n".join(lines) + "\n" + "\n\n".join([*foot, *notes]) + "\n"
+    marked = [f"{marks[m]} {_label_method(m)}: {footnotes[m]}" for m in marks]
+    return "\n".join(lines) + "\n" + "\n\n".join([*marked, *foot, *notes]) + "\n"
 
 
-def write_csv(rows: Sequence[Row], path: Path) -> None:
+def write_csv(rows: Sequence[Row], path: Path, footnotes: Mapping[str, str] | None = None) -> None:
     extra = setting_columns(rows)
     fields = ["method", "dataset", "paper_dataset", "backbone", *extra, "n_seeds", "seeds", "status", "statistic",
               "statistic_rounds"]
     for k in COLUMNS:
         fields += [f"{k}_mean", f"{k}_std", f"{k}_paper", f"{k}_diff"]
     fields += [f"last_{k}" for k in COLUMNS]
-    fields += ["paper", "comparable_with_paper", "config_key"]
+    fields += ["paper", "comparable_with_paper", "config_key", "footnote"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -378,6 +393,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                  "n_seeds": len(r.seeds), "seeds": " ".join(map(str, r.seeds)), "status": r.status,
                  "paper": r.paper_name, "statistic": r.statistic, "statistic_rounds": r.rounds,
                  "comparable_with_paper": _comparable(r) if r.paper_name else "", "config_key": r.key,
+                 "footnote": (footnotes or {}).get(r.method, ""),
                  **{k: r.settings.get(k, "") for k in extra}}
             diff = r.diff
             for k in COLUMNS:
@@ -400,7 +416,8 @@ def _csv(v: float | None) -> str:
 
 def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary", paper: str = "auto",
               aliases: Mapping[str, str] | None = None, title: str | None = None, notes: Sequence[str] = (),
-              failed: Sequence[Mapping] = (), warn=None) -> tuple[str, list[Row], list[Path]]:
+              failed: Sequence[Mapping] = (), warn=None, footnotes: Mapping[str, str] | None = None
+              ) -> tuple[str, list[Row], list[Path]]:
     """Read the runs, build the rows, write ``<out>.md`` and ``<out>.csv`` (unless ``out`` is None).
 
     Returns (markdown, rows, written paths). No finished run at all (and nothing failed) → FedlitError.
@@ -411,7 +428,7 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary"
         raise FedlitError(f"no finished run (results.json) in {', '.join(map(str, run_dirs))}; "
                           "pass run directories written by `fedlit fit`")
     rows = summarize_runs(runs, paper=paper, aliases=aliases, failed=failed, warn=warn)
-    md = to_markdown(rows, title=title, notes=notes)
+    md = to_markdown(rows, title=title, notes=notes, footnotes=footnotes)
     written = []
     if out is not None:
         prefix = Path(out)
@@ -421,7 +438,7 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path | None = "summary"
             prefix.parent.mkdir(parents=True, exist_ok=True)
             md_path, csv_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv")
             md_path.write_text(md)
-            write_csv(rows, csv_path)
+            write_csv(rows, csv_path, footnotes)
         except OSError as e:
             raise FedlitError(f"cannot write the table to {prefix}.md/.csv ({e.strerror}); "
                               "choose another --out") from None
