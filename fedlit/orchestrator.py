@@ -297,8 +297,8 @@ class Orchestrator:
     def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> float:
         """The round's scalars to TensorBoard; returns its mean training loss."""
         scalars = self.protocol.round_scalars(selected, updates, self.stepper.steps_per_round if self.stepper else 1)
-        self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
-        scalars["comm/cumulative_bytes"] = self.cumulative_bytes
+        self.cumulative_bytes += scalars["transfer/bytes_up"] + scalars["transfer/bytes_down"]
+        scalars["transfer/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok and u.steps})
         self._log(scalars, rnd + 1)
         return scalars["train/loss"]

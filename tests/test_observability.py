@@ -104,7 +104,7 @@ def test_tensorboard_server_shows_round_metrics_comm_bytes_and_figure(runs):
             assert [s for s, _ in got] == [1, 2]
             want = [h[metric] for h in results["history"]]
             assert [v for _, v in got] == pytest.approx(want, abs=1e-4)
-        up, down, cum = series("comm/bytes_up"), series("comm/bytes_down"), series("comm/cumulative_bytes")
+        up, down, cum = series("transfer/bytes_up"), series("transfer/bytes_down"), series("transfer/cumulative_bytes")
         # PromptFL: 4 context vectors × width 128, fp32, to/from each of the 4 clients, every round
         per_client = 4 * 128 * 4
         assert [v for _, v in up] == [4 * per_client] * 2 and [v for _, v in down] == [4 * per_client] * 2
@@ -138,6 +138,8 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
 
     ea = EventAccumulator(str(runs["promptfl"] / "tensorboard"))
     ea.Reload()
+    groups = sorted({t.split("/")[0] for t in ea.Tags()["scalars"]})  # TensorBoard sorts tag groups by name
+    assert groups[0] == "eval" and groups.index("transfer") > groups.index("train")  # the story first
     plugin = ea.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugin and b"method_args/n_ctx" in plugin["_hparams_/experiment"]
 
