@@ -405,7 +405,7 @@ def format_final(results: dict) -> str:
         return "no evaluation"
     line = f"{results.get('method')}: {values(f)}"
     last = (results.get("statistics") or {}).get("last_round")
-    if sel != "last_round" and last:
+    if sel != "last_round" and last and len(results.get("history") or []) > 1:  # zero-shot: one evaluation
         where = f" {results['final_round']}" if results.get("final_round") else ""
         same = results.get("final_round") == last["round"]
         line += (f"  ({STATISTIC_LABELS.get(sel, sel)}{where} = the last)" if same else

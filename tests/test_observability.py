@@ -144,6 +144,15 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
     assert "_hparams_/experiment" in plugin and b"method_args/n_ctx" in plugin["_hparams_/experiment"]
 
 
+def test_zero_shot_is_a_reference_line_over_the_rounds_in_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(runs["zeroshot"] / "tensorboard"))
+    ea.Reload()
+    points = [(e.step, e.value) for e in ea.Scalars("eval/local")]
+    assert [p[0] for p in points] == [1, 2] and points[0][1] == points[1][1]  # one evaluation, drawn over 2 rounds
+
+
 def test_a_fit_logs_its_data_settings_as_hparams(tmp_path):
     from fedlit.experiment import build, fit_parser, parse_fit
 

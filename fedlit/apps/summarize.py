@@ -154,7 +154,8 @@ def paper_for(method: str, dataset: str, paper: str = "auto") -> tuple[dict[str,
 
 def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mapping[str, str] | None = None,
                    failed: Sequence[Mapping] = (), warn=_warn) -> list[Row]:
-    """Rows of the table: one per (method, dataset, backbone), then an Average row per (method, backbone).
+    """Rows of the table: one per (method, dataset, backbone, report config — runs of different configs are
+    never averaged), then an Average row per (method, backbone, config but the dataset).
 
     ``aliases`` maps a run's dataset to the dataset whose paper numbers it stands in for (the embedded
     benchmark: ``{"shapes-dark": "oxford_pets", …}``). ``failed``: grid cells that did not finish
