@@ -14,6 +14,7 @@ Accuracies are top-1, micro-averaged (``correct / total``, Dassl's), computed wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -38,3 +39,75 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in vals):
         return 0.0
     return len(vals) / sum(1.0 / v for v in vals)
+
+
+# ------------------------------------------------------------------------------------------ reported statistics
+#: Statistics of a run's evaluation history that the papers report (``results.json`` ``statistics``):
+#: ``last_round`` the last evaluation; ``best_local`` the evaluated round with the highest mean Local accuracy
+#: (ties: the later round, FedPGP's ``>=``) with that round's Base / Novel / HM; ``max`` each metric's maximum over
+#: the evaluated rounds; ``last5_mean`` (± ``last5_std``, population std as ``np.std``) the last 5 evaluations.
+STATISTICS = ("last_round", "best_local", "max", "last5_mean")
+
+#: What each method's paper table reports (``trainer.statistic: method``); methods not listed: ``last_round``.
+#: - FedPGP Table 1 (every row ran in FedPGP's code): the per-round mean Local is tracked and ``save.pt`` written
+#:   at the best-Local round (TianyuCuiOvO/FedPGP@d43045b federated_main.py:420-421), and Base / Novel are
+#:   evaluated from that checkpoint (scripts/test_base.sh, test_new.sh @ba16025) → ``best_local``.
+#: - pFedMMA: ``fedadapter_best.pt`` at the best mean Local, Base/Novel from it (scripts/base2new.sh) → ``best_local``.
+#: - IVLP (FedMGP's baselines): the test scripts load ``best_model.pt``, the best-Local round → ``best_local``.
+#: - FedTPG: ``--eval-only --load-epoch 500``, the final checkpoint (boschresearch/FedTPG Launch_FL.py) → last.
+#: - pFedPG / FedVPT / LocalVPT: no released code; the paper's method, the last round.
+PAPER_STATISTIC = {m: "best_local" for m in ("zeroshot", "coop", "promptfl", "fedprox", "fedmaple", "fedcocoop",
+                                             "fedotp", "fedpgp", "pfedmma", "ivlp")}
+STATISTIC_LABELS = {"last_round": "last round", "best_local": "best-Local round", "max": "max over rounds",
+                    "last5_mean": "mean of the last 5 evaluations"}
+
+
+def statistic_of(method: str, setting: str = "method") -> str:
+    """The statistic a run reports as ``final``: ``setting`` unless it is ``method`` (then the paper's)."""
+    return PAPER_STATISTIC.get(method, "last_round") if setting == "method" else setting
+
+
+def _values(entry: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in entry.items() if k != "round" and isinstance(v, (int, float)) and v == v}
+
+
+def _with_hm(values: dict[str, float]) -> dict[str, float]:
+    out = {k: v for k, v in values.items() if k != "hm"}
+    present = [out[k] for k in ("local", "base", "novel") if k in out]
+    if present:
+        out["hm"] = harmonic_mean(present)
+    return out
+
+
+def history_statistics(history: Sequence[dict], last_k: int = 5) -> dict:
+    """Every statistic of :data:`STATISTICS` from a run's history (one ``{"round", metric: value}`` per
+    evaluation, the means over clients). ``max`` and ``last5_mean`` hold each metric's own maximum / mean, their
+    ``hm`` the harmonic mean of those Local / Base / Novel (the papers' convention for averaged rows);
+    ``last5_std`` the population std of each metric (``hm``: of the per-round HMs) over ``last5_rounds``."""
+    evals = [h for h in history if _values(h)]
+    if not evals:
+        return {}
+    keys = sorted({k for h in evals for k in _values(h)})
+    series = {k: [(h["round"], _values(h)[k]) for h in evals if k in _values(h)] for k in keys}
+    key = "local" if "local" in series else ("hm" if "hm" in series else keys[0])
+    best = max(enumerate(evals), key=lambda ih: (_values(ih[1]).get(key, float("-inf")), ih[0]))[1]
+    tail = evals[-last_k:]
+    mean, std = {}, {}
+    for k in keys:
+        vals = [_values(h)[k] for h in tail if k in _values(h)]
+        if vals:
+            m = sum(vals) / len(vals)
+            mean[k], std[k] = m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    return {
+        "last_round": {"round": evals[-1]["round"], **_values(evals[-1])},
+        "best_local": {"round": best["round"], **_values(best)},
+        "max": _with_hm({k: max(v for _, v in s) for k, s in series.items()}),
+        "last5_mean": _with_hm(mean),
+        "last5_std": std,
+        "last5_rounds": [h["round"] for h in tail],
+    }
+
+
+def selected_values(statistics: dict, selection: str) -> dict[str, float]:
+    """The metric values (no ``round``) of one statistic of :func:`history_statistics`."""
+    return {k: v for k, v in statistics.get(selection, {}).items() if k != "round"}

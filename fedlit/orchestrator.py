@@ -34,7 +34,7 @@ from .heap import release_free_memory
 from .local_training import LocalRun, train_alone, train_lockstep
 from .progress import Progress
 from .methods.base import FedMethod, Update
-from .metrics import harmonic_mean
+from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values, statistic_of
 from .rounds import ClientState, RoundProtocol, shard
 from .steps import make_stepper
 from .trainer import FedTrainer
@@ -83,6 +83,7 @@ class Orchestrator:
         self.protocol = RoundProtocol(method, trainer, seed, [c.num_samples for c in federation.clients], shared,
                                       verbose=fabric.global_rank == 0)
         self.history: list[dict] = []
+        self.best_eval: dict = {}  # the evaluation of the best mean Local so far (ties: the later), all its clients
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
         self.stepper = make_stepper(self)  # trainer.sync=step: step-synchronous FedSGD rounds (fedlit.steps)
@@ -146,7 +147,8 @@ class Orchestrator:
                                       **(self.stepper.state() if self.stepper else {})},
                               bank=self.protocol.bank, history=self.history,
                               identity=self.meta.get("identity", {}),
-                              extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes})
+                              extra={"metrics": _jsonable(metrics), "cumulative_bytes": self.cumulative_bytes,
+                                     "best_metrics": _jsonable(self.best_eval)})
         ckpt.save(self.run_dir / ckpt.NAME, state)
 
     def restore(self, state: ckpt.RunState) -> int:
@@ -166,6 +168,7 @@ class Orchestrator:
         self.protocol.bank = {int(c): dict(t) for c, t in state.bank.items()}
         self.history = list(state.history)
         self.cumulative_bytes = int(state.extra.get("cumulative_bytes", 0))
+        self.best_eval = dict(state.extra.get("best_metrics") or {})
         return state.round
 
     # ------------------------------------------------------------------------------------ one client
@@ -256,13 +259,20 @@ class Orchestrator:
         scalars = {f"eval/{k}": v for k, v in mean.items()}
         for g, res in per_group.items():
             scalars.update({f"eval_group/{k}/{g}": v for k, v in res.items()})
+        reference = dict(scalars)
         for cid, res in sorted(per_client.items()):
             scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
         self._log(scalars, rnd + 1)
+        if not self.method.trainable:  # one evaluation (zero-shot): a flat reference line over the rounds, as in plot
+            for step in range(rnd + 2, self.cfg.rounds + 1):
+                self._log(reference, step)
         self._log_figure(per_client, rnd + 1)
         out = {"round": rnd + 1, "mean": mean, "per_client": per_client}
         if per_group:
             out["per_group"] = per_group
+        key = "local" if "local" in mean else "hm"  # as fedlit.metrics.history_statistics picks the best round
+        if not self.best_eval or mean.get(key, float("nan")) >= self.best_eval["mean"].get(key, float("-inf")):
+            self.best_eval = out
         return out
 
     def load_client_model(self, cid: int | None) -> None:
@@ -287,8 +297,8 @@ class Orchestrator:
     def log_round(self, rnd: int, selected: list[int], updates: list[Update]) -> float:
         """The round's scalars to TensorBoard; returns its mean training loss."""
         scalars = self.protocol.round_scalars(selected, updates, self.stepper.steps_per_round if self.stepper else 1)
-        self.cumulative_bytes += scalars["comm/bytes_up"] + scalars["comm/bytes_down"]
-        scalars["comm/cumulative_bytes"] = self.cumulative_bytes
+        self.cumulative_bytes += scalars["transfer/bytes_up"] + scalars["transfer/bytes_down"]
+        scalars["transfer/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok and u.steps})
         self._log(scalars, rnd + 1)
         return scalars["train/loss"]
@@ -302,16 +312,26 @@ class Orchestrator:
         if self.logger is None:
             return
         try:
-            fig = per_client_figure(per_client, f"{self.method.name}, round {step}")
+            fig = per_client_figure(per_client, f"{self.method.name}, round {step}", names=self.client_groups())
         except FedlitError:  # matplotlib missing: scalars only
             return
         self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
+    def client_groups(self) -> dict[str, str]:
+        """Each client's domain / dataset in a run of several (figure labels), {} in a run of one."""
+        groups = {str(c.cid): c.group for c in self.fed.clients}
+        return groups if len(set(groups.values())) > 1 else {}
+
     def hparams(self) -> dict[str, int | float | str | bool]:
-        """Flat scalars/strings for TensorBoard's HParams view: run meta (dataset, backbone, the ``data:`` settings
-        as ``data/…`` when the run was built from a config, ``identity/config_digest``), the method's constructor
-        arguments (``method_args/…``) and the trainer settings (``trainer/…``)."""
+        """Flat scalars/strings for TensorBoard's HParams view, only what tells runs apart: method, dataset,
+        backbone, seed, the ``data:`` settings that apply to this run (``data/…``: no Dirichlet β under a disjoint
+        partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
+        method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
+        (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
+        :data:`fedlit.settings.NOT_NUMBERS`) and ``identity/…`` (config digest, backbone weights)."""
         import inspect
+
+        from .settings import NOT_NUMBERS, inapplicable
 
         def flat(prefix: str, obj) -> dict:
             if isinstance(obj, dict):
@@ -322,22 +342,35 @@ class Orchestrator:
 
         init = inspect.signature(type(self.method).__init__).parameters
         args = {p: getattr(self.method, p) for p in init if p != "self" and hasattr(self.method, p)}
-        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_")}
+        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_") and f"trainer.{k}" not in NOT_NUMBERS}
         meta = dict(self.meta)  # identity/… only where it adds something (config digest, backbone weights)
         meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
+        if isinstance(meta.get("data"), dict):
+            unused = inapplicable(meta["data"]) | {"root"}
+            meta["data"] = {k: v for k, v in meta["data"].items() if k not in unused}
         return flat("", {"method": self.method.name, "seed": self.seed, **meta,
                          "method_args": args, "trainer": settings})
 
     def finish(self, metrics: dict, wall: float) -> dict:
+        """``results.json``: ``final`` = the ``selection`` statistic of the history (``trainer.statistic``; every
+        statistic under ``statistics``); ``per_client`` / ``per_group`` of the round ``final`` comes from
+        (``per_client_round``; the last round for ``max`` / ``last5_mean``, which no single round holds)."""
+        stats = history_statistics(self.history)
+        selection = statistic_of(self.method.name, self.cfg.statistic)
+        chosen = self.best_eval if selection == "best_local" and self.best_eval else metrics
         results = {
             **self.meta,
             "method": self.method.name,
             "seed": self.seed,
             "run_dir": str(self.run_dir),
-            "selection": "last_round",  # "final" is the last round's model (never a test-set-selected best)
-            "final": metrics.get("mean", {}),
-            "per_client": {str(c): r for c, r in sorted(metrics.get("per_client", {}).items())},
-            "per_group": metrics.get("per_group", {}),
+            "selection": selection,
+            "final": selected_values(stats, selection) or metrics.get("mean", {}),
+            "final_round": stats.get(selection, {}).get("round"),
+            "statistics": stats,
+            "per_client_round": chosen.get("round"),
+            "per_client": {str(c): r for c, r in sorted(chosen.get("per_client", {}).items(), key=lambda cr: int(cr[0]))},
+            "per_group": chosen.get("per_group", {}),
+            "client_groups": self.client_groups(),
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
@@ -361,9 +394,23 @@ def _jsonable(metrics: dict) -> dict:
 
 
 def format_final(results: dict) -> str:
-    f = results.get("final", {})
-    parts = [f"{k.capitalize() if k != 'hm' else 'HM'} {f[k]:.2f}" for k in ("local", "base", "novel", "hm") if k in f]
-    return f"{results.get('method')}: " + "  ".join(parts) if parts else "no evaluation"
+    """``method: Local … Base … Novel … HM …`` of ``final``; where that is not the last round, the statistic named
+    and the last round's values beside it."""
+    def values(f: dict) -> str:
+        return "  ".join(f"{k.capitalize() if k != 'hm' else 'HM'} {f[k]:.2f}"
+                         for k in ("local", "base", "novel", "hm") if k in f)
+
+    f, sel = results.get("final", {}), results.get("selection", "last_round")
+    if not values(f):
+        return "no evaluation"
+    line = f"{results.get('method')}: {values(f)}"
+    last = (results.get("statistics") or {}).get("last_round")
+    if sel != "last_round" and last and len(results.get("history") or []) > 1:  # zero-shot: one evaluation
+        where = f" {results['final_round']}" if results.get("final_round") else ""
+        same = results.get("final_round") == last["round"]
+        line += (f"  ({STATISTIC_LABELS.get(sel, sel)}{where} = the last)" if same else
+                 f"  ({STATISTIC_LABELS.get(sel, sel)}{where}; last round {last['round']}: {values(last)})")
+    return line
 
 
 __all__ = ["Orchestrator", "format_final"]

@@ -168,14 +168,15 @@ class RoundProtocol:
 
     def eval_due(self, rnd: int) -> bool:
         c = self.cfg
-        return (rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or not self.method.trainable
+        return ((rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or rnd >= c.rounds - c.eval_last
+                or not self.method.trainable)
 
     def checkpoint_due(self, rnd: int) -> bool:
         c = self.cfg
         return bool(c.checkpoint_every) and ((rnd + 1) % c.checkpoint_every == 0 or rnd == c.rounds - 1)
 
     def round_scalars(self, selected: list[int], updates: list[Update], exchanges: int = 1) -> dict[str, float]:
-        """The round's train/… and comm/… scalars (upload: successful clients; download: every selected one;
+        """The round's train/… and transfer/… scalars (upload: successful clients; download: every selected one;
         ``exchanges`` per round: the steps of a step-synchronous round). The loss is the mean over the clients that
         took a step (Central's data-less clients take none)."""
         ok = [u for u in updates if u.ok]
@@ -188,8 +189,8 @@ class RoundProtocol:
             "train/clients": len(selected),
             "train/failed_clients": len(updates) - len(ok),
             "train/lr": float(np.mean([lr if u.lr is None else u.lr for u in ok])) if ok else lr,
-            "comm/bytes_up": numel * len(ok) * exchanges,
-            "comm/bytes_down": down * exchanges,
+            "transfer/bytes_up": numel * len(ok) * exchanges,
+            "transfer/bytes_down": down * exchanges,
         }
 
 

@@ -65,6 +65,15 @@ class FedTrainer:
             (default) one at a time; ``M`` > 1 groups of M; ``0`` all of the process's clients. A group's text passes
             are one joint pass per step; each client keeps its own tensors, optimiser, data order and step count, so
             the results equal one-at-a-time up to float rounding. Methods that prompt the image tower ignore it.
+        eval_last: also evaluate each of the last K rounds (0: off), whatever ``eval_every`` says — the official
+            FedPGP/FedOTP CIFAR runs evaluate every one of their last 10 rounds (``federated_main.py:355-385``), so
+            the best-Local round and the last-5 mean need them.
+        statistic: which statistic of the evaluation history ``results.json`` reports as ``final``
+            (:data:`fedlit.metrics.STATISTICS`; every one is kept under ``statistics``): ``method`` (default) the
+            one the method's paper table reports (:data:`fedlit.metrics.PAPER_STATISTIC`: ``best_local`` for
+            FedPGP's Table-1 rows, pFedMMA and IVLP, ``last_round`` otherwise); ``last_round``; ``best_local`` (the
+            round of the best mean Local accuracy, with its Base / Novel / HM: a test-set-selected round, as the
+            official code does); ``max``; ``last5_mean``.
     """
 
     def __init__(
@@ -93,6 +102,8 @@ class FedTrainer:
         drop_last: Literal["dassl", "never"] = "dassl",
         sync: Literal["method", "round", "step"] = "method",
         lockstep: int = 1,
+        eval_last: int = 0,
+        statistic: Literal["method", "last_round", "best_local", "max", "last5_mean"] = "method",
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -110,6 +121,9 @@ class FedTrainer:
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
             (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
             (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
+            (eval_last >= 0, f"trainer.eval_last={eval_last}: use 0 (off) or the number of final rounds to evaluate"),
+            (statistic in ("method", "last_round", "best_local", "max", "last5_mean"),
+             f"trainer.statistic={statistic!r}: use 'method', 'last_round', 'best_local', 'max' or 'last5_mean'"),
             (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
                             f"or 0 (all of the process's clients)"),
         ]
@@ -140,6 +154,8 @@ class FedTrainer:
         self.drop_last = drop_last
         self.sync = sync
         self.lockstep = lockstep
+        self.eval_last = eval_last
+        self.statistic = statistic
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""

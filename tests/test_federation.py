@@ -113,9 +113,9 @@ def test_quickstart_promptfl_beats_zeroshot_by_5_points_and_writes_outputs(tmp_p
         steps = [s for s, _ in tags[f"eval/{k}"]]
         assert steps == list(range(1, 11)), (k, steps)
         assert f"eval_client/{k}/client_000" in tags
-    assert "train/loss" in tags and "comm/bytes_up" in tags
+    assert "train/loss" in tags and "transfer/bytes_up" in tags
     final_tb = dict(tags["eval/local"])[10]
-    assert final_tb == pytest.approx(pf["final"]["local"], abs=1e-3)
+    assert final_tb == pytest.approx(pf["statistics"]["last_round"]["local"], abs=1e-3)
 
 
 def test_same_seed_same_numbers_and_coop_keeps_personal_state(tmp_path):
@@ -185,4 +185,4 @@ def test_round_loss_is_the_mean_over_clients_that_took_a_step():
     updates = [Update(0, {}, {}, 4, 1.0, 2), Update(1, {}, {}, 0, float("nan"), 0), Update(2, {}, {}, 4, 3.0, 2)]
     scalars = protocol.round_scalars([0, 1, 2], updates)
     assert scalars["train/loss"] == 2.0 and scalars["train/failed_clients"] == 0
-    assert scalars["comm/bytes_up"] == 3 * 2 * 3 * 4  # every successful client uploads, stepped or not
+    assert scalars["transfer/bytes_up"] == 3 * 2 * 3 * 4  # every successful client uploads, stepped or not

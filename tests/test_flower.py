@@ -77,20 +77,20 @@ def assert_same_run(flower_dir: Path, ref_dir: Path) -> dict:
         assert same(got[key], ref[key]), f"{key}: flower {got[key]} != in-process {ref[key]}"
     s_got, s_ref = scalars(flower_dir), scalars(ref_dir)
     assert s_got.keys() == s_ref.keys()
-    for tag in s_ref:  # train/…, comm/…, eval/…, eval_client/…, train_client/… — bitwise on CPU
+    for tag in s_ref:  # train/…, transfer/…, eval/…, eval_client/…, train_client/… — bitwise on CPU
         assert s_got[tag] == s_ref[tag], tag
     assert (flower_dir / "config.yaml").exists()
     return got
 
 
 def assert_bytes_match(results: dict, ref_dir: Path, shared_keys: dict[str, int]) -> None:
-    """Per round: the tensor bytes of Flower's records = fedlit's comm/bytes_*; Flower's count_bytes() adds
+    """Per round: the tensor bytes of Flower's records = fedlit's transfer/bytes_*; Flower's count_bytes() adds
     exactly one .npy header and the key name per array and client."""
     ref = scalars(ref_dir)
     per_client_overhead = sum(NPY_HEADER + len(k) for k in shared_keys)
     for entry in results["flower"]["rounds"]:
         r = entry["round"]
-        up, down = dict(ref["comm/bytes_up"])[r], dict(ref["comm/bytes_down"])[r]
+        up, down = dict(ref["transfer/bytes_up"])[r], dict(ref["transfer/bytes_down"])[r]
         n_up, n_down = len(entry["clients"]) - len(entry["failed_clients"]), len(entry["clients"])
         assert entry["tensor_bytes_up"] == up and entry["tensor_bytes_down"] == down
         assert entry["bytes_up"] == up + n_up * per_client_overhead
@@ -204,10 +204,10 @@ def test_fedpgp_over_flower_messages_equals_in_process_and_keeps_u_v_on_the_supe
         pid = ctx.node_config["partition-id"]
         assert sorted(ctx.state.array_records) == [f"{fl.PERSONAL_PREFIX}{c}" for c in (pid, pid + 2)]
 
-    # Bytes per round: Flower's records carry exactly fedlit's comm/bytes_up and comm/bytes_down.
+    # Bytes per round: Flower's records carry exactly fedlit's transfer/bytes_up and transfer/bytes_down.
     sigma_bytes = 1 * 16 * 128 * 4  # N × n_ctx × width (fedlit-toy) × float32
     assert_bytes_match(results, ref, {"sigma": sigma_bytes})
-    up = dict(scalars(ref)["comm/bytes_up"])
+    up = dict(scalars(ref)["transfer/bytes_up"])
     assert up == {1: 4 * sigma_bytes, 2: 4 * sigma_bytes}
 
 
@@ -259,7 +259,7 @@ def test_pfedmoap_expert_payloads_travel_to_the_supernodes_and_the_run_equals_in
             assert set(rec.keys()) == {"ctx"}
         for tensors in e["personal"].values():
             assert "gate.q.weight" in tensors and "own_ctx" in tensors
-    down = dict(scalars(ref)["comm/bytes_down"])
+    down = dict(scalars(ref)["transfer/bytes_down"])
     assert [r["tensor_bytes_down"] for r in results["flower"]["rounds"]] == [down[1], down[2]]
     assert down[2] == 4 * down[1]  # p̄ + 3 expert prompts per client
 

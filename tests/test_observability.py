@@ -104,7 +104,7 @@ def test_tensorboard_server_shows_round_metrics_comm_bytes_and_figure(runs):
             assert [s for s, _ in got] == [1, 2]
             want = [h[metric] for h in results["history"]]
             assert [v for _, v in got] == pytest.approx(want, abs=1e-4)
-        up, down, cum = series("comm/bytes_up"), series("comm/bytes_down"), series("comm/cumulative_bytes")
+        up, down, cum = series("transfer/bytes_up"), series("transfer/bytes_down"), series("transfer/cumulative_bytes")
         # PromptFL: 4 context vectors × width 128, fp32, to/from each of the 4 clients, every round
         per_client = 4 * 128 * 4
         assert [v for _, v in up] == [4 * per_client] * 2 and [v for _, v in down] == [4 * per_client] * 2
@@ -130,15 +130,27 @@ def test_hparams_are_flat_scalars_with_method_args_and_trainer_settings(runs):
     hp = runs["resumed"].hparams()
     assert all(isinstance(v, int | float | str | bool) for v in hp.values()), hp
     assert hp["method"] == "promptfl" and hp["method_args/n_ctx"] == 4 and hp["method_args/ctx_init"] == "a photo of a"
-    assert hp["trainer/rounds"] == 2 and hp["trainer/progress"] is False and hp["seed"] == 0
+    assert hp["trainer/rounds"] == 2 and hp["trainer/local_epochs"] == 1 and hp["seed"] == 0
+    assert not {"trainer/progress", "trainer/devices", "trainer/cache_dir"} & set(hp)  # change no number
     assert not {"identity/method", "identity/seed", "identity/dataset"} & set(hp)  # said once, not twice
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(runs["promptfl"] / "tensorboard"))
     ea.Reload()
+    groups = sorted({t.split("/")[0] for t in ea.Tags()["scalars"]})  # TensorBoard sorts tag groups by name
+    assert groups[0] == "eval" and groups.index("transfer") > groups.index("train")  # the story first
     plugin = ea.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugin and b"method_args/n_ctx" in plugin["_hparams_/experiment"]
+
+
+def test_zero_shot_is_a_reference_line_over_the_rounds_in_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(runs["zeroshot"] / "tensorboard"))
+    ea.Reload()
+    points = [(e.step, e.value) for e in ea.Scalars("eval/local")]
+    assert [p[0] for p in points] == [1, 2] and points[0][1] == points[1][1]  # one evaluation, drawn over 2 rounds
 
 
 def test_a_fit_logs_its_data_settings_as_hparams(tmp_path):
@@ -150,6 +162,7 @@ def test_a_fit_logs_its_data_settings_as_hparams(tmp_path):
     orch, _ = build(parser, cfg, init)
     hp = orch.hparams()
     assert hp["data/shots"] == 4 and hp["data/num_clients"] == 3 and hp["data/partition"] == "disjoint"
+    assert not {"data/beta", "data/classes_per_client", "data/min_samples"} & set(hp)  # unused by a disjoint split
     assert hp["identity/config_digest"] and "identity/method" not in hp
 
 
@@ -165,8 +178,10 @@ def test_fedlit_plot_writes_nonblank_pngs_and_pdfs_and_skips_unfinished(runs, tm
     err = capsys.readouterr().err
     assert f"skipping {unfinished}: no results.json" in err and f"skipping {tmp_path / 'nope'}: does not exist" in err
     names = sorted(p.name for p in out.iterdir())
-    stems = ["accuracy_vs_round", "methods", "per_client_CLIP", "per_client_PromptFL"]
+    stems = sorted({n.rsplit(".", 1)[0] for n in names})
     assert names == sorted(f"{s}.{e}" for s in stems for e in ("pdf", "png"))
+    assert stems[:2] == ["accuracy_vs_round", "methods"]  # per-client figures are named by method, dataset, config
+    assert [s.rsplit("_", 1)[0] for s in stems[2:]] == ["per_client_promptfl_shapes-dark", "per_client_zeroshot_shapes-dark"]
     for stem in stems:
         with Image.open(out / f"{stem}.png") as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 300
@@ -211,25 +226,26 @@ def test_figures_for_a_paper_seeds_averaged_reference_lines_paper_markers_and_re
     assert lo > 60 and hi < 100  # the data's range, not 0-100
     fig = methods_figure(groups)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["CLIP", "PromptFL"]
-    diamonds = [ln for ln in ax.get_lines() if ln.get_marker() == "D"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["CLIP", "PromptFL"]  # horizontal, top to bottom
+    assert [a.get_title() for a in fig.axes] == ["Local", "Base", "Novel", "HM"]  # one panel per metric
+    diamonds = [ln for a in fig.axes for ln in a.get_lines() if ln.get_marker() == "D"]
     # FedPGP Table 1 (b) OxfordPets prints CLIP and PromptFL: 4 metrics each
-    assert len(diamonds) == 8 and 95.12 in [ln.get_ydata()[0] for ln in diamonds]
-    assert "paper" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(diamonds) == 8 and 95.12 in [ln.get_xdata()[0] for ln in diamonds]
+    assert "paper" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_figures_skip_metrics_a_method_does_not_have():
     from fedlit.apps.plot import Group, methods_figure, per_client_figure
 
     fig = per_client_figure({"0": {"local": 50.0, "base": 40.0, "hm": 44.4}, "1": {"local": 70.0, "base": 40.0, "hm": 50.9}})
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["Local", "Base"]  # a linear-head method (pFedPG/VPT) has no Novel
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == [50.0, 70.0, 40.0, 40.0]
     g = Group("pfedpg", "shapes", "fedlit-toy", [{"final": {"local": 1.0, "base": 2.0, "novel": 3.0, "hm": math.nan}}],
               label="a")
     fig = methods_figure([g])
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["Local", "Base", "Novel"]
+    assert [a.get_title() for a in fig.axes] == ["Local", "Base", "Novel"]
 
 
 # ------------------------------------------------------------------------------- notebook

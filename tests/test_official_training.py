@@ -179,7 +179,7 @@ def test_dassl_augmentation_end_to_end_encodes_each_training_image_once_per_epoc
     r = json.loads((out / "results.json").read_text())
     n_train = 6 * 4 * 16
     assert n_train * 2 <= r["images_encoded"] <= n_train * 2 + 48 * 32  # 1 round × 2 epochs of views + test
-    assert r["selection"] == "last_round"  # results.json names how "final" was chosen
+    assert r["selection"] == "best_local"  # results.json names how "final" was chosen (PromptFL: FedPGP Table 1)
 
 
 # ------------------------------------------------------------------------------------------ Dirichlet evaluation

@@ -193,8 +193,8 @@ def test_protocol_bank_payloads_comm_bytes_and_no_personal_key_travels(toy):
         want = torch.stack([ups[j].shared["ctx"] for j in range(3) if j != c])
         assert torch.equal(p["experts"], want)
     scalars = proto.round_scalars([0, 1, 2], ups)
-    assert scalars["comm/bytes_down"] == 3 * 3 * shared["ctx"].numel() * 4  # p̄ + 2 experts per client
-    assert scalars["comm/bytes_up"] == 3 * shared["ctx"].numel() * 4
+    assert scalars["transfer/bytes_down"] == 3 * 3 * shared["ctx"].numel() * 4  # p̄ + 2 experts per client
+    assert scalars["transfer/bytes_up"] == 3 * shared["ctx"].numel() * 4
     assert FedMethod.server_bank is False and m.client_specific
 
 

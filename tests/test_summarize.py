@@ -61,7 +61,7 @@ def test_mean_std_hm_and_paper_difference(runs, tmp_path):
     assert by["zeroshot"].std["local"] == 0.0 and by["zeroshot"].paper["local"] == 89.34
     # Markdown: ours ± std, then paper, then Δ, in that order; the HM convention is stated
     line = next(ln for ln in md.splitlines() if ln.startswith("| PromptFL"))
-    assert "| OxfordPets | ViT-B-16 | 2 | 92.00 ± 2.83 | 95.12 | -3.12 | 82.00 ± 2.83 | 95.16 | -13.16 |" in line
+    assert "| OxfordPets | ViT-B-16 | 2 | last round | 92.00 ± 2.83 | 95.12 | -3.12 | 82.00 ± 2.83 | 95.16 | -13.16 |" in line
     assert "| 71.00 ± 29.70 | 91.89 | -20.89 | 80.76 | 94.03 | -13.27 |" in line
     assert "harmonic mean of the three mean values" in md
     assert "Average" not in md.split("\n\n")[0]  # only 1 of 5 datasets: no Average row

@@ -43,7 +43,7 @@ bitwise equal, for PromptFL and FedPGP over a real SuperLink + 2 SuperNodes, and
 and pFedPG through Flower's message objects).
 
 Communication: per round, the ``client.<cid>`` records of the train messages and the ``update.<cid>`` records of
-the replies carry exactly the tensor bytes fedlit counts as ``comm/bytes_down`` / ``comm/bytes_up``; Flower's own
+the replies carry exactly the tensor bytes fedlit counts as ``transfer/bytes_down`` / ``transfer/bytes_up``; Flower's own
 count (:meth:`ArrayRecord.count_bytes`) adds the serialisation overhead of each array (its ``.npy`` header,
 128 bytes for these tensors, and its key). Both are recorded per round in ``results.json`` (``flower.rounds``).
 Evaluation traffic is recorded there too; fedlit's in-process accounting has none (it evaluates in place).
@@ -244,7 +244,7 @@ class FedlitStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies):
         """Replies → fedlit ``Update``s → the protocol's failure policy and aggregation (the method's aggregate, in
-        client order) → the orchestrator's round logging (train/…, comm/…)."""
+        client order) → the orchestrator's round logging (train/…, transfer/…)."""
         o, rnd = self.orch, server_round - 1
         if not o.method.trainable:
             return None, None

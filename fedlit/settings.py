@@ -1,0 +1,76 @@
+"""Which settings of a run a report shows and groups by (``fedlit summarize``, ``fedlit plot``, TensorBoard's
+HParams): everything that changes the numbers except the seed — unlike the resume digest
+(:func:`fedlit.experiment.config_digest`) this includes ``trainer.rounds``, since a 5-round and a 20-round run are
+different rows of a table — and never a setting that does not apply to the run (the Dirichlet ``beta`` of a
+disjoint partition, ``classes_per_client`` outside ``contiguous``), so such a value can neither split a group
+nor fill a column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+#: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run.
+NOT_NUMBERS = {"seed", "out_dir", "overwrite", "config", "print_config", "data.root",
+               *(f"trainer.{k}" for k in ("devices", "num_nodes", "strategy", "accelerator", "progress",
+                                           "checkpoint_every", "feature_cache", "cache_dir", "threads", "lockstep",
+                                           "eval_batch_size"))}
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """Nested dicts → ``{"a.b": value}``; lists and other values kept as they are."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def inapplicable(data: dict) -> set[str]:
+    """The ``data`` settings (names without prefix) that a run with these data settings does not use."""
+    partition = data.get("partition")
+    unused = set()
+    if partition not in ("dirichlet", "labeldir100"):
+        unused.add("beta")
+    if partition != "dirichlet":
+        unused.add("min_samples")
+    if partition != "contiguous":
+        unused.add("classes_per_client")
+    return unused
+
+
+def report_config(config: dict) -> dict:
+    """A run's resolved config (``config.yaml``) flattened to the keys that change its numbers and apply to it
+    (method hyper-parameters as ``method.<name>``; lists as JSON text, so values compare and print)."""
+    flat = flatten(config)
+    unused = {f"data.{k}" for k in inapplicable(config.get("data") or {})}
+    out = {}
+    for k, v in flat.items():
+        if k in NOT_NUMBERS or k in unused:
+            continue
+        k = k.replace("method.init_args.", "method.")
+        out[k] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def report_key(settings: dict) -> str:
+    """A short digest of :func:`report_config`'s output: runs with the same key differ only in their seed."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def differing(configs: list[dict]) -> list[str]:
+    """Keys whose value is not the same in every one of ``configs`` (missing counts as a value), sorted."""
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+
+
+def short_value(v) -> str:
+    """A setting's value for a table cell or a label."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "—" if v is None else str(v)
+
+
+__all__ = ["NOT_NUMBERS", "differing", "flatten", "inapplicable", "report_config", "report_key", "short_value"]
