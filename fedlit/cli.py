@@ -8,6 +8,7 @@
     fedlit pretrain-toy                                          # pretrain the embedded model again
     fedlit flower --config configs/quickstart.yaml               # the same run as a real Flower federation
     fedlit datasets | methods | backbones                        # list registered names
+    fedlit config [NAME]                                         # list the configs / print one (also from a wheel)
 
 ``fit`` takes ``--config`` (several compose in order), dotted overrides (``--data.shots 8``),
 ``class_path``/``init_args`` for the method (or ``--method NAME``), ``--seed``, ``--out_dir``. The
@@ -129,6 +130,13 @@ def cmd_summarize(argv: list[str]) -> int:
     return 0
 
 
+def cmd_config(argv: list[str]) -> int:
+    """``fedlit config [NAME]``: list the YAML configs or print one (see :mod:`fedlit.apps.config_files`)."""
+    from .apps.config_files import main as config_main
+
+    return config_main(argv)
+
+
 def cmd_flower(argv: list[str]) -> int:
     """``fedlit flower --config …``: the config as a Flower app + deployment commands (see
     :mod:`fedlit.integrations.flower`; needs ``pip install 'fedlit[flower]'``)."""
@@ -138,8 +146,8 @@ def cmd_flower(argv: list[str]) -> int:
 
 
 COMMANDS = {"fit": cmd_fit, "pretrain-toy": cmd_pretrain_toy, "plot": cmd_plot, "summarize": cmd_summarize,
-            "flower": cmd_flower}
-USAGE = "usage: fedlit {fit,flower,plot,summarize,pretrain-toy,datasets,methods,backbones} [--help]"
+            "flower": cmd_flower, "config": cmd_config}
+USAGE = "usage: fedlit {fit,flower,plot,summarize,pretrain-toy,config,datasets,methods,backbones} [--help]"
 
 
 def main(argv: list[str] | None = None) -> int:

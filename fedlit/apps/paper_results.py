@@ -1,11 +1,17 @@
 """Published numbers that fedlit's runs are compared with (plain data, transcribed by hand).
 
-Sources (read-only copies in the project's shared folder):
+Sources, by paper and table:
 
-- FedPGP (Cui, Li, Wang, Shi, ICML 2024), seed document ``shared/seeds/001_2643cb8279ee2bc1.txt``:
-  Table 1 (base-to-novel, 5 datasets + average), Table 2 (leave-one-domain-out), Table 5 (CIFAR Dirichlet).
-- FedTPG (Qiu et al., ICLR 2024): the official training logs, spec ``shared/spec/methods.md`` §8.1 (seed 43,
-  ViT-B/16, n_ctx 4, 8 shots) — logged numbers, not necessarily the paper's table.
+- FedPGP: Tianyu Cui, Hongxia Li, Jingya Wang, Ye Shi, "Harmonizing Generalization and Personalization in
+  Federated Prompt Learning", ICML 2024 (PMLR 235): Table 1 (base-to-novel on OxfordPets, Flowers102, DTD,
+  Caltech101, Food101 and their average; the per-dataset rows are its sub-tables (a)–(f)), Table 2
+  (leave-one-domain-out on Office-Caltech10 and DomainNet; what a column means is read from Table 4, its per-domain
+  detail), Table 5 (CIFAR-10 / CIFAR-100, Dirichlet non-IID, 100 clients).
+- FedTPG: Chen Qiu et al., "Text-driven Prompt Generation for Vision-Language Models in Federated Learning",
+  ICLR 2024 (arXiv 2310.06123): not its tables but the two training logs its official repository ships
+  (boschresearch/FedTPG@f141c29, ``output/cross_cls/fedtpg/20_8/43/log.txt`` and
+  ``output/cross_data/fedtpg/5_8/43/log.txt``: seed 43, ViT-B/16, n_ctx 4, 8 shots) — logged numbers of the code,
+  not necessarily the paper's.
 
 All values are accuracies in percent, exactly as printed (trailing zeros dropped by the source are kept dropped:
 ``90.01`` vs ``81.4``). ``tests/test_summarize.py`` checks the transcription: every Table-1 "Average" row is the
@@ -121,7 +127,8 @@ FEDPGP_TABLE1: dict[str, dict[str, dict[str, float]]] = {
 
 # ------------------------------------------------------------------------------------------ FedPGP Table 2
 FEDPGP_TABLE2_CAPTION = ("FedPGP Table 2: The average classification accuracy using leave-one-domain-out validation "
-                         "on Office-Caltech10 and DomainNet. (Column = the held-out domain.)")
+                         "on Office-Caltech10 and DomainNet. A column = the SOURCE domain: the model of the client "
+                         "trained on that domain, averaged over the other domains (Table 4's rows; fedlit: Novel).")
 # FEDPGP_TABLE2[benchmark][method][domain]
 FEDPGP_TABLE2: dict[str, dict[str, dict[str, float]]] = {
     "office_caltech10": {
@@ -167,7 +174,7 @@ FEDPGP_TABLE5: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 # ------------------------------------------------------------------------------------------ FedTPG logs
-FEDTPG_LOGS_CAPTION = ("FedTPG official training logs (spec §8.1): seed 43, ViT-B/16, n_ctx 4, 8 shots. Cross-class: "
+FEDTPG_LOGS_CAPTION = ("FedTPG official training logs (boschresearch/FedTPG output/*/fedtpg/*/43/log.txt): seed 43, ViT-B/16, n_ctx 4, 8 shots. Cross-class: "
                        "20 classes/client, 30 clients, 500 rounds (local = client average; new = novel). Logged "
                        "numbers of an earlier code version, not necessarily the paper's table.")
 # FEDTPG_CROSS_CLASS[fedlit dataset] = {"local", "base", "novel"} (+ "hm" for the mean row, inferred arithmetic)
@@ -185,7 +192,7 @@ FEDTPG_CROSS_CLASS: dict[str, dict[str, float]] = {
         "mean": (80.90, 73.61, 76.24),
     }.items()
 }
-FEDTPG_CROSS_CLASS["mean"]["hm"] = 76.80  # HM(Local, Base, New), spec §8.1 [inferred arithmetic]
+FEDTPG_CROSS_CLASS["mean"]["hm"] = 76.80  # HM(Local, Base, New) of the logged means [inferred arithmetic]
 # Cross-data: trained on ImageNet (5 classes/client, 200 clients, 10 % participation, 500 rounds); accuracy on
 # each unseen dataset, plus the 5-way per-client ImageNet local accuracy.
 FEDTPG_CROSS_DATA: dict[str, float] = {
@@ -193,9 +200,6 @@ FEDTPG_CROSS_DATA: dict[str, float] = {
     "food101": 86.15, "dtd": 45.45, "stanford_cars": 64.73, "sun397": 66.83, "eurosat": 44.78, "mean": 65.37,
     "imagenet_local": 93.06,
 }
-
-FEDPGP_TABLE2_CAPTION = ("FedPGP Table 2: leave-one-domain-out accuracy on Office-Caltech10 and DomainNet; a column = the "
-                         "model of the client trained on that domain, averaged over the other domains (fedlit: Novel).")
 
 PAPERS = {
     "fedpgp-table1": FEDPGP_TABLE1_CAPTION,

@@ -39,9 +39,12 @@ behaviour chosen instead:
 - **Intra-round order dependence**: the official bank is updated in place, so a client late in a round may get this
   round's prompts as experts. Here every payload is built from the bank as it stood at the start of the round
   (the previous rounds' uploads): *start-of-round bank*.
-- **Round-1 gating leak**: the official personal gating nets start empty, so in round 1 each client starts from the
-  gating net the previous client left. Here every client starts from the shared initial gating net (*no leak*); in
-  round 1 the gating net gets no gradient, so the two agree while no expert has been downloaded.
+- **Round-2 gating leak**: the official personal gating nets start as empty dicts and the "is stored" test compares
+  them with an empty list, so it always passes; a gating net is first stored after a client's second round
+  (ljaiverson/pFedMoAP@a481de3 ``federated_main.py:215, 365-366, 385-386``). So in round 2, the first round with
+  experts, each client loads nothing and starts from the gating net the previous client has just trained. (Round 1
+  has no experts: the gating net gets no gradient and is the same for everyone.) Here every client starts its first
+  round with experts from the shared initial gating net (*no leak*).
 - **First participation under partial participation**: the official client keeps the previous client's expert
   features and its gating net is not stored. Here it downloads its own experts and keeps its gating net.
 - **Evaluation timing**: the official code evaluates a sampled client right after its training with the experts it
