@@ -28,7 +28,7 @@ from .client import ClientModule, load_optimizer_state
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
-from .features import FeatureBank
+from .features import FeatureBank, view_caching
 from .figures import per_client_figure
 from .heap import release_free_memory
 from .local_training import LocalRun, train_alone, train_lockstep
@@ -66,13 +66,16 @@ class Orchestrator:
         method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
         self._lanes: list[ClientModule] = []  # further client modules for lock-step training (built on demand)
+        views = trainer.rounds * trainer.local_epochs if method.augmentation(trainer) == "dassl" else 0
+        cache_views, note = view_caching(clip, method.image_input, len(federation.data.train), views,
+                                         trainer.participation)
+        if note and fabric.global_rank == 0:
+            print(f"fedlit: {method.name}: {note}")
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,
-                                epoch_views=trainer.rounds * trainer.local_epochs
-                                if method.augmentation(trainer) == "dassl" else 0,
-                                cache_views=method.image_input == "features" and trainer.participation >= 1)
+                                epoch_views=views, cache_views=cache_views)
         self.bank.expect("train", np.concatenate([c.train_idx for c in federation.clients]))
         self.bank.expect("test", np.concatenate([c.test_idx for c in federation.clients]
                                                 + [ev.idx for ev in federation.evals.values()]))
