@@ -21,6 +21,9 @@ def atomic_write(path: str | Path, write: Callable, mode: str = "wb", unique: bo
     path = Path(path)
     if unique:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 → what open() would give (0644 under umask 022)
         f = os.fdopen(fd, mode)
     else:
         tmp = str(path.with_name(path.name + ".tmp"))

@@ -119,10 +119,12 @@ def load(path: str | Path) -> RunState:
     return state
 
 
-def check_identity(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint made by another method, backbone, dataset or config."""
+def check_identity(path: Path, saved: dict, current: dict, differs: list[str] | None = None) -> None:
+    """Refuse to resume a checkpoint made by another method, backbone, dataset or config (``differs``: the
+    config keys that differ, named in the message)."""
     for key in ("method", "backbone", "dataset", "seed", "config_digest"):
         if key in saved and key in current and saved[key] != current[key]:
             what = "config" if key == "config_digest" else key
-            raise FedlitError(f"{path} was written with another {what} ({saved[key]} ≠ {current[key]}); "
+            keys = f": {', '.join(differs[:6])}" if differs and key == "config_digest" else ""
+            raise FedlitError(f"{path} was written with another {what} ({saved[key]} ≠ {current[key]}{keys}); "
                               f"use another --out_dir, or --overwrite true to discard it")
