@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from .atomic import atomic_write
+from .atomic import atomic_write, dir_in_use as _in_use, lock_dir, unlock_dir as unlock_run_dir
 from .errors import FedlitError, unknown_name
 
 
@@ -219,47 +219,6 @@ def _all_actions(parser):
 # ----------------------------------------------------------------------------------------- fit
 _OURS = {"config.yaml", "results.json", "tensorboard", "checkpoint.safetensors", "checkpoint.safetensors.tmp", ".lock"}
 LOCK = ".lock"
-_HELD: dict[str, object] = {}  # run directory → open lock file of a run of this process
-
-
-def lock_run_dir(path: Path) -> None:
-    """Hold ``path/.lock`` (an exclusive ``flock``) until :func:`unlock_run_dir`: a second run started into the
-    same directory, by any process, refuses instead of writing the same files."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no lock
-        return
-    f = open(path / LOCK, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise FedlitError(f"another fedlit run is writing {path}; wait for it to finish, or choose another "
-                          "--out_dir") from None
-    _HELD[str(path)] = f
-
-
-def unlock_run_dir(path: Path) -> None:
-    f = _HELD.pop(str(path), None)
-    if f is not None:
-        f.close()
-
-
-def _in_use(path: Path) -> bool:
-    """Another run holds ``path``'s lock now."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    if str(path) in _HELD or not (path / LOCK).exists():
-        return str(path) in _HELD
-    with open(path / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
 
 
 def run_name(method: str, data_label: str, seed: int) -> str:
@@ -325,7 +284,7 @@ def run_dir(out_dir: str | None, method: str, data_label: str, seed: int, overwr
     except OSError as e:
         raise FedlitError(f"cannot write to run directory {path} ({e.strerror}); choose another --out_dir") from None
     fresh = not (path / LOCK).exists()
-    lock_run_dir(path)  # before anything in it is read or removed
+    lock_dir(path, LOCK, f"another fedlit run is writing {path}; wait for it to finish, or choose another --out_dir")
     try:
         resume = _claim(path, overwrite, NAME)
     except BaseException:
@@ -442,7 +401,8 @@ def fit(parser, cfg, init) -> int:
         try:
             if resume is not None:
                 state = ckpt.load(resume)
-                ckpt.check_identity(resume, state.identity, identity, config_diff(path / "config.yaml", text))
+                ckpt.check_identity(resume, state.identity, identity,
+                                    ckpt.config_diff(path / "config.yaml", text, _NOT_IN_DIGEST))
             # the config this run finishes with (a resumed run may have been given more rounds)
             atomic_write(path / "config.yaml", lambda f: f.write(text), mode="w")
         except BaseException:
@@ -479,25 +439,6 @@ def _train(orchestrator, fabric, path, resume, method, data, init) -> int:
     if fabric.global_rank == 0:
         print(format_final(results))
     return 0
-
-
-def config_diff(saved: Path, current: str) -> list[str]:
-    """Dotted keys whose values differ between a run directory's ``config.yaml`` and the ``current`` config
-    text (the keys that do not change the numbers left out, as in :func:`config_digest`)."""
-    import yaml
-
-    def flat(d, prefix=""):
-        if isinstance(d, dict):
-            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: d}
-
-    try:
-        old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(yaml.safe_load(current) or {})
-    except (OSError, yaml.YAMLError):
-        return []
-    skip = {"out_dir", "overwrite", "config"} | {f"trainer.{k}" for k in _NOT_IN_DIGEST}
-    return [f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in sorted(set(old) | set(new))
-            if k not in skip and old.get(k) != new.get(k)]
 
 
 def fit_argv(argv: list[str]) -> int:

@@ -55,7 +55,7 @@ def test_scaling_solver_stops_at_the_official_iteration(toy):
         plans.append((u.unsqueeze(2) * k * v.unsqueeze(1)).float())
     assert changes[4] < changes[3]
     got = cot_log(cost, a.float(), b.float(), 0.1, max_iter=100, thresh=(changes[3] + changes[4]) / 2)
-    assert torch.allclose(got, plans[4], atol=1e-7, rtol=0)
+    assert float((got - plans[4]).abs().max()) < 3e-9  # fp64 iterations (the fp32 log domain is ~1e-8 off)
     assert float((plans[4] - plans[5]).abs().max()) > 1e-6  # one iteration more would be seen
 
 

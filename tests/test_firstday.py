@@ -92,13 +92,12 @@ def test_a_refused_foreign_directory_is_left_as_it_was(in_tmp):
 
 
 def test_resume_mismatch_names_the_keys_that_differ(tmp_path):
-    from fedlit.checkpoint import check_identity
-    from fedlit.experiment import config_diff
+    from fedlit.checkpoint import check_identity, config_diff
 
     saved = tmp_path / "config.yaml"
     saved.write_text("seed: 1\nmethod:\n  init_args:\n    lr: 0.002\ntrainer:\n  rounds: 5\n  batch_size: 16\n")
     now = "seed: 1\nmethod:\n  init_args:\n    lr: 0.05\ntrainer:\n  rounds: 9\n  batch_size: 16\n"
-    diff = config_diff(saved, now)
+    diff = config_diff(saved, now, ("rounds",))
     assert diff == ["method.init_args.lr (0.002 → 0.05)"]  # rounds never changes the digest
     with pytest.raises(FedlitError, match=r"method\.init_args\.lr \(0\.002 → 0\.05\)"):
         check_identity(tmp_path / "c", {"config_digest": "a"}, {"config_digest": "b"}, diff)
