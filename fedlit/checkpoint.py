@@ -119,10 +119,31 @@ def load(path: str | Path) -> RunState:
     return state
 
 
-def check_identity(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint made by another method, backbone, dataset or config."""
+def config_diff(saved: Path, current: str, trainer_free: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between a run directory's ``config.yaml`` and the ``current`` config text
+    (``out_dir``, ``overwrite`` and the ``trainer_free`` trainer keys, which do not change the numbers, left out)."""
+    import yaml
+
+    def flat(d, prefix=""):
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    try:
+        old, new = flat(yaml.safe_load(Path(saved).read_text()) or {}), flat(yaml.safe_load(current) or {})
+    except (OSError, yaml.YAMLError):
+        return []
+    skip = {"out_dir", "overwrite", "config"} | {f"trainer.{k}" for k in trainer_free}
+    return [f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in sorted(set(old) | set(new))
+            if k not in skip and old.get(k) != new.get(k)]
+
+
+def check_identity(path: Path, saved: dict, current: dict, differs: list[str] | None = None) -> None:
+    """Refuse to resume a checkpoint made by another method, backbone, dataset or config (``differs``: the
+    config keys that differ, named in the message)."""
     for key in ("method", "backbone", "dataset", "seed", "config_digest"):
         if key in saved and key in current and saved[key] != current[key]:
             what = "config" if key == "config_digest" else key
-            raise FedlitError(f"{path} was written with another {what} ({saved[key]} ≠ {current[key]}); "
+            keys = f": {', '.join(differs[:6])}" if differs and key == "config_digest" else ""
+            raise FedlitError(f"{path} was written with another {what} ({saved[key]} ≠ {current[key]}{keys}); "
                               f"use another --out_dir, or --overwrite true to discard it")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from .atomic import atomic_write
+from .atomic import atomic_write, dir_in_use as _in_use, lock_dir, unlock_dir as unlock_run_dir
 from .errors import FedlitError, unknown_name
 
 
@@ -78,6 +78,7 @@ def rewrite_method_shortcut(argv: list[str], say=None) -> list[str]:
 
     methods = list_methods()
     out = list(argv)
+    shortcut = None
     for i, a in enumerate(out):
         name = None
         if a in ("--method", "--method.help") and i + 1 < len(out):
@@ -99,7 +100,26 @@ def rewrite_method_shortcut(argv: list[str], say=None) -> list[str]:
             (say or (lambda m: print(m, file=sys.stderr)))(
                 f"--method {key}: {method_class(key).__name__} with {source} (override with --method.init_args.KEY)")
         out[j] = value if j == i + 1 else f"{a.split('=', 1)[0]}={value}"
-    return out
+        shortcut = j
+    return out if shortcut is None else _overrides_after(out, shortcut)
+
+
+def _overrides_after(argv: list[str], at: int) -> list[str]:
+    """``--method.init_args.lr 0.05 --method coop``: the method's overrides given before the shortcut at
+    position ``at`` move right after it, so that they apply to the named method instead of being replaced."""
+    moved: list[int] = []
+    i = 0
+    while i < at:
+        a = argv[i]
+        take = 1 if "=" in a else 2
+        if a.startswith("--method.") and not a.startswith(("--method.help", "--method.class_path", "--method.init_args=")):
+            moved += list(range(i, i + take))
+            i += take
+        else:
+            i += 1
+    rest = [x for k, x in enumerate(argv) if k not in set(moved)]
+    at -= len(moved)
+    return rest[:at + 1] + [argv[k] for k in moved] + rest[at + 1:]
 
 
 def _own_arguments(cls, name: str) -> tuple[dict, str]:
@@ -197,7 +217,8 @@ def _all_actions(parser):
 
 
 # ----------------------------------------------------------------------------------------- fit
-_OURS = {"config.yaml", "results.json", "tensorboard", "checkpoint.safetensors", "checkpoint.safetensors.tmp"}
+_OURS = {"config.yaml", "results.json", "tensorboard", "checkpoint.safetensors", "checkpoint.safetensors.tmp", ".lock"}
+LOCK = ".lock"
 
 
 def run_name(method: str, data_label: str, seed: int) -> str:
@@ -205,16 +226,33 @@ def run_name(method: str, data_label: str, seed: int) -> str:
     return f"{method}-{data_label}-seed{seed}"
 
 
-def default_run_dir(method: str, data_label: str, seed: int, digest: str | None = None) -> Path:
+def default_run_dir(method: str, data_label: str, seed: int, digest: str | None = None,
+                    overwrite: bool = False) -> Path:
     """``runs/<run_name>[-N]``: the first such directory that holds an unfinished run of the same config
-    (``digest``: :func:`config_digest`; rerunning a command resumes it), else the first missing or empty one."""
+    (``digest``: :func:`config_digest`; rerunning a command resumes it), else the first one a run left before its
+    first checkpoint (only fedlit's files, no checkpoint, no results: it is reused), else the first missing or
+    empty one. Directories another run is writing are passed over. A damaged checkpoint is refused in one line
+    (with ``overwrite``, that directory is started afresh)."""
+    from .checkpoint import NAME, identity_of
+
     base = Path("runs") / run_name(method, data_label, seed)
     candidates = [base]
     while candidates[-1].exists() and any(candidates[-1].iterdir()):
         candidates.append(base.with_name(f"{base.name}-{len(candidates) + 1}"))
-    for path in candidates[:-1]:
+    used = [p for p in candidates[:-1] if not _in_use(p)]
+    for path in used:
         if digest is not None and _unfinished_run_of(path, digest):
             return path
+    for path in used:
+        if (path / "results.json").exists():
+            continue
+        if (path / NAME).is_file() and identity_of(path / NAME) is None:
+            if overwrite:
+                return path
+            raise FedlitError(f"{path} holds a damaged checkpoint ({NAME} cannot be read), so this run cannot "
+                              f"resume; delete it (rm -r {path}) or pass --overwrite true to start it afresh")
+        if not (path / NAME).exists() and all(p.name in _OURS for p in path.iterdir()):
+            return path  # stopped before its first checkpoint: nothing to resume, the name is reused
     return candidates[-1]
 
 
@@ -237,23 +275,7 @@ def run_dir(out_dir: str | None, method: str, data_label: str, seed: int, overwr
     """
     from .checkpoint import NAME
 
-    path = default_run_dir(method, data_label, seed, digest) if out_dir is None else Path(out_dir)
-    resume = None
-    if path.is_dir() and any(path.iterdir()):
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in _OURS)
-        if foreign and not overwrite:
-            raise FedlitError(f"{path} holds files fedlit did not write ({', '.join(foreign[:3])}); "
-                              f"choose another --out_dir")
-        if overwrite:
-            import shutil
-
-            for name in _OURS:
-                target = path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif (path / "results.json").exists():
-            raise FedlitError(f"{path} already holds a finished run; choose another --out_dir or pass --overwrite true")
-        elif (path / NAME).exists():
-            resume = path / NAME
+    path = default_run_dir(method, data_label, seed, digest, overwrite) if out_dir is None else Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
@@ -261,7 +283,46 @@ def run_dir(out_dir: str | None, method: str, data_label: str, seed: int, overwr
         probe.unlink()
     except OSError as e:
         raise FedlitError(f"cannot write to run directory {path} ({e.strerror}); choose another --out_dir") from None
+    fresh = not (path / LOCK).exists()
+    lock_dir(path, LOCK, f"another fedlit run is writing {path}; wait for it to finish, or choose another --out_dir")
+    try:
+        resume = _claim(path, overwrite, NAME)
+    except BaseException:
+        unlock_run_dir(path)
+        if fresh:  # leave a refused directory as it was
+            (path / LOCK).unlink(missing_ok=True)
+        raise
     return path, resume
+
+
+def _claim(path: Path, overwrite: bool, name: str) -> Path | None:
+    """The checks of :func:`run_dir` on a directory this process holds the lock of; the checkpoint to resume."""
+    entries = [p for p in path.iterdir() if p.name != LOCK]
+    if not entries:
+        return None
+    foreign = sorted(p.name for p in entries if p.name not in _OURS)
+    if foreign and not overwrite:
+        raise FedlitError(f"{path} holds files fedlit did not write ({', '.join(foreign[:3])}); "
+                          f"choose another --out_dir")
+    if overwrite:
+        import shutil
+
+        for entry in _OURS - {LOCK}:
+            target = path / entry
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return None
+    if (path / "results.json").exists():
+        raise FedlitError(f"{path} already holds a finished run; choose another --out_dir or pass --overwrite true")
+    if (path / name).exists():
+        return path / name
+    import shutil  # a run stopped before its first checkpoint: its logs would be duplicated
+
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    return None
+
+
+_NOT_IN_DIGEST = ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
+                  "feature_cache", "cache_dir", "threads", "lockstep")
 
 
 def config_digest(parser, cfg) -> str:
@@ -274,8 +335,7 @@ def config_digest(parser, cfg) -> str:
     d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
-    for key in ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
-                "feature_cache", "cache_dir", "threads", "lockstep"):  # never change the numbers beyond kernel rounding
+    for key in _NOT_IN_DIGEST:  # never change the numbers beyond kernel rounding
         d.get("trainer", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -337,14 +397,30 @@ def fit(parser, cfg, init) -> int:
     if fabric.global_rank == 0:
         path, resume = run_dir(cfg.out_dir, method.name, data.label, cfg.seed, cfg.overwrite,
                                identity["config_digest"])
-        if resume is not None:
-            state = ckpt.load(resume)
-            ckpt.check_identity(resume, state.identity, identity)
-        # the config this run finishes with (a resumed run may have been given more rounds)
         text = parser.dump(cfg, skip_validation=True)
-        atomic_write(path / "config.yaml", lambda f: f.write(text), mode="w")
+        try:
+            if resume is not None:
+                state = ckpt.load(resume)
+                ckpt.check_identity(resume, state.identity, identity,
+                                    ckpt.config_diff(path / "config.yaml", text, _NOT_IN_DIGEST))
+            # the config this run finishes with (a resumed run may have been given more rounds)
+            atomic_write(path / "config.yaml", lambda f: f.write(text), mode="w")
+        except BaseException:
+            unlock_run_dir(path)
+            raise
         where = (str(path), str(resume) if resume else None)
     path, resume = fabric.broadcast(where, src=0)
+    try:
+        return _train(orchestrator, fabric, path, resume, method, data, init)
+    finally:
+        unlock_run_dir(Path(path))
+
+
+def _train(orchestrator, fabric, path, resume, method, data, init) -> int:
+    from . import checkpoint as ckpt
+    from .orchestrator import format_final
+
+    federation = orchestrator.fed
     state = ckpt.load(resume) if resume else None
     if fabric.global_rank == 0:
         action = f"resuming after round {state.round} from {resume}" if state else f"run dir {path}"

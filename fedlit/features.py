@@ -28,10 +28,11 @@ image ``i`` is drawn from ``(view seed, i, v)`` only (:func:`augment_params`). E
   local_epochs`` views per image: view ``r · local_epochs + e`` is the one every sample uses in epoch ``e`` of
   round ``r``. The view seed is fixed (:data:`VIEW_SEED`), not the run's seed, so every method and seed of a grid
   with the same backbone, data, precision and ``E`` reads the same views. Where all ``E`` views of an image are
-  used (``cache_views``: pooled features and full participation) they are encoded once, batched, into the cache
-  (``[N, E, D]``, on disk with ``feature_cache: disk``): the cost is ``E`` image-tower forwards per training image,
-  once per grid, which is what one Dassl run spends anyway. Otherwise (FedOTP's patch tokens, partial
-  participation) the tower runs on each augmented batch, as the official code does; methods that prompt the image
+  used (``cache_views``: full participation; pooled features, or patch tokens within :data:`TOKEN_VIEW_BUDGET`,
+  :func:`view_caching`) they are encoded once, batched, into the cache (``[N, E, D]``, ``[N, E, 1+M, D]`` for
+  tokens; on disk with ``feature_cache: disk``): the cost is ``E`` image-tower forwards per training image,
+  once per grid, which is what one Dassl run spends anyway. Otherwise (partial participation, a token bank
+  beyond the budget: said once in the run log) the tower runs on each augmented batch, as the official code does; methods that prompt the image
   tower always get the augmented images.
 - The legacy ``augment_views: K``: ``K`` fixed views per image encoded once, each step drawing one per sample from
   ``(seed, round, client, epoch)`` and its position.
@@ -57,7 +58,7 @@ from .data.registry import ImageSplit
 from .errors import FedlitError
 from .feature_store import FORMAT_VERSION, _DiskStore, _MemoryStore
 
-__all__ = ["FeatureBank", "FORMAT_VERSION", "VIEW_SEED", "default_cache_dir", "tower_digest", "augment_params"]
+__all__ = ["FeatureBank", "FORMAT_VERSION", "TOKEN_VIEW_BUDGET", "VIEW_SEED", "view_caching", "default_cache_dir", "tower_digest", "augment_params"]
 
 CACHE_ENV = "FEDLIT_CACHE"
 AUG_SCALE = (0.08, 1.0)
@@ -65,6 +66,32 @@ AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 AUG_FLIP = 0.5
 #: Seed of the view bank's views: fixed so that every method and seed of a grid reuses the same views.
 VIEW_SEED = 0
+
+
+#: Largest view bank of patch tokens kept (bytes over all views of the training split): FedOTP's tokens are
+#: ``(1+M)·D`` floats a view (32 KB on the embedded model, 400 KB on ViT-B/16: a real grid does not fit).
+TOKEN_VIEW_BUDGET = 1 << 30
+
+
+def view_caching(clip: FrozenCLIP, kind: str, rows: int, views: int, participation: float) -> tuple[bool, str | None]:
+    """Whether every view of the view bank is encoded once into the cache (``cache_views``), and, where a view
+    bank exists but is not cached, the one-line reason. Pooled features always are (one ``D`` vector a view);
+    patch tokens where all ``rows × views`` of them fit in :data:`TOKEN_VIEW_BUDGET`. Under partial participation
+    most views are never used, so none is encoded ahead."""
+    if views == 0 or kind == "images":
+        return False, None
+    if participation < 1:
+        return False, "partial participation: the augmented views are encoded batch by batch, not cached"
+    if kind == "features":
+        return True, None
+    size = clip.image_size if isinstance(clip.image_size, tuple) else (clip.image_size,) * 2
+    with torch.no_grad():
+        per_view = clip.encode_image_tokens(torch.zeros(1, 3, *size, device=clip.device))[0].numel() * 4
+    total = rows * views * per_view
+    if total <= TOKEN_VIEW_BUDGET:
+        return True, None
+    return False, (f"the patch tokens of {rows} images × {views} views ({total / 2**30:.1f} GiB) exceed the "
+                   f"{TOKEN_VIEW_BUDGET / 2**30:.0f} GiB view-bank budget: the tower runs on each augmented batch")
 
 
 def default_cache_dir() -> Path:

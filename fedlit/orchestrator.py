@@ -28,7 +28,7 @@ from .client import ClientModule, load_optimizer_state
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
-from .features import FeatureBank
+from .features import FeatureBank, view_caching
 from .figures import per_client_figure
 from .heap import release_free_memory
 from .local_training import LocalRun, train_alone, train_lockstep
@@ -66,13 +66,18 @@ class Orchestrator:
         method.setup_federation(federation.train_task, len(federation.clients))
         self.module = ClientModule(clip, method).to(fabric.device)
         self._lanes: list[ClientModule] = []  # further client modules for lock-step training (built on demand)
+        self._lockstep_warned = False
+        views = trainer.rounds * trainer.local_epochs if method.augmentation(trainer) == "dassl" else 0
+        cache_views, note = view_caching(clip, method.image_input, len(federation.data.train), views,
+                                         trainer.participation)
+        if fabric.global_rank == 0:
+            for line in ([f"{method.name}: {note}"] if note else []) + fallback_notes(method, trainer):
+                print(f"fedlit: {line}")
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,
-                                epoch_views=trainer.rounds * trainer.local_epochs
-                                if method.augmentation(trainer) == "dassl" else 0,
-                                cache_views=method.image_input == "features" and trainer.participation >= 1)
+                                epoch_views=views, cache_views=cache_views)
         self.bank.expect("train", np.concatenate([c.train_idx for c in federation.clients]))
         self.bank.expect("test", np.concatenate([c.test_idx for c in federation.clients]
                                                 + [ev.idx for ev in federation.evals.values()]))
@@ -209,7 +214,12 @@ class Orchestrator:
             updates = train_lockstep(self.fabric, runs)
         except FedlitError:
             raise
-        except Exception:  # attribute the failure to its client: rerun the group sequentially (nothing was kept)
+        except Exception as e:  # attribute the failure to its client: rerun the group sequentially (nothing was kept)
+            if not self._lockstep_warned and self.fabric.global_rank == 0:
+                self._lockstep_warned = True
+                print(f"fedlit: warning: a lock-step group of {len(cids)} clients failed in round {rnd + 1} "
+                      f"({type(e).__name__}: {str(e)[:160]}); its clients are retrained one at a time "
+                      "(said once per run)")
             return [self.safe_update(cid, rnd, sent[cid]) for cid in cids]
         self.protocol.check(updates, rnd)
         release_free_memory()
@@ -378,11 +388,44 @@ class Orchestrator:
             **self.method.run_report(),
         }
         if self.fabric.global_rank == 0:
-            self.logger.log_hyperparams(self.hparams(),
-                                        metrics={f"final/{k}": v for k, v in results["final"].items()})
+            if not _final_logged(self.run_dir / "tensorboard"):  # a resumed run that crashed after logging them
+                self.logger.log_hyperparams(self.hparams(),
+                                            metrics={f"{FINAL}{k}": v for k, v in results["final"].items()})
             self.logger.finalize("success")
             write_json_atomic(self.run_dir / "results.json", results)
         return results
+
+
+def fallback_notes(method, trainer) -> list[str]:
+    """Settings of ``trainer`` that ``method`` runs without (speed only, or nothing to act on): one line each,
+    printed once when the run is built; the README lists them. Settings that would change numbers are refused."""
+    notes = []
+    if trainer.lockstep != 1 and not method.lockstep and method.trainable:
+        notes.append(f"trainer.lockstep={trainer.lockstep}: {method.name} cannot train clients in lock-step; "
+                     "they train one at a time (same numbers)")
+    if trainer.feature_cache == "disk" and method.image_input == "images":
+        notes.append(f"trainer.feature_cache=disk: {method.name} prompts the image tower, so no image feature is "
+                     "cached (the tower runs on every batch)")
+    if not method.trainable and (trainer.augment != "method" or trainer.augment_views):
+        notes.append(f"trainer.augment: {method.name} does not train, so no training augmentation is used")
+    if not method.trainable and trainer.sync == "step":
+        notes.append(f"trainer.sync=step: {method.name} does not train; nothing is exchanged")
+    return notes
+
+
+FINAL = "final/"  # prefix of the final-metric tags of the HParams view
+
+
+def _final_logged(tb_dir: Path) -> bool:
+    """The run's TensorBoard files already hold the final metrics (tag names are stored verbatim)."""
+    needle = FINAL.encode()
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        try:
+            if needle in path.read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -413,4 +456,4 @@ def format_final(results: dict) -> str:
     return line
 
 
-__all__ = ["Orchestrator", "format_final"]
+__all__ = ["Orchestrator", "fallback_notes", "format_final"]

@@ -12,6 +12,11 @@ import torch
 from .errors import FedlitError
 
 
+#: ``trainer.precision`` values (Lightning's, plus ``auto``: bf16-mixed on CUDA, 32-true elsewhere).
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
+              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
+
+
 class FedTrainer:
     """Federation settings (the ``trainer:`` section of a config).
 
@@ -126,6 +131,7 @@ class FedTrainer:
              f"trainer.statistic={statistic!r}: use 'method', 'last_round', 'best_local', 'max' or 'last5_mean'"),
             (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
                             f"or 0 (all of the process's clients)"),
+            (str(precision) in PRECISIONS, f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -174,6 +180,14 @@ class FedTrainer:
         if self.threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.threads)  # inherited by launched processes; Lightning keeps it
             torch.set_num_threads(self.threads)
+        gpu = self.accelerator in ("cuda", "gpu", "mps")
+        if gpu and not (torch.cuda.is_available() or (self.accelerator != "cuda" and torch.backends.mps.is_available())):
+            raise FedlitError(f"trainer.accelerator={self.accelerator}: this machine has no usable GPU; "
+                              "use trainer.accelerator=cpu (or auto)")
+        cores = os.cpu_count() or 1
+        if not gpu and not torch.cuda.is_available() and self.devices > cores:
+            raise FedlitError(f"trainer.devices={self.devices} processes on {cores} CPU cores would oversubscribe "
+                              f"them; use trainer.devices={cores} or fewer")
         cuda = torch.cuda.is_available() and self.accelerator in ("auto", "cuda", "gpu")
         precision = self.precision if self.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
         strategy = self.strategy

@@ -93,6 +93,18 @@ def fit_command(method: str, dataset: str, seed: int, backbone: str, run_dir: Pa
     return cmd
 
 
+def time_left(done: list[tuple[str, float]], remaining: list[str]) -> float | None:
+    """Seconds the ``remaining`` cells (their methods) should take: each at the mean time of the cells of its
+    method run so far, else at the mean of all of them; ``None`` before any cell ran."""
+    if not done:
+        return None
+    overall = sum(t for _, t in done) / len(done)
+    by_method: dict[str, list[float]] = {}
+    for m, t in done:
+        by_method.setdefault(m, []).append(t)
+    return sum(sum(by_method[m]) / len(by_method[m]) if m in by_method else overall for m in remaining)
+
+
 def _tail(path: Path, n: int = 1) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -183,6 +195,7 @@ def run_grid(backbone: str, out: Path, methods: list[str], datasets: list[str], 
     failed: list[dict] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     restore = _signals_raise()
+    timed: list[tuple[str, float]] = []  # (method, seconds) of the cells run by this call, for the estimate
     try:
         for i, (m, d, s) in enumerate(cells, 1):
             run_dir = root / m / d / f"seed{s}"
@@ -204,14 +217,18 @@ def run_grid(backbone: str, out: Path, methods: list[str], datasets: list[str], 
                     print("interrupted", flush=True)
                     raise
             wall = time.time() - t0
+            timed.append((m, wall))
+            left = time_left(timed, [c[0] for c in cells[i:] if not (root / c[0] / c[1] / f"seed{c[2]}"
+                                                                     / "results.json").is_file()])
+            eta = f", about {left / 60:.1f} min left" if left else ""
             if rc == 0 and (run_dir / "results.json").is_file():
-                print(f"ok ({wall:.0f} s)", flush=True)
+                print(f"ok ({wall:.0f} s{eta})", flush=True)
             else:
                 if rc == 130:  # the in-process cell got Ctrl-C (fedlit fit's own handler)
                     print("interrupted", flush=True)
                     raise Interrupted(Interrupted.last_signum)
                 reason = f"exit {rc}" + (f" ({_tail(log_path)})" if _tail(log_path) else "")
-                print(f"FAILED, {reason}; log {log_path}", flush=True)
+                print(f"FAILED, {reason}; log {log_path}{eta}", flush=True)
                 failed.append({"method": m, "dataset": name(d), "backbone": backbone, "seed": s,
                                "reason": f"exit {rc}", "log": str(log_path)})
             if i < len(cells):

@@ -86,7 +86,13 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], arch: str, s
     persistent = model.state_dict().keys()
     for k in [k for k, _ in model.named_buffers() if k not in persistent]:  # e.g. attn_mask in scripted models
         sd.pop(k, None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when not strict
+        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise FedlitError(f"checkpoint {source} does not fit backbone {arch}: "
+                          f"{len(sizes)} tensors of the wrong shape (e.g. {sizes[0][:160] if sizes else e}); "
+                          "use a checkpoint of this architecture or change backbone.name") from None
     if missing or unexpected:
         raise FedlitError(
             f"checkpoint {source} does not fit backbone {arch}: {len(missing)} missing keys "

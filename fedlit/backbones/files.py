@@ -45,6 +45,21 @@ def _is_torchscript(path: Path) -> bool:
         return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
 
 
+def _reason(e: Exception, jit: bool) -> str:
+    """Why a file could not be read, in our words: never torch's advice to unpickle it (``weights_only=False``
+    runs the file's code), never an empty TorchScript message."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ("it holds pickled Python objects besides tensors, which fedlit never unpickles; save its "
+                "state_dict() with safetensors.torch.save_file, or as a plain state dict")
+    lines = [ln.strip() for ln in str(e).splitlines() if len(ln.strip().strip("()[]{}")) > 2]
+    if jit:
+        return f"not a TorchScript archive torch.jit.load can read ({type(e).__name__}" + (
+            f": {lines[0][:160]})" if lines else ")")
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
     """Read a checkpoint file without executing pickled code -> (fp32 state dict, is_openai_torchscript)."""
     path = Path(path).expanduser()
@@ -64,9 +79,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], b
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad user file
-        raise FedlitError(
-            f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-            "use a .safetensors file, a plain state-dict .pt/.pth/.bin, or an OpenAI TorchScript archive") from e
+        raise FedlitError(f"could not read checkpoint {path} ({_reason(e, jit)}); use a .safetensors file, a plain "
+                          "state-dict .pt/.pth/.bin, or an OpenAI TorchScript archive") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:

@@ -270,6 +270,11 @@ class FederatedData:
         """Per client of one dataset: (classes, train indices, test indices), indices into ``ds``'s splits."""
         tr_labels, te_labels = ds.train.labels, ds.test.labels
         where = f" of {g}" if len(self.names) > 1 else ""
+        fewest = int(np.bincount(tr_labels, minlength=max(train_classes) + 1)[train_classes].min()) if train_classes else 0
+        if 0 < fewest < self.shots:
+            print(f"fedlit: data.shots={self.shots}, but {g} has only {fewest} training images in its smallest class: "
+                  f"classes with fewer than {self.shots} images use all of them (set data.shots={fewest} or -1 to "
+                  "say so)")
         if self.partition in ("disjoint", "contiguous"):
             if self.partition == "disjoint":
                 try:

@@ -155,6 +155,9 @@ class FedMethod:
             METHODS[cls.name] = cls
 
     def __init__(self, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
+        for key, value, low in (("lr", lr, "> 0"), ("momentum", momentum, ">= 0"), ("weight_decay", weight_decay, ">= 0")):
+            if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                raise FedlitError(f"method.init_args.{key}={value}: must be a finite number {low}")
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay

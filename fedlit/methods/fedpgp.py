@@ -75,7 +75,7 @@ def encode_contexts(clip, task: Task, ctx: torch.Tensor) -> torch.Tensor:
 
 
 class FedPGP(FedMethod):
-    """FedPGP.
+    """FedPGP: a shared global prompt plus a personal low-rank term U_i V_i, with a prompt-wise contrastive loss.
 
     Args:
         n_ctx: context tokens (16).

@@ -93,7 +93,7 @@ class PHAPrompt(nn.Module):
 
 
 class FedPHA(FedMethod):
-    """FedPHA.
+    """FedPHA: a fixed-length global prompt and per-client-length local prompts, kept apart by SVD projection.
 
     Args:
         n_ctx: tokens of the global prompt and (without ``local_lengths``) of the local prompt (16).

@@ -106,7 +106,7 @@ class MMAdapters(nn.Module):
 
 
 class PFedMMA(FedMethod):
-    """pFedMMA.
+    """pFedMMA: multi-modal adapters in both towers; the shared projection is averaged, up/down stay personal.
 
     Args:
         adapter_start, adapter_end: first and last adapted block, 1-based (5, 12 for ViT-B/16; the embedded

@@ -49,7 +49,7 @@ class FolioPrompt(nn.Module):
 
 
 class PromptFolio(FedMethod):
-    """PromptFolio.
+    """PromptFolio: a "prompt portfolio" mixing a shared global and a personal local prompt.
 
     Args:
         n_ctx: context tokens per prompt (8, the official ``--n_ctx``; a third-party port uses 16).
