@@ -133,6 +133,33 @@ def test_ivlp_defaults_and_errors(toy):
         IVLP(n_ctx_text=0)
 
 
+def test_ivlp_language_only_config_is_accepted_and_leaves_the_image_tower_untouched(toy):
+    """Issue 21 item 13: the official language-only IVLP (N_CTX_VISION 0, PROMPT_DEPTH_VISION 0)."""
+    for kw in ({"n_ctx_vision": 0, "prompt_depth_vision": 0}, {"prompt_depth_vision": 0}, {"n_ctx_vision": 0}):
+        m = IVLP(**kw)
+        assert m.language_only and m.image_input == "features"  # cached pooled features, no vision tensors
+        module = ClientModule(toy, m)
+        assert set(module.export()[0]) == {"ctx"}
+        x = _images(toy)
+        assert torch.equal(m.image_features(module.prompt, toy, toy.encode_image(x)), toy.encode_image(x))
+    with pytest.raises(FedlitError, match="n_ctx_vision=-1"):
+        IVLP(n_ctx_vision=-1)
+
+
+def test_ivlp_vision_depth_is_bounded_by_the_vision_tower_only():
+    """Issue 21 item 13: a 2-layer text tower with a 4-layer vision tower accepts vision depth 4, not 5."""
+    from types import SimpleNamespace as NS
+
+    from fedlit.prompts import check_prompt_depth
+
+    clip = NS(name="fake", model=NS(transformer=NS(resblocks=[0] * 2), visual=NS(transformer=NS(resblocks=[0] * 4))))
+    check_prompt_depth(clip, 4, vision=True, only_vision=True, key="prompt_depth_vision")
+    with pytest.raises(FedlitError, match="prompt_depth_vision=5 exceeds the 4"):
+        check_prompt_depth(clip, 5, vision=True, only_vision=True, key="prompt_depth_vision")
+    with pytest.raises(FedlitError, match="exceeds the 2"):  # coupled prompts (MaPLe): both towers
+        check_prompt_depth(clip, 3, vision=True)
+
+
 # ============================================================================================ PromptFolio
 def test_promptfolio_mixture_on_hand_built_features():
     tg, tl = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
