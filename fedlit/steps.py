@@ -31,6 +31,7 @@ import torch
 from .client import load_optimizer_state, optimizer_state_tensors
 from .errors import FedlitError
 from .methods.base import FedMethod, StepPlan, Update
+from .privacy import per_sample_gradients
 from .rounds import ClientState
 
 Tensors = dict[str, torch.Tensor]
@@ -159,7 +160,16 @@ class StepSync:
                           views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
         y = torch.as_tensor(client.train_y, device=dev)[idx]
         sent = {k: v.to(dev) for k, v in shared.items()}
-        # per-sample mode (DP-SGD's clipping): B one-sample losses, gradients stacked [B, ...]; loss = their mean
+        if method.per_sample_gradients and getattr(method, "per_sample_text_side", False) and not method.prox_mu:
+            with o.fabric.autocast():  # one text forward, one batched backward (fedlit.privacy)
+                grads, per_loss = per_sample_gradients(m, x, y, task)
+            m.prompt.zero_grad(set_to_none=True)
+            if not torch.isfinite(per_loss).all():
+                raise FedlitError(f"client {cid}: loss became {per_loss.mean().item()} in round {rnd + 1}, step "
+                                  f"{step + 1} (trainer.sync=step cannot leave a client out of a synchronous step)")
+            grads = {k: g.to("cpu") for k, g in grads.items()}
+            return method.client_gradient(m.prompt, grads, gen), m.export()[1], float(per_loss.mean())
+        # per-sample mode, generic: B one-sample losses, gradients stacked [B, ...]; loss = their mean
         parts = [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))] if method.per_sample_gradients else [(x, y)]
         per, losses = [], []
         for batch in parts:

@@ -315,31 +315,74 @@ def test_step_mode_sigkill_then_resume_gives_identical_state(tmp_path):
 
 # ============================================================================================ per-sample clipping
 def test_per_sample_clipping_on_hand_built_gradients(toy):
-    """``clipping: per_sample``: every sample's tensor clipped to C, then the mean, then the local noise."""
+    """``clipping: per_sample``: every sample's JOINT (G, u, v) gradient clipped to C, then the mean, then the local
+    noise on u, v (issue 21 item 11: each tensor clipped to C separately let one sample reach √3·C)."""
     m = DPFPL(n_ctx=4, rank=2, epsilon=0.4, clipping="per_sample")
     m.plan_steps(_plan(rounds=100, batch=3))
     assert m.per_sample_gradients and m.local_std == pytest.approx(legacy_sigma(0.4, 1e-5, 100) * 10 / 3)
     p = m.build(toy).train()
     m.prepare_step(p, generator(0))
     w = toy.text_width
-    g_G = torch.stack([torch.full((4, w), 0.01), torch.full((4, w), 5.0), torch.zeros(4, w)])  # norms < C, > C, 0
-    per = {"G": g_G, "u": torch.ones(3, 4, 2) * 100, "v": torch.zeros(3, 2, w)}
+    g_G = torch.stack([torch.full((4, w), 0.01), torch.full((4, w), 5.0), torch.zeros(4, w)])
+    g_u = torch.stack([torch.zeros(4, 2), torch.zeros(4, 2), torch.full((4, 2), 100.0)])
+    per = {"G": g_G, "u": g_u, "v": torch.zeros(3, 2, w)}
     out = m.client_gradient(p, per, generator(7))
-    want_G = (g_G[0] + g_G[1] * 10.0 / (float(g_G[1].norm()) + 1e-6)) / 3  # the second sample clipped to C
+    # sample 0: joint norm < C, kept; sample 1: ‖g_G‖ = 5·√(4w) > C, scaled; sample 2: only u, norm 100·√8 > C
+    n1, n2 = float(g_G[1].norm()), float(g_u[2].norm())
+    want_G = (g_G[0] + g_G[1] * 10.0 / (n1 + 1e-6)) / 3
     assert torch.allclose(out["G"], want_G, atol=1e-6)  # G: clipped, no local noise (the server adds it)
     noise = torch.randn(4, 2, generator=generator(7)) * m.local_std  # the noise stream of client_gradient
-    u_clipped = torch.ones(4, 2) * 100 * 10.0 / (float(torch.ones(4, 2).norm() * 100) + 1e-6)
-    assert torch.allclose(out["u"], u_clipped + noise, atol=1e-4)
+    assert torch.allclose(out["u"], g_u[2] * 10.0 / (n2 + 1e-6) / 3 + noise, atol=1e-4)
     assert m.run_report()["privacy"]["clipping"] == "per_sample"
 
 
-def test_per_sample_gradients_average_to_the_batch_gradient(tmp_path):
-    """Without noise, the mean of the per-sample gradients (B one-sample backward passes) is the batch gradient:
-    the per-sample path of the step loop trains like the batch path."""
+def test_per_sample_sensitivity_is_C_over_B_on_adversarial_gradients(toy):
+    """Replacing one sample of the batch by an adversarial one (G, u, v gradients each far above C, pointing
+    against the others) moves everything released with noise (the client's g_G and its noisy g_u, g_v) by at most
+    2C/B in joint ℓ₂ norm, so Opacus' ε for the noise multiplier holds. Same noise stream for both batches."""
+    m = DPFPL(n_ctx=4, rank=2, epsilon=0.4, clipping="per_sample", clip=1.0)
+    m.plan_steps(_plan(rounds=100, batch=4))
+    p = m.build(toy).train()
+    m.prepare_step(p, generator(0))
+    w, g = toy.text_width, torch.Generator().manual_seed(3)
+    base = {"G": torch.randn(4, 4, w, generator=g), "u": torch.randn(4, 4, 2, generator=g),
+            "v": torch.randn(4, 2, w, generator=g)}
+    adv = {k: v.clone() for k, v in base.items()}
+    for k in adv:  # sample 0 replaced: huge, opposite to sample 0's own direction in every tensor
+        adv[k][0] = -1e3 * base[k][0] / base[k][0].norm()
+    a, b = m.client_gradient(p, base, generator(9)), m.client_gradient(p, adv, generator(9))
+    moved = math.sqrt(sum(float((a[k] - b[k]).norm()) ** 2 for k in ("G", "u", "v")))
+    assert moved <= 2 * m.clip / 4 * (1 + 1e-5)
+
+
+def test_per_sample_gradients_average_to_the_batch_gradient(tmp_path, monkeypatch):
+    """Without noise, the mean of the per-sample gradients is the batch gradient: the per-sample path of the step
+    loop trains like the batch path; it takes them from ONE text forward per client step (fedlit.privacy), not B."""
+    import fedlit.steps
+
+    calls, texts, inside = [], [], []
+    real, real_text = fedlit.steps.per_sample_gradients, DPFPL.text_features
+
+    def counted(module, x, y, task):
+        calls.append(len(y))
+        inside.append(True)
+        try:
+            return real(module, x, y, task)
+        finally:
+            inside.pop()
+
+    def text(self, *a, **k):
+        texts.extend([1] if inside else [])
+        return real_text(self, *a, **k)
+
+    monkeypatch.setattr(fedlit.steps, "per_sample_gradients", counted)
+    monkeypatch.setattr(DPFPL, "text_features", text)
     common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
               "--method.init_args.rank", "2", "--trainer.batch_size", "8", "--method.init_args.epsilon", "0"]
     _, a = _fit(tmp_path, "batch", "dpfpl.yaml", *common)
+    assert calls == []
     _, b = _fit(tmp_path, "per", "dpfpl.yaml", *common, "--method.init_args.clipping", "per_sample")
+    assert calls and set(calls) == {8} and len(texts) == len(calls)  # one text forward per client step
     assert torch.allclose(a.global_state["G"], b.global_state["G"], atol=1e-6, rtol=0)
     for c in a.personal:
         assert torch.allclose(a.personal[c]["L"], b.personal[c]["L"], atol=1e-6, rtol=0)

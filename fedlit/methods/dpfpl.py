@@ -18,10 +18,14 @@ client applies it (one G in fedlit) and steps SGD on its own L, u, v. Clipping i
 rule (factor ``C / (‖g‖ + 1e-6)`` when below 1).
 
 Clipping (``clipping``): ``batch`` (official, default) clips each client's batch gradient; ``per_sample`` is DP-SGD:
-every sample's gradient (of a one-sample loss) is clipped to C, tensor by tensor as the official code clips, and the
-noisy tensors get the same N(0, σ_loc²) on the mean of the clipped gradients (σ_loc = σ C / B: noise multiplier σ
-for a per-sample sensitivity C / B of the mean), so the accountant's ε below holds for that mechanism (up to the
-shuffled, not Poisson, batches). It costs B backward passes per client step.
+every sample's gradient (of a one-sample loss) is clipped to C on the JOINT norm of everything released with noise
+of that calibration (g_G, which the server noises, and the locally noised tensors: ‖(g_G, g_u, g_v)_i‖ ≤ C,
+:func:`fedlit.privacy.clip_per_sample`), and the noisy tensors get the same N(0, σ_loc²) on the mean of the clipped
+gradients (σ_loc = σ C / B: noise multiplier σ for a per-sample sensitivity C / B of the mean), so the accountant's
+ε below holds for that mechanism (up to the shuffled, not Poisson, batches). Clipping each tensor separately (the
+official per-tensor rule applied per sample) would let one sample reach √2·C over (g_u, g_v), √3·C with g_G. The
+per-sample gradients come from one text forward and one batched backward (:func:`fedlit.privacy.per_sample_gradients`,
+``per_sample_text_side``).
 
 Calibration (``calibration``, spec §4.5): ``dpfpl_legacy`` (default, the official closed form, no accountant):
 ``σ = sqrt(T ln(1/δ)) / ε`` with T = **rounds**, ``σ_loc = σ · C / B`` (B: the largest batch), server std σ_loc/K.
@@ -53,6 +57,7 @@ from torch import nn
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
 from ..aggregation import uniform_mean
+from ..privacy import clip_norm, clip_per_sample, gaussian, rdp_epsilon, rdp_orders
 from .base import FedMethod, StepPlan
 
 FACTORIZATIONS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
@@ -79,35 +84,9 @@ def local_gradient(u, v, g_u, g_v, divisor: float = 10.0) -> torch.Tensor:
     return (g_u @ v + u @ g_v + u @ u.t() @ g_u @ v) / divisor
 
 
-def clip_norm(g: torch.Tensor, c: float) -> torch.Tensor:
-    """``g`` scaled to ℓ₂ ≤ ``c`` (``clip_grad_norm_``'s factor ``c / (‖g‖ + 1e-6)`` when below 1)."""
-    coef = c / (float(g.norm()) + 1e-6)
-    return g * coef if coef < 1 else g
-
-
 def legacy_sigma(epsilon: float, delta: float, rounds: int) -> float:
     """The official closed form ``σ = q · sqrt(T ln(1/δ)) / ε`` with q = 1, T = rounds (spec §4.5)."""
     return math.sqrt(rounds * math.log(1 / delta)) / epsilon
-
-
-def rdp_orders() -> list[float]:
-    """Opacus' default RDP orders plus larger ones (DP-FPL's large σ has its optimal order above 63)."""
-    from opacus.accountants import RDPAccountant
-
-    return list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096]
-
-
-def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε spent by ``steps`` sampled-Gaussian steps, from Opacus' RDP accountant (orders :func:`rdp_orders`)."""
-    import warnings
-
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
-    orders = rdp_orders()
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, only looser
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 class DPFPLPrompt(nn.Module):
@@ -142,6 +121,7 @@ class DPFPL(FedMethod):
 
     name = "dpfpl"
     sync = "step"
+    per_sample_text_side = True  # the prompt reaches the loss only through the class text features
     neighbor_accuracy = True
 
     def __init__(self, n_ctx: int = 16, rank: int = 8,
@@ -232,16 +212,15 @@ class DPFPL(FedMethod):
         """Clip g_G; clip + local noise on the mode's gradients; rebuild g_L from g_u, g_v (dplora, dpfpl)."""
         out = dict(grads)
         clipped = ("G", *NOISY[self.factorization]) if self.epsilon > 0 else ()
-        if self.per_sample_gradients:  # [B, ...] per sample: clip each sample's tensor, then the mean
-            out = {k: (torch.stack([clip_norm(g, self.clip) for g in v]) if k in clipped else v).mean(0)
-                   for k, v in out.items()}
+        if self.per_sample_gradients:  # [B, ...] per sample: clip each sample's joint norm, then the mean
+            out = {k: v.mean(0) for k, v in clip_per_sample(out, clipped, self.clip).items()}
         elif self.epsilon > 0:
             out["G"] = clip_norm(out["G"], self.clip)
             for k in NOISY[self.factorization]:
                 out[k] = clip_norm(out[k], self.clip)
         if self.epsilon > 0:
             for k in NOISY[self.factorization]:
-                out[k] = out[k] + torch.randn(out[k].shape, generator=gen) * self.local_std
+                out[k] = out[k] + gaussian(out[k], self.local_std, gen)
         if self.factorization in ("dplora", "dpfpl"):
             u, v = prompt.u.detach().to(out["u"]), prompt.v.detach().to(out["v"])
             out["L"] = local_gradient(u, v, out["u"], out["v"], self.grad_divisor)
