@@ -15,9 +15,15 @@ copies of the shared tensors, so fedlit keeps one copy and one optimiser state f
   ``S = local_epochs × batches(n_min)`` (``trainer.drop_last`` applies). Each epoch reshuffles the subset from
   (seed, round, client, epoch) exactly as a round-mode client does, so one client without noise in step mode is
   local SGD on that client (tested against round mode).
-- **Optimiser state.** The shared tensors' state (momentum) is the server's; each client's personal state is its
-  own (:class:`~fedlit.rounds.ClientState` ``optim``). Both are kept across rounds and in checkpoints (a round is
-  only an evaluation boundary of one continuous FedSGD run).
+- **Loop policies** (:meth:`~fedlit.trainer.FedTrainer.step_policies`; ``method`` → the method's
+  ``loop_defaults``, DP-FPL's official loop). ``optimizer_state``: ``per_client`` (the generic default) — the
+  shared tensors' state (momentum) is the server's, each client's personal state its own
+  (:class:`~fedlit.rounds.ClientState` ``optim``); ``chain`` — one state for every tensor of every client, stepped
+  client after client (every client then keeps its own copy of the shared tensors, in its personal state; the
+  global copy is the last client's); ``fresh`` — none carried. States are kept across rounds and in checkpoints.
+  ``step_start``: ``previous`` (FedSGD) or ``round`` (every step from the round's starting weights, so only the
+  round's last step is kept). ``personal_grad``: ``own`` or ``last_client`` (every client's personal tensors take
+  the last client's gradient of the step).
 - **Limits.** One process: ``devices``/``num_nodes`` > 1 raise. A client that raises or whose loss is not finite
   stops the run (``on_client_failure`` does not apply: a synchronous step cannot proceed without it). Methods that
   send clients different tensors (pFedPG) are refused. Communication counts S exchanges per round.
