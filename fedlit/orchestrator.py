@@ -385,6 +385,7 @@ class Orchestrator:
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
             "sync": self.cfg.sync_of(self.method),
+            **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
             **self.method.run_report(),
         }
         if self.fabric.global_rank == 0:

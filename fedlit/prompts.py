@@ -166,16 +166,19 @@ def init_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None, std: float 
     return torch.randn(n_ctx, clip.text_width) * std
 
 
-def check_prompt_depth(clip: FrozenCLIP, depth: int, vision: bool) -> None:
-    """Deep prompts need ``depth`` ≤ the layers of the text tower (and of the vision tower when prompted)."""
-    layers = len(clip.model.transformer.resblocks)
-    if vision:
-        layers = min(layers, len(clip.model.visual.transformer.resblocks))
+def check_prompt_depth(clip: FrozenCLIP, depth: int, vision: bool, only_vision: bool = False,
+                       key: str = "prompt_depth") -> None:
+    """Deep prompts need ``depth`` ≤ the layers of the text tower (and of the vision tower when prompted);
+    ``only_vision``: a vision-only prompt depth (IVLP's independent vision prompts), ≤ the vision tower's layers."""
+    text = len(clip.model.transformer.resblocks)
+    layers = text if not (vision or only_vision) else len(clip.model.visual.transformer.resblocks)
+    if vision and not only_vision:
+        layers = min(layers, text)
     if depth > layers:
         from .errors import FedlitError
 
-        raise FedlitError(f"method.init_args.prompt_depth={depth} exceeds the {layers} transformer layers of "
-                          f"backbone '{clip.name}'; use --method.init_args.prompt_depth {layers} or less")
+        raise FedlitError(f"method.init_args.{key}={depth} exceeds the {layers} transformer layers of "
+                          f"backbone '{clip.name}'; use --method.init_args.{key} {layers} or less")
 
 
 class ContextPrompt(nn.Module):

@@ -15,9 +15,15 @@ copies of the shared tensors, so fedlit keeps one copy and one optimiser state f
   ``S = local_epochs × batches(n_min)`` (``trainer.drop_last`` applies). Each epoch reshuffles the subset from
   (seed, round, client, epoch) exactly as a round-mode client does, so one client without noise in step mode is
   local SGD on that client (tested against round mode).
-- **Optimiser state.** The shared tensors' state (momentum) is the server's; each client's personal state is its
-  own (:class:`~fedlit.rounds.ClientState` ``optim``). Both are kept across rounds and in checkpoints (a round is
-  only an evaluation boundary of one continuous FedSGD run).
+- **Loop policies** (:meth:`~fedlit.trainer.FedTrainer.step_policies`; ``method`` → the method's
+  ``loop_defaults``, DP-FPL's official loop). ``optimizer_state``: ``per_client`` (the generic default) — the
+  shared tensors' state (momentum) is the server's, each client's personal state its own
+  (:class:`~fedlit.rounds.ClientState` ``optim``); ``chain`` — one state for every tensor of every client, stepped
+  client after client (every client then keeps its own copy of the shared tensors, in its personal state; the
+  global copy is the last client's); ``fresh`` — none carried. States are kept across rounds and in checkpoints.
+  ``step_start``: ``previous`` (FedSGD) or ``round`` (every step from the round's starting weights, so only the
+  round's last step is kept). ``personal_grad``: ``own`` or ``last_client`` (every client's personal tensors take
+  the last client's gradient of the step).
 - **Limits.** One process: ``devices``/``num_nodes`` > 1 raise. A client that raises or whose loss is not finite
   stops the run (``on_client_failure`` does not apply: a synchronous step cannot proceed without it). Methods that
   send clients different tensors (pFedPG) are refused. Communication counts S exchanges per round.
@@ -31,6 +37,7 @@ import torch
 from .client import load_optimizer_state, optimizer_state_tensors
 from .errors import FedlitError
 from .methods.base import FedMethod, StepPlan, Update
+from .privacy import per_sample_gradients
 from .rounds import ClientState
 
 Tensors = dict[str, torch.Tensor]
@@ -94,9 +101,9 @@ class StepSync:
         self.starts = list(cfg.batch_starts(self.n))
         self.steps_per_round = cfg.local_epochs * len(self.starts)
         self.server_optim: Tensors = {}
-        self.init_shared = dict(orch.protocol.global_state)
+        self.policies = cfg.step_policies(method)
         method.plan_steps(StepPlan(cfg.rounds, self.steps_per_round, min(cfg.batch_size, self.n),
-                                   len(orch.protocol.select(cfg.rounds - 1)), self.n))
+                                   len(orch.protocol.select(cfg.rounds - 1)), self.n, cfg.batch_size))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> Tensors:
@@ -109,32 +116,49 @@ class StepSync:
 
     # ------------------------------------------------------------------------------------ a round
     def run_round(self, rnd: int) -> tuple[list[int], list[Update]]:
-        """The round's ``S`` synchronous steps. Returns (selected clients, one Update per client: loss, steps)."""
+        """The round's ``S`` synchronous steps under the run's loop policies (:meth:`FedTrainer.step_policies`).
+        Returns (selected clients, one Update per client: loss, steps)."""
         o, method, cfg = self.o, self.o.method, self.o.cfg
+        pol = self.policies
+        chain, fresh = pol["optimizer_state"] == "chain", pol["optimizer_state"] == "fresh"
         cids = list(o.protocol.configure(rnd))
         shared = dict(o.protocol.global_state)
         personal = {c: dict(o.protocol.state_of(c).personal or o.init_personal) for c in cids}
+        if chain:  # every client steps its own copy of the shared tensors with the one chained state
+            personal = {c: {**shared, **p} for c, p in personal.items()}
         optim = {c: dict(o.protocol.state_of(c).optim) for c in cids}
+        start = (dict(shared), {c: dict(p) for c, p in personal.items()})
         losses: dict[int, list[float]] = {c: [] for c in cids}
-        reload = rnd == 0 and getattr(method, "round0_reload", False)
         o.module.train()
         step = 0
         for epoch in range(cfg.local_epochs):
             orders = {c: np.random.default_rng([o.seed, rnd, c, epoch]).permutation(self.n) for c in cids}
             for s in self.starts:
-                if reload:  # DP-FPL's round 0: every forward starts from the initial weights (spec §4.4)
-                    shared, personal = dict(self.init_shared), {c: dict(o.init_personal) for c in cids}
+                if pol["step_start"] == "round":  # every forward from the round's weights (DP-FPL's loop)
+                    shared, personal = dict(start[0]), {c: dict(p) for c, p in start[1].items()}
                 sent, own = [], {}
                 for c in cids:
-                    g, personal[c], loss = self.client_step(c, rnd, epoch, step, shared, personal[c],
-                                                            orders[c][s : s + cfg.batch_size])
+                    view = {**shared, **{k: v for k, v in personal[c].items() if k in shared}}
+                    g, fwd, loss = self.client_step(c, rnd, epoch, step, view, personal[c],
+                                                    orders[c][s : s + cfg.batch_size])
+                    personal[c] = {**{k: personal[c][k] for k in shared if k in personal[c]}, **fwd}
                     sent.append({k: v for k, v in g.items() if k in shared})
                     own[c] = {k: v for k, v in g.items() if k not in shared}
                     losses[c].append(loss)
                 g = method.server_gradient(sent, [self.n] * len(cids), generator(o.seed, rnd, step, 0x5E7))
-                shared, self.server_optim = sgd_step(method, shared, g, self.server_optim)
-                for c in cids:
-                    personal[c], optim[c] = sgd_step(method, personal[c], own[c], optim[c])
+                if pol["personal_grad"] == "last_client":  # DP-FPL's model_update(): the last forward's .grad
+                    own = {c: own[cids[-1]] for c in cids}
+                if chain:
+                    for c in cids:
+                        personal[c], self.server_optim = sgd_step(method, personal[c], {**g, **own[c]},
+                                                                  self.server_optim)
+                    shared = {**shared, **{k: personal[cids[-1]][k].clone() for k in shared}}
+                else:
+                    shared, st = sgd_step(method, shared, g, {} if fresh else self.server_optim)
+                    self.server_optim = {} if fresh else st
+                    for c in cids:
+                        personal[c], st = sgd_step(method, personal[c], own[c], {} if fresh else optim[c])
+                        optim[c] = {} if fresh else st
                 step += 1
         o.protocol.global_state = shared
         updates = []
@@ -159,7 +183,16 @@ class StepSync:
                           views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
         y = torch.as_tensor(client.train_y, device=dev)[idx]
         sent = {k: v.to(dev) for k, v in shared.items()}
-        # per-sample mode (DP-SGD's clipping): B one-sample losses, gradients stacked [B, ...]; loss = their mean
+        if method.per_sample_gradients and getattr(method, "per_sample_text_side", False) and not method.prox_mu:
+            with o.fabric.autocast():  # one text forward, one batched backward (fedlit.privacy)
+                grads, per_loss = per_sample_gradients(m, x, y, task)
+            m.prompt.zero_grad(set_to_none=True)
+            if not torch.isfinite(per_loss).all():
+                raise FedlitError(f"client {cid}: loss became {per_loss.mean().item()} in round {rnd + 1}, step "
+                                  f"{step + 1} (trainer.sync=step cannot leave a client out of a synchronous step)")
+            grads = {k: g.to("cpu") for k, g in grads.items()}
+            return method.client_gradient(m.prompt, grads, gen), m.export()[1], float(per_loss.mean())
+        # per-sample mode, generic: B one-sample losses, gradients stacked [B, ...]; loss = their mean
         parts = [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))] if method.per_sample_gradients else [(x, y)]
         per, losses = [], []
         for batch in parts:

@@ -79,6 +79,20 @@ class FedTrainer:
             FedPGP's Table-1 rows, pFedMMA and IVLP, ``last_round`` otherwise); ``last_round``; ``best_local`` (the
             round of the best mean Local accuracy, with its Base / Novel / HM: a test-set-selected round, as the
             official code does); ``max``; ``last5_mean``.
+        step_start: what a step of a step-synchronous round (``sync: step``) starts from. ``method`` (default): the
+            method's (:attr:`~fedlit.methods.base.FedMethod.loop_defaults`; ``round`` for DP-FPL, ``previous``
+            otherwise); ``previous``: the previous step's result (FedSGD); ``round``: the weights the round started
+            with — DP-FPL's official loop (``federated_main.py:149,170-177`` reloads forward-time copies), so a round
+            keeps only its last step's update.
+        optimizer_state: whose optimiser state (momentum) a step uses; step mode here (the round mode's policy of the
+            same name is another setting of the same key). ``method`` (default); ``chain``: ONE state for every
+            tensor of every client, stepped client after client in order (DP-FPL's single optimiser,
+            ``DP_FPL.py:248``); every client then keeps its own copy of the shared tensors too (each is stepped
+            with the chained momentum); ``per_client``: the server's state for the shared tensors, each client's
+            own for its personal ones; ``fresh``: no state carried from one step to the next.
+        personal_grad: the gradient a client's personal tensors are stepped with in step mode. ``method``
+            (default); ``own``: its own; ``last_client``: the last client's of the step, for every client —
+            DP-FPL's official ``model_update()`` after the forward loop (``DP_FPL.py:264-329``).
     """
 
     def __init__(
@@ -109,6 +123,9 @@ class FedTrainer:
         lockstep: int = 1,
         eval_last: int = 0,
         statistic: Literal["method", "last_round", "best_local", "max", "last5_mean"] = "method",
+        step_start: Literal["method", "previous", "round"] = "method",
+        optimizer_state: Literal["method", "chain", "per_client", "fresh"] = "method",
+        personal_grad: Literal["method", "own", "last_client"] = "method",
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -132,6 +149,12 @@ class FedTrainer:
             (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
                             f"or 0 (all of the process's clients)"),
             (str(precision) in PRECISIONS, f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}"),
+            (step_start in ("method", "previous", "round"),
+             f"trainer.step_start={step_start!r}: use 'method', 'previous' or 'round'"),
+            (optimizer_state in ("method", "chain", "per_client", "fresh"),
+             f"trainer.optimizer_state={optimizer_state!r}: use 'method', 'chain', 'per_client' or 'fresh'"),
+            (personal_grad in ("method", "own", "last_client"),
+             f"trainer.personal_grad={personal_grad!r}: use 'method', 'own' or 'last_client'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -162,10 +185,20 @@ class FedTrainer:
         self.lockstep = lockstep
         self.eval_last = eval_last
         self.statistic = statistic
+        self.step_start = step_start
+        self.optimizer_state = optimizer_state
+        self.personal_grad = personal_grad
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""
         return method.sync if self.sync == "method" else self.sync
+
+    def step_policies(self, method) -> dict[str, str]:
+        """The step-mode loop policies of a run of ``method`` (``method`` resolved to the method's defaults)."""
+        own = {"step_start": "previous", "optimizer_state": "per_client", "personal_grad": "own",
+               **getattr(method, "loop_defaults", {})}
+        return {k: own[k] if getattr(self, k) == "method" else getattr(self, k) for k in
+                ("step_start", "optimizer_state", "personal_grad")}
 
     def batch_starts(self, n: int) -> range:
         """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""

@@ -270,7 +270,7 @@ def write_fedbn_folders(root, folder, domains, classes, per_class=10):
 
 def test_office_caltech10_folders(tmp_path):
     write_fedbn_folders(tmp_path, "office_caltech_10", FB.OFFICE_DOMAINS, FB.OFFICE_CLASSES)
-    data = R.get_dataset("office_caltech10", root=str(tmp_path), seed=3)
+    data = R.get_dataset("office_caltech10", root=str(tmp_path), seed=3, val_fraction=0.1)
     # fixed label order (FedBN label_dict), never a set
     assert data.classnames == ["back pack", "bike", "calculator", "headphones", "keyboard", "laptop computer",
                                "monitor", "mouse", "mug", "projector"]
@@ -283,9 +283,11 @@ def test_office_caltech10_folders(tmp_path):
     sets = [set(s.paths) for s in (data.train, data.val, data.test)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     R.clear_cache()
-    assert R.get_dataset("office_caltech10", root=str(tmp_path), seed=3).test.paths == data.test.paths
-    assert R.get_dataset("office_caltech10", root=str(tmp_path), seed=4).test.paths != data.test.paths
-    one = R.get_dataset("office_caltech10-webcam", root=str(tmp_path), seed=3)
+    assert R.get_dataset("office_caltech10", root=str(tmp_path), seed=3, val_fraction=0.1).test.paths == \
+        data.test.paths
+    assert R.get_dataset("office_caltech10", root=str(tmp_path), seed=4, val_fraction=0.1).test.paths != \
+        data.test.paths
+    one = R.get_dataset("office_caltech10-webcam", root=str(tmp_path), seed=3, val_fraction=0.1)
     assert one.test.paths == [p for p, d in zip(data.test.paths, data.test.meta["domain"]) if d == "webcam"]
     assert one.classnames == data.classnames
 
@@ -304,6 +306,23 @@ def test_domainnet_ignores_other_classes_and_needs_domain(tmp_path):
         R.get_dataset("domainnet", root=str(tmp_path))
     with pytest.raises(FedlitError, match="office_caltech_10"):
         R.get_dataset("office_caltech10-amazon", root=str(tmp_path))
+
+
+def test_fedbn_pickles_train_on_the_whole_train_list_by_default(tmp_path):
+    """Issue 21 item 4: the official code trains on each domain's whole train pickle (no validation cut, no shot
+    sampling); ``val_fraction: 0.1`` is fedlit's former protocol, a named option."""
+    write_fedbn_folders(tmp_path, "office_caltech_10", ["dslr"], FB.OFFICE_CLASSES[:2], per_class=6)
+    base = tmp_path / "office_caltech_10"
+    rows = [f"office_caltech_10/dslr/{c}/{i}.jpg" for c in ("back_pack", "bike") for i in range(5)]
+    with open(base / "dslr_train.pkl", "wb") as f:
+        pickle.dump((rows, ["back_pack"] * 5 + ["bike"] * 5), f)
+    with open(base / "dslr_test.pkl", "wb") as f:
+        pickle.dump((["dslr/bike/5.jpg"], ["bike"]), f)
+    data = R.get_dataset("office_caltech10-dslr", root=str(tmp_path))
+    assert len(data.train) == 10 and len(data.val) == 0 and len(data.test) == 1
+    R.clear_cache()
+    cut = R.get_dataset("office_caltech10-dslr", root=str(tmp_path), val_fraction=0.1)
+    assert (len(cut.train), len(cut.val)) == (9, 1)
 
 
 def test_fedbn_pickles(tmp_path):

@@ -250,36 +250,90 @@ def test_promptfl_step_mode_one_client_is_local_sgd(tmp_path):
     assert res_r["final"] == pytest.approx(res_s["final"])
 
 
+#: the fixes of DP-FPL's three official loop quirks (the defaults: round / chain / last_client)
+FIXED_LOOP = ("--trainer.step_start", "previous", "--trainer.optimizer_state", "per_client",
+              "--trainer.personal_grad", "own")
+
+
 def test_dpfpl_promptfl_factorization_without_noise_is_promptfl_fedsgd(tmp_path):
-    """DP-FPL's own hooks reduce to the generic FedSGD step: factorization promptfl, ε = 0, no round-0 reload."""
+    """DP-FPL's own hooks reduce to the generic FedSGD step: factorization promptfl, ε = 0, the loop fixes."""
     common = ["--data.num_clients", "2", "--trainer.rounds", "2", "--trainer.batch_size", "8",
               "--method.init_args.lr", "0.002", "--method.init_args.weighted", "false"]
     _, a = _fit(tmp_path, "pfl", "promptfl.yaml", *common, "--trainer.sync", "step")
     _, b = _fit(tmp_path, "dp", "dpfpl.yaml", *common, "--method.init_args.factorization", "promptfl",
-                "--method.init_args.epsilon", "0", "--method.init_args.round0_reload", "false")
+                "--method.init_args.epsilon", "0", *FIXED_LOOP)
     assert torch.allclose(a.global_state["ctx"], b.global_state["G"], atol=1e-6, rtol=0)  # same init G = ctx
 
 
-def test_dpfpl_run_shares_only_G_reports_privacy_and_round0_reload(tmp_path):
+def test_dpfpl_run_shares_only_G_reports_privacy(tmp_path):
     common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
               "--method.init_args.rank", "2", "--trainer.batch_size", "8"]
     res, st = _fit(tmp_path, "dp", "dpfpl.yaml", *common)
     assert set(st.global_state) == {"G"}
     own = [{k for k in p if not k.startswith("optim/")} for p in st.personal.values()]
-    assert own == [{"L", "u", "v"}] * 2  # (plus each client's own optimiser state, never sent)
+    assert own == [{"G", "L", "u", "v"}] * 2  # optimizer_state chain: each client's own copy of G too
     priv = res["privacy"]
     assert res["sync"] == "step" and priv["calibration"] == "dpfpl_legacy" and priv["epsilon_target"] == 0.4
     assert priv["steps"] == priv["steps_per_round"] == 3 and math.isfinite(priv["epsilon_rdp"])
     for c, r in res["per_client"].items():  # "neighbor": the other client's half of the base set (equal halves here)
         assert r["base"] == pytest.approx((r["local"] + r["neighbor"]) / 2, abs=1e-4), c
     assert "neighbor" in res["final"]
-    _, a = _fit(tmp_path, "reload", "dpfpl.yaml", *common, "--method.init_args.epsilon", "0")
-    _, b = _fit(tmp_path, "noreload", "dpfpl.yaml", *common, "--method.init_args.epsilon", "0",
-                "--method.init_args.round0_reload", "false")
-    assert not torch.allclose(a.global_state["G"], b.global_state["G"])  # 3 steps: only the last survives
     rc = main(["fit", "--config", str(ROOT / "configs" / "dpfpl.yaml"), "--config",
                str(ROOT / "configs" / "embedded.yaml"), "--trainer.sync", "round", "--out_dir", str(tmp_path / "r")])
     assert rc == 2 and not (tmp_path / "r" / "results.json").exists()
+
+
+def test_dpfpl_official_loop_is_the_default_and_each_quirk_is_a_named_policy(tmp_path, monkeypatch):
+    """Issue 21 item 10. Official (default): every step of a round starts from the round's weights, one optimiser
+    state chained over every client (each client's own G copy), personal tensors stepped with the LAST client's
+    gradient. ``step_loop`` in results.json records it. The fixes, one at a time, change what they name."""
+    common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
+              "--method.init_args.rank", "2", "--trainer.batch_size", "4", "--method.init_args.epsilon", "0",
+              "--method.init_args.factorization", "fedotp"]  # L stepped by SGD directly (no re-factorisation)
+    seen = []
+    real = StepSync.client_step
+
+    def spy(self, cid, rnd, epoch, step, shared, own, rows):
+        seen.append((cid, step, shared["G"].clone(), own["L"].clone()))
+        return real(self, cid, rnd, epoch, step, shared, own, rows)
+
+    monkeypatch.setattr(StepSync, "client_step", spy)
+    res, a = _fit(tmp_path, "official", "dpfpl.yaml", *common)
+    assert res["step_loop"] == {"step_start": "round", "optimizer_state": "chain", "personal_grad": "last_client"}
+    g0 = [g for c, s, g, _ in seen if c == 0]
+    assert len(g0) >= 2 and all(torch.equal(g, g0[0]) for g in g0)  # every step from the round's weights
+    ga, gb = a.personal[0]["G"], a.personal[1]["G"]  # chain: one momentum, stepped client 0 then client 1
+    assert not torch.allclose(ga, gb) and torch.equal(a.global_state["G"], gb)
+    seen.clear()
+    res, b = _fit(tmp_path, "previous", "dpfpl.yaml", *common, "--trainer.step_start", "previous")
+    g0 = [g for c, s, g, _ in seen if c == 0]
+    assert res["step_loop"]["step_start"] == "previous" and not torch.equal(g0[0], g0[-1])
+    # last_client without the chain: both clients' L start equal and get the same gradient → stay equal
+    _, c = _fit(tmp_path, "last", "dpfpl.yaml", *common, "--trainer.optimizer_state", "per_client")
+    assert "G" not in c.personal[0] and torch.allclose(c.personal[0]["L"], c.personal[1]["L"], atol=1e-7)
+    _, d = _fit(tmp_path, "own", "dpfpl.yaml", *common, *FIXED_LOOP)
+    assert not torch.allclose(d.personal[0]["L"], d.personal[1]["L"], atol=1e-5)
+
+
+def test_dpfpl_sensitivity_batch_and_dplora_evaluation_refactorisation(toy):
+    """σ_loc from the configured batch (official) or the one used; dplora's evaluation draws a fresh Ω each forward
+    (official) or keeps the last training factorisation."""
+    plan = StepPlan(rounds=100, steps_per_round=1, batch_size=5, clients=2, samples_per_client=5, configured_batch=32)
+    off, fix = DPFPL(epsilon=0.4), DPFPL(epsilon=0.4, sensitivity_batch="used")
+    off.plan_steps(plan)
+    fix.plan_steps(plan)
+    assert off.local_std == pytest.approx(off.noise_multiplier * 10 / 32)
+    assert fix.local_std == pytest.approx(fix.noise_multiplier * 10 / 5)
+    assert off.run_report()["privacy"]["sensitivity_b"] == 32
+    m = DPFPL(n_ctx=4, rank=2, factorization="dplora")
+    p = m.build(toy).train()
+    m.prepare_step(p, generator(0))
+    p.eval()
+    assert m.prepare(p, toy, TASK) is None  # recomputed per evaluation batch
+    c1, c2 = m.context(p), m.context(p)
+    assert not torch.allclose(c1, c2)  # a fresh Ω each forward: another rank-2 approximation of L
+    k = DPFPL(n_ctx=4, rank=2, factorization="dplora", eval_refactorise=False)
+    assert torch.equal(k.context(p), p.G + p.u @ p.v) and k.prepare(p, toy, TASK) is not None
 
 
 @pytest.mark.slow
@@ -315,31 +369,74 @@ def test_step_mode_sigkill_then_resume_gives_identical_state(tmp_path):
 
 # ============================================================================================ per-sample clipping
 def test_per_sample_clipping_on_hand_built_gradients(toy):
-    """``clipping: per_sample``: every sample's tensor clipped to C, then the mean, then the local noise."""
+    """``clipping: per_sample``: every sample's JOINT (G, u, v) gradient clipped to C, then the mean, then the local
+    noise on u, v (issue 21 item 11: each tensor clipped to C separately let one sample reach √3·C)."""
     m = DPFPL(n_ctx=4, rank=2, epsilon=0.4, clipping="per_sample")
     m.plan_steps(_plan(rounds=100, batch=3))
     assert m.per_sample_gradients and m.local_std == pytest.approx(legacy_sigma(0.4, 1e-5, 100) * 10 / 3)
     p = m.build(toy).train()
     m.prepare_step(p, generator(0))
     w = toy.text_width
-    g_G = torch.stack([torch.full((4, w), 0.01), torch.full((4, w), 5.0), torch.zeros(4, w)])  # norms < C, > C, 0
-    per = {"G": g_G, "u": torch.ones(3, 4, 2) * 100, "v": torch.zeros(3, 2, w)}
+    g_G = torch.stack([torch.full((4, w), 0.01), torch.full((4, w), 5.0), torch.zeros(4, w)])
+    g_u = torch.stack([torch.zeros(4, 2), torch.zeros(4, 2), torch.full((4, 2), 100.0)])
+    per = {"G": g_G, "u": g_u, "v": torch.zeros(3, 2, w)}
     out = m.client_gradient(p, per, generator(7))
-    want_G = (g_G[0] + g_G[1] * 10.0 / (float(g_G[1].norm()) + 1e-6)) / 3  # the second sample clipped to C
+    # sample 0: joint norm < C, kept; sample 1: ‖g_G‖ = 5·√(4w) > C, scaled; sample 2: only u, norm 100·√8 > C
+    n1, n2 = float(g_G[1].norm()), float(g_u[2].norm())
+    want_G = (g_G[0] + g_G[1] * 10.0 / (n1 + 1e-6)) / 3
     assert torch.allclose(out["G"], want_G, atol=1e-6)  # G: clipped, no local noise (the server adds it)
     noise = torch.randn(4, 2, generator=generator(7)) * m.local_std  # the noise stream of client_gradient
-    u_clipped = torch.ones(4, 2) * 100 * 10.0 / (float(torch.ones(4, 2).norm() * 100) + 1e-6)
-    assert torch.allclose(out["u"], u_clipped + noise, atol=1e-4)
+    assert torch.allclose(out["u"], g_u[2] * 10.0 / (n2 + 1e-6) / 3 + noise, atol=1e-4)
     assert m.run_report()["privacy"]["clipping"] == "per_sample"
 
 
-def test_per_sample_gradients_average_to_the_batch_gradient(tmp_path):
-    """Without noise, the mean of the per-sample gradients (B one-sample backward passes) is the batch gradient:
-    the per-sample path of the step loop trains like the batch path."""
+def test_per_sample_sensitivity_is_C_over_B_on_adversarial_gradients(toy):
+    """Replacing one sample of the batch by an adversarial one (G, u, v gradients each far above C, pointing
+    against the others) moves everything released with noise (the client's g_G and its noisy g_u, g_v) by at most
+    2C/B in joint ℓ₂ norm, so Opacus' ε for the noise multiplier holds. Same noise stream for both batches."""
+    m = DPFPL(n_ctx=4, rank=2, epsilon=0.4, clipping="per_sample", clip=1.0)
+    m.plan_steps(_plan(rounds=100, batch=4))
+    p = m.build(toy).train()
+    m.prepare_step(p, generator(0))
+    w, g = toy.text_width, torch.Generator().manual_seed(3)
+    base = {"G": torch.randn(4, 4, w, generator=g), "u": torch.randn(4, 4, 2, generator=g),
+            "v": torch.randn(4, 2, w, generator=g)}
+    adv = {k: v.clone() for k, v in base.items()}
+    for k in adv:  # sample 0 replaced: huge, opposite to sample 0's own direction in every tensor
+        adv[k][0] = -1e3 * base[k][0] / base[k][0].norm()
+    a, b = m.client_gradient(p, base, generator(9)), m.client_gradient(p, adv, generator(9))
+    moved = math.sqrt(sum(float((a[k] - b[k]).norm()) ** 2 for k in ("G", "u", "v")))
+    assert moved <= 2 * m.clip / 4 * (1 + 1e-5)
+
+
+def test_per_sample_gradients_average_to_the_batch_gradient(tmp_path, monkeypatch):
+    """Without noise, the mean of the per-sample gradients is the batch gradient: the per-sample path of the step
+    loop trains like the batch path; it takes them from ONE text forward per client step (fedlit.privacy), not B."""
+    import fedlit.steps
+
+    calls, texts, inside = [], [], []
+    real, real_text = fedlit.steps.per_sample_gradients, DPFPL.text_features
+
+    def counted(module, x, y, task):
+        calls.append(len(y))
+        inside.append(True)
+        try:
+            return real(module, x, y, task)
+        finally:
+            inside.pop()
+
+    def text(self, *a, **k):
+        texts.extend([1] if inside else [])
+        return real_text(self, *a, **k)
+
+    monkeypatch.setattr(fedlit.steps, "per_sample_gradients", counted)
+    monkeypatch.setattr(DPFPL, "text_features", text)
     common = ["--data.num_clients", "2", "--trainer.rounds", "1", "--method.init_args.n_ctx", "4",
               "--method.init_args.rank", "2", "--trainer.batch_size", "8", "--method.init_args.epsilon", "0"]
     _, a = _fit(tmp_path, "batch", "dpfpl.yaml", *common)
+    assert calls == []
     _, b = _fit(tmp_path, "per", "dpfpl.yaml", *common, "--method.init_args.clipping", "per_sample")
+    assert calls and set(calls) == {8} and len(texts) == len(calls)  # one text forward per client step
     assert torch.allclose(a.global_state["G"], b.global_state["G"], atol=1e-6, rtol=0)
     for c in a.personal:
         assert torch.allclose(a.personal[c]["L"], b.personal[c]["L"], atol=1e-6, rtol=0)

@@ -133,6 +133,33 @@ def test_ivlp_defaults_and_errors(toy):
         IVLP(n_ctx_text=0)
 
 
+def test_ivlp_language_only_config_is_accepted_and_leaves_the_image_tower_untouched(toy):
+    """Issue 21 item 13: the official language-only IVLP (N_CTX_VISION 0, PROMPT_DEPTH_VISION 0)."""
+    for kw in ({"n_ctx_vision": 0, "prompt_depth_vision": 0}, {"prompt_depth_vision": 0}, {"n_ctx_vision": 0}):
+        m = IVLP(**kw)
+        assert m.language_only and m.image_input == "features"  # cached pooled features, no vision tensors
+        module = ClientModule(toy, m)
+        assert set(module.export()[0]) == {"ctx"}
+        x = _images(toy)
+        assert torch.equal(m.image_features(module.prompt, toy, toy.encode_image(x)), toy.encode_image(x))
+    with pytest.raises(FedlitError, match="n_ctx_vision=-1"):
+        IVLP(n_ctx_vision=-1)
+
+
+def test_ivlp_vision_depth_is_bounded_by_the_vision_tower_only():
+    """Issue 21 item 13: a 2-layer text tower with a 4-layer vision tower accepts vision depth 4, not 5."""
+    from types import SimpleNamespace as NS
+
+    from fedlit.prompts import check_prompt_depth
+
+    clip = NS(name="fake", model=NS(transformer=NS(resblocks=[0] * 2), visual=NS(transformer=NS(resblocks=[0] * 4))))
+    check_prompt_depth(clip, 4, vision=True, only_vision=True, key="prompt_depth_vision")
+    with pytest.raises(FedlitError, match="prompt_depth_vision=5 exceeds the 4"):
+        check_prompt_depth(clip, 5, vision=True, only_vision=True, key="prompt_depth_vision")
+    with pytest.raises(FedlitError, match="exceeds the 2"):  # coupled prompts (MaPLe): both towers
+        check_prompt_depth(clip, 3, vision=True)
+
+
 # ============================================================================================ PromptFolio
 def test_promptfolio_mixture_on_hand_built_features():
     tg, tl = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
@@ -347,7 +374,7 @@ def test_pfedmma_parameter_counts_on_vit_b16_widths():
 
 
 def test_pfedmma_stale_text_cache_is_faithful_by_default(toy):
-    for stale in (True, False):
+    for stale in ("first_evaluated", False):
         torch.manual_seed(0)
         m = PFedMMA(adapter_start=1, adapter_end=2, stale_text_cache=stale)
         p = m.build(toy)
@@ -356,6 +383,31 @@ def test_pfedmma_stale_text_cache_is_faithful_by_default(toy):
             for up in p.text_up:
                 up.weight.add_(1.0)
         second = m.prepare(p, toy, TASK)
-        assert torch.equal(first, second) == stale
+        assert torch.equal(first, second) == (stale == "first_evaluated")
+
+
+def test_pfedmma_cache_is_the_first_clients_model_after_its_first_training(toy):
+    """Issue 21 item 12: the official cache is filled by the first client's after_train test, right after its own
+    round-1 training and before aggregation — not by the first (post-aggregation) evaluation."""
+    torch.manual_seed(0)
+    m = PFedMMA(adapter_start=1, adapter_end=2)
+    assert m.stale_text_cache == "first_trained" and PFedMMA(stale_text_cache=True).stale_text_cache == "first_trained"
+    p = m.build(toy)
+    m.finish_local(p)  # the build-time export
+
+    def bump(v):
+        with torch.no_grad():
+            for up in p.text_up:  # not a constant: LayerNorm removes those
+                up.bias.add_(v * torch.randn(up.bias.shape, generator=torch.Generator().manual_seed(int(v))))
+        return m.text_features(p, toy, TASK).detach()
+
+    trained = bump(50.0)  # client 0's first local training
+    m.finish_local(p)  # its update is exported
+    later = bump(80.0)  # aggregation, other clients, later rounds
+    cached = m.prepare(p, toy, TASK)
+    assert torch.allclose(cached, trained, atol=1e-6) and not torch.allclose(cached, later, atol=1e-4)
+    assert torch.allclose(m.text_features(p, toy, TASK), later, atol=1e-6)  # the live state is restored
+    with pytest.raises(FedlitError, match="stale_text_cache"):
+        PFedMMA(stale_text_cache="sometimes")
     with pytest.raises(FedlitError, match="adapter_end"):
         PFedMMA().build(toy)

@@ -4,6 +4,16 @@ Layout: ``$DATA/office_caltech_10/<domain>/<class>/`` (or FedBN's ``<domain>_{tr
 ``$DATA/DomainNet/<domain>/<class>/``. Class order is FedBN's ``label_dict`` index order, never a Python set's
 order (the official code's class-order bug). ``office_caltech10`` pools every domain (``split.meta['domain']``
 names each image's domain); ``office_caltech10-<domain>`` holds one domain, for one-client-per-domain federations.
+
+Data volume: with FedBN's pickles the whole ``<domain>_train.pkl`` trains and ``<domain>_test.pkl`` tests, as the
+official FedPGP code does (``data_utils.py:258-297``, ``OfficeDataset`` ``:632-653``: no shot sampling — its
+``--num_shots 64`` only sets the batch; pair it with ``data.shots: -1``). ``val_fraction`` (default 0, the official
+volume) cuts a seeded validation share out of the training list instead (``0.1``: fedlit's former protocol; with
+``data.shots: 64`` that is 3–8× less DomainNet training data). Not reproduced, documented: the released code's
+test sets are hand-edited per experiment — Office-Caltech10 gives every client the same set, amazon + caltech + dslr
+train AND test images (``data_utils.py:296``), DomainNet infograph's train + test (``:97``) — so its seen-domain
+accuracies are measured partly on training images; fedlit tests each domain on its own test list only.
+Without pickles (class folders) a seeded per-class ``test_fraction`` (0.2) is held out for testing.
 """
 
 from __future__ import annotations
@@ -133,7 +143,7 @@ def _multi_factory(dataset: str, domain: str | None):
     name = dataset if domain is None else f"{dataset}-{domain}"
 
     def build(root: str | None, seed: int, image_size: int = DEFAULT_IMAGE_SIZE, test_fraction: float = 0.2,
-              val_fraction: float = 0.1) -> ClassificationData:
+              val_fraction: float = 0.0) -> ClassificationData:
         size = check_size(image_size)
         if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
             raise FedlitError(f"{name}: need 0 <= test_fraction, val_fraction and their sum < 1")
@@ -156,7 +166,8 @@ def _multi_factory(dataset: str, domain: str | None):
         return ClassificationData(name, list(classes), **splits, image_size=size)
 
     build.__doc__ = (f"{name}: FedBN layout $DATA/{folder}/<domain>/<class>/ (or <domain>_{{train,test}}.pkl); "
-                     f"seeded per-class test/val split; split.meta['domain'] names each image's domain.")
+                     f"seeded per-class test split (val_fraction: a validation cut, default 0 = the official whole "
+                     f"train list); split.meta['domain'] names each image's domain.")
     return build
 
 

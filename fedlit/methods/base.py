@@ -83,6 +83,7 @@ class StepPlan:
     batch_size: int
     clients: int
     samples_per_client: int
+    configured_batch: int = 0  #: ``trainer.batch_size`` (``batch_size`` is min(it, samples_per_client)); 0: the same
 
     @property
     def steps(self) -> int:
@@ -144,6 +145,9 @@ class FedMethod:
     #: the shared tensors: FedAvg) or ``step`` (every batch step, the clients' shared gradients are averaged and
     #: applied by every client: FedSGD, :mod:`fedlit.steps`; DP-FPL). Any method runs in either mode.
     sync: str = "round"
+    #: The method's official step-mode loop policies (``trainer.step_start`` / ``optimizer_state`` /
+    #: ``personal_grad`` when ``method``); missing keys: ``previous`` / ``per_client`` / ``own``.
+    loop_defaults: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""

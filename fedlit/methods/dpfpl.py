@@ -18,10 +18,14 @@ client applies it (one G in fedlit) and steps SGD on its own L, u, v. Clipping i
 rule (factor ``C / (‖g‖ + 1e-6)`` when below 1).
 
 Clipping (``clipping``): ``batch`` (official, default) clips each client's batch gradient; ``per_sample`` is DP-SGD:
-every sample's gradient (of a one-sample loss) is clipped to C, tensor by tensor as the official code clips, and the
-noisy tensors get the same N(0, σ_loc²) on the mean of the clipped gradients (σ_loc = σ C / B: noise multiplier σ
-for a per-sample sensitivity C / B of the mean), so the accountant's ε below holds for that mechanism (up to the
-shuffled, not Poisson, batches). It costs B backward passes per client step.
+every sample's gradient (of a one-sample loss) is clipped to C on the JOINT norm of everything released with noise
+of that calibration (g_G, which the server noises, and the locally noised tensors: ‖(g_G, g_u, g_v)_i‖ ≤ C,
+:func:`fedlit.privacy.clip_per_sample`), and the noisy tensors get the same N(0, σ_loc²) on the mean of the clipped
+gradients (σ_loc = σ C / B: noise multiplier σ for a per-sample sensitivity C / B of the mean), so the accountant's
+ε below holds for that mechanism (up to the shuffled, not Poisson, batches). Clipping each tensor separately (the
+official per-tensor rule applied per sample) would let one sample reach √2·C over (g_u, g_v), √3·C with g_G. The
+per-sample gradients come from one text forward and one batched backward (:func:`fedlit.privacy.per_sample_gradients`,
+``per_sample_text_side``).
 
 Calibration (``calibration``, spec §4.5): ``dpfpl_legacy`` (default, the official closed form, no accountant):
 ``σ = sqrt(T ln(1/δ)) / ε`` with T = **rounds**, ``σ_loc = σ · C / B`` (B: the largest batch), server std σ_loc/K.
@@ -33,11 +37,23 @@ clipping does not guarantee (spec §4.5 caveat; ``clipping: per_sample`` does), 
 shuffle).
 
 Official quirks: reproduced by default — the closed-form calibration with T = rounds (``calibration: rdp`` is the
-fix), batch-level clipping, the 1/10 of g_L (``grad_divisor``), uniform server mean (``weighted: false``), round 0
-restarting every step from the initial weights so only its last step survives (``round0_reload: false`` fixes it),
-``useall`` truncation of every client to the smallest client's count (the step loop, :mod:`fedlit.steps`).
-Not reproduced: one optimiser whose momentum carries from client to client (spec Q-a): fedlit keeps one momentum
-for G (the server's) and one per client for L, u, v. Evaluation: Local (the client's own test images) plus the official "neighbor" accuracy (``neighbor`` in
+fix), batch-level clipping, the 1/10 of g_L (``grad_divisor``), uniform server mean (``weighted: false``), ``useall``
+truncation of every client to the smallest client's count (the step loop, :mod:`fedlit.steps`), σ_loc from the
+configured batch even when a client holds fewer samples (``DP_FPL.py:253-261``; ``sensitivity_batch: used`` is the
+fix, which only matters when a client holds fewer than B samples), and the dplora evaluation re-factorising L with a
+fresh Ω in every evaluation forward (``DP_FPL.py:165-172``: ``PromptLearner.forward`` factorises in eval mode too;
+``eval_refactorise: false`` evaluates with the last training factorisation; dpfpl's G + u v + R = G + L is unaffected).
+The official loop (linhhtran/DP-FPL@cce74b4) is reproduced by the run's step-loop policies, the method's
+:attr:`loop_defaults` (``trainer.step_start`` / ``optimizer_state`` / ``personal_grad``, recorded in
+``results.json`` ``step_loop``): ``step_start: round`` — every forward loads the weights the round started with
+(``federated_main.py:149``; the update loop writes back forward-time copies, ``:170-177``; only the test block
+stores post-step values, ``:193-198``), so a round makes one effective update (its last step's, with the momentum
+the earlier steps built up) — fix: ``previous``; ``optimizer_state: chain`` — one SGD optimiser for every client
+(``DP_FPL.py:248``), so momentum carries from client to client and each client's G is its own copy stepped with
+it — fix: ``per_client``; ``personal_grad: last_client`` — ``model_update()`` steps every client's L, u, v with the
+``.grad`` left by the last client's forward (``federated_main.py:158-181``, ``DP_FPL.py:264-329``), so the official
+personal prompt is one prompt trained on the last client's data — fix: ``own``. The repository's ``table.py`` prints
+the paper's tables from these runs' pickles, so the released loop is taken to be what produced them. Evaluation: Local (the client's own test images) plus the official "neighbor" accuracy (``neighbor`` in
 ``results.json``: the other clients' test images of the evaluation set, among the same classes). Not built: the
 membership-inference attack.
 """
@@ -53,6 +69,7 @@ from torch import nn
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
 from ..aggregation import uniform_mean
+from ..privacy import clip_norm, clip_per_sample, gaussian, rdp_epsilon, rdp_orders
 from .base import FedMethod, StepPlan
 
 FACTORIZATIONS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
@@ -79,35 +96,9 @@ def local_gradient(u, v, g_u, g_v, divisor: float = 10.0) -> torch.Tensor:
     return (g_u @ v + u @ g_v + u @ u.t() @ g_u @ v) / divisor
 
 
-def clip_norm(g: torch.Tensor, c: float) -> torch.Tensor:
-    """``g`` scaled to ℓ₂ ≤ ``c`` (``clip_grad_norm_``'s factor ``c / (‖g‖ + 1e-6)`` when below 1)."""
-    coef = c / (float(g.norm()) + 1e-6)
-    return g * coef if coef < 1 else g
-
-
 def legacy_sigma(epsilon: float, delta: float, rounds: int) -> float:
     """The official closed form ``σ = q · sqrt(T ln(1/δ)) / ε`` with q = 1, T = rounds (spec §4.5)."""
     return math.sqrt(rounds * math.log(1 / delta)) / epsilon
-
-
-def rdp_orders() -> list[float]:
-    """Opacus' default RDP orders plus larger ones (DP-FPL's large σ has its optimal order above 63)."""
-    from opacus.accountants import RDPAccountant
-
-    return list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096]
-
-
-def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε spent by ``steps`` sampled-Gaussian steps, from Opacus' RDP accountant (orders :func:`rdp_orders`)."""
-    import warnings
-
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
-    orders = rdp_orders()
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, only looser
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 class DPFPLPrompt(nn.Module):
@@ -135,13 +126,17 @@ class DPFPL(FedMethod):
         calibration: ``dpfpl_legacy`` (official closed form, default) or ``rdp`` (σ from Opacus' RDP accountant).
         clipping: ``batch`` (official: the batch gradient, default) or ``per_sample`` (DP-SGD, module docstring).
         grad_divisor: the official 1/10 in the rebuilt g_L (10).
-        round0_reload: round 0 restarts every step from the initial weights (official, default True).
+        sensitivity_batch: ``configured`` (official: σ_loc = σ C / B with the configured B) or ``used`` (the batch
+            actually used, min(B, n)).
+        eval_refactorise: dplora evaluation re-factorises L with a fresh Ω every forward (official, default True).
         lr, momentum, weight_decay: SGD (0.001, 0.9, 5e-4, constant).
         weighted: server mean weighted by sample count (default False: the official 1/K).
     """
 
     name = "dpfpl"
     sync = "step"
+    loop_defaults = {"step_start": "round", "optimizer_state": "chain", "personal_grad": "last_client"}
+    per_sample_text_side = True  # the prompt reaches the loss only through the class text features
     neighbor_accuracy = True
 
     def __init__(self, n_ctx: int = 16, rank: int = 8,
@@ -149,7 +144,8 @@ class DPFPL(FedMethod):
                  epsilon: float = 0.0, delta: float = 1e-5, clip: float = 10.0,
                  calibration: Literal["dpfpl_legacy", "rdp"] = "dpfpl_legacy",
                  clipping: Literal["batch", "per_sample"] = "batch", grad_divisor: float = 10.0,
-                 round0_reload: bool = True, lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 sensitivity_batch: Literal["configured", "used"] = "configured", eval_refactorise: bool = True,
+                 lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4,
                  weighted: bool = False):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
         checks = [
@@ -165,13 +161,17 @@ class DPFPL(FedMethod):
             (clipping in ("batch", "per_sample"), f"method.init_args.clipping={clipping!r}: use 'batch' or "
                                                   f"'per_sample'"),
             (grad_divisor > 0, f"method.init_args.grad_divisor={grad_divisor}: must be > 0"),
+            (sensitivity_batch in ("configured", "used"), f"method.init_args.sensitivity_batch="
+                                                          f"{sensitivity_batch!r}: use 'configured' or 'used'"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise FedlitError(msg)
         self.n_ctx, self.rank, self.factorization = n_ctx, rank, factorization
         self.epsilon, self.delta, self.clip, self.calibration = epsilon, delta, clip, calibration
-        self.grad_divisor, self.round0_reload, self.clipping = grad_divisor, round0_reload, clipping
+        self.grad_divisor, self.clipping = grad_divisor, clipping
+        self.sensitivity_batch, self.eval_refactorise = sensitivity_batch, eval_refactorise
+        self.eval_gen = torch.Generator().manual_seed(0xE7A1)
         self.per_sample_gradients = clipping == "per_sample"
         self.noise_multiplier = self.local_std = 0.0
         self.plan: StepPlan | None = None
@@ -194,7 +194,18 @@ class DPFPL(FedMethod):
             if prompt.training and prompt.residual is not None:
                 return prompt.G + prompt.u @ prompt.v + prompt.residual
             return prompt.G + prompt.L
+        if self.refactorises(prompt):  # official dplora evaluation: a fresh Ω in every forward
+            L = prompt.L.detach().float()
+            u, v, _ = factorise(L, torch.randn(L.shape[1], self.rank, generator=self.eval_gen).to(L))
+            return prompt.G + (u @ v).to(prompt.G.dtype)
         return prompt.G + prompt.u @ prompt.v
+
+    def refactorises(self, prompt: DPFPLPrompt) -> bool:
+        return self.factorization == "dplora" and self.eval_refactorise and not prompt.training
+
+    def prepare(self, prompt: DPFPLPrompt, clip, task: Task):
+        """Text features once per task, except the official dplora evaluation (a new factorisation per batch)."""
+        return None if self.refactorises(prompt) else super().prepare(prompt, clip, task)
 
     def text_features(self, prompt: DPFPLPrompt, clip, task: Task) -> torch.Tensor:
         return encode_context(clip, prompt_template(clip, task, self.n_ctx), self.context(prompt))
@@ -214,7 +225,11 @@ class DPFPL(FedMethod):
             self.noise_multiplier = float(get_noise_multiplier(target_epsilon=self.epsilon, target_delta=self.delta,
                                                                sample_rate=plan.sample_rate, steps=plan.steps,
                                                                accountant="rdp", alphas=rdp_orders()))
-        self.local_std = self.noise_multiplier * self.clip / plan.batch_size
+        self.local_std = self.noise_multiplier * self.clip / self.sensitivity_b(plan)
+
+    def sensitivity_b(self, plan: StepPlan) -> int:
+        """The B of σ_loc = σ C / B: the configured batch (official) or the one used (``sensitivity_batch``)."""
+        return (plan.configured_batch or plan.batch_size) if self.sensitivity_batch == "configured" else plan.batch_size
 
     def prepare_step(self, prompt: DPFPLPrompt, gen: torch.Generator) -> None:
         """Factorise L (dplora, dpfpl) with a fresh Ω from ``gen``; u, v are overwritten, R kept for the forward."""
@@ -232,16 +247,15 @@ class DPFPL(FedMethod):
         """Clip g_G; clip + local noise on the mode's gradients; rebuild g_L from g_u, g_v (dplora, dpfpl)."""
         out = dict(grads)
         clipped = ("G", *NOISY[self.factorization]) if self.epsilon > 0 else ()
-        if self.per_sample_gradients:  # [B, ...] per sample: clip each sample's tensor, then the mean
-            out = {k: (torch.stack([clip_norm(g, self.clip) for g in v]) if k in clipped else v).mean(0)
-                   for k, v in out.items()}
+        if self.per_sample_gradients:  # [B, ...] per sample: clip each sample's joint norm, then the mean
+            out = {k: v.mean(0) for k, v in clip_per_sample(out, clipped, self.clip).items()}
         elif self.epsilon > 0:
             out["G"] = clip_norm(out["G"], self.clip)
             for k in NOISY[self.factorization]:
                 out[k] = clip_norm(out[k], self.clip)
         if self.epsilon > 0:
             for k in NOISY[self.factorization]:
-                out[k] = out[k] + torch.randn(out[k].shape, generator=gen) * self.local_std
+                out[k] = out[k] + gaussian(out[k], self.local_std, gen)
         if self.factorization in ("dplora", "dpfpl"):
             u, v = prompt.u.detach().to(out["u"]), prompt.v.detach().to(out["v"])
             out["L"] = local_gradient(u, v, out["u"], out["v"], self.grad_divisor)
@@ -260,10 +274,12 @@ class DPFPL(FedMethod):
         p = self.plan
         out = {"dp": self.epsilon > 0, "calibration": self.calibration, "clipping": self.clipping,
                "epsilon_target": self.epsilon,
-               "delta": self.delta, "clip": self.clip, "factorization": self.factorization}
+               "delta": self.delta, "clip": self.clip, "factorization": self.factorization,
+               "sensitivity_batch": self.sensitivity_batch}
         if p is None:
             return {"privacy": out}
         out.update(steps=p.steps, rounds=p.rounds, steps_per_round=p.steps_per_round, batch_size=p.batch_size,
+                   sensitivity_b=self.sensitivity_b(p),
                    clients_per_step=p.clients, sample_rate=p.sample_rate)
         if self.epsilon > 0:
             out.update(noise_multiplier=self.noise_multiplier, local_noise_std=self.local_std,

@@ -17,11 +17,17 @@ blocks with forward hooks only while this method runs (the backbone itself is no
 
 Server: S ← Σ_i n_i S_i / Σ_j n_j; the down/up projections never leave the client. Loss: cross-entropy.
 
-Official quirk (``stale_text_cache=True``, default): the official model caches the class text features the first
-time it evaluates and never clears them, and one model object serves every client, so every later evaluation
-reuses the first evaluated client's text-adapter output (only the visual adapters still differ). fedlit reproduces
-it per class list (the first evaluation of each class list fills the cache, per process);
-``stale_text_cache=False`` recomputes the text features for every client and evaluation (fix).
+Official quirk (``stale_text_cache``): the official model caches the class text features the first time it
+evaluates and never clears them, and one model object serves every client, so every later evaluation reuses those
+text-adapter outputs (only the visual adapters still differ). The first evaluation is Dassl's ``after_train`` test
+of the FIRST client, right after its own round-1 training and before aggregation (sajjad-ucsb/pFedMMA@84197bb with
+Dassl ``engine/trainer.py:427-438``, ``TEST.NO_TEST=False``). ``first_trained`` (default, True): the cache holds
+the text features of the first client's model as it left its first local training (per class list and process);
+``first_evaluated``: of the first model fedlit evaluates (after aggregation; fedlit's former behaviour); ``off``
+(False): recomputed for every client and evaluation (fix). Not reproduced, documented: the official Base/Novel
+come from separate ``--eval-only`` runs (``scripts/base2new.sh``, ``federated_main.py:174-191``) that load the
+saved checkpoint's clients in order, so their cache is the checkpoint's client 0; fedlit's final Base/Novel use the
+run's one cache.
 Not reproduced: SGD momentum shared across clients, model selection on the best test round, amp.
 ``image_input = "images"``: the image tower is changed, nothing is cached.
 """
@@ -29,6 +35,7 @@ Not reproduced: SGD momentum shared across clients, model selection on the best 
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
 from torch import nn
@@ -122,7 +129,9 @@ class PFedMMA(FedMethod):
     image_input = "images"
 
     def __init__(self, adapter_start: int = 5, adapter_end: int = 12, adapter_dim: int = 32,
-                 adapter_scale: float = 0.001, stale_text_cache: bool = True, lr: float = 0.001,
+                 adapter_scale: float = 0.001,
+                 stale_text_cache: Literal["first_trained", "first_evaluated", "off"] | bool = "first_trained",
+                 lr: float = 0.001,
                  momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
         if not 1 <= adapter_start <= adapter_end:
@@ -132,8 +141,14 @@ class PFedMMA(FedMethod):
             raise FedlitError(f"method.init_args: adapter_dim={adapter_dim} must be >= 1 and "
                               f"adapter_scale={adapter_scale} > 0")
         self.adapter_start, self.adapter_end = adapter_start, adapter_end
-        self.adapter_dim, self.adapter_scale, self.stale_text_cache = adapter_dim, adapter_scale, stale_text_cache
+        mode = {True: "first_trained", False: "off"}.get(stale_text_cache, stale_text_cache)
+        if mode not in ("first_trained", "first_evaluated", "off"):
+            raise FedlitError(f"method.init_args.stale_text_cache={stale_text_cache!r}: use 'first_trained', "
+                              f"'first_evaluated' or 'off'")
+        self.adapter_dim, self.adapter_scale, self.stale_text_cache = adapter_dim, adapter_scale, mode
         self._stale: dict = {}
+        self._exports = 0  # finish_local calls: the first is at build, the second after the first local training
+        self._first_trained: dict | None = None
 
     def build(self, clip: FrozenCLIP):
         if not clip.is_vit:
@@ -161,12 +176,25 @@ class PFedMMA(FedMethod):
             feats = clip.encode_text_embeddings(emb, eot)
         return feats / feats.norm(dim=-1, keepdim=True)
 
+    def finish_local(self, prompt: MMAdapters) -> None:
+        """Keep the first trained client's state (before aggregation) for the ``first_trained`` cache."""
+        self._exports += 1
+        if self.stale_text_cache == "first_trained" and self._exports == 2:
+            self._first_trained = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
+
     def prepare(self, prompt: MMAdapters, clip, task: Task):
-        """Evaluation's class features; with ``stale_text_cache`` the first ones computed for this class list."""
-        if not self.stale_text_cache:
+        """Evaluation's class features; with ``stale_text_cache`` the cached ones of this class list."""
+        if self.stale_text_cache == "off":
             return self.text_features(prompt, clip, task)
         if task.key not in self._stale:
-            self._stale[task.key] = self.text_features(prompt, clip, task).detach()
+            source = self._first_trained if self.stale_text_cache == "first_trained" else None
+            now = {k: v.detach().clone() for k, v in prompt.state_dict().items()} if source else None
+            with torch.no_grad():
+                if source:
+                    prompt.load_state_dict(source)
+                self._stale[task.key] = self.text_features(prompt, clip, task).detach()
+                if source:
+                    prompt.load_state_dict(now)
         return self._stale[task.key]
 
     def image_features(self, prompt: MMAdapters, clip, x: torch.Tensor) -> torch.Tensor:
