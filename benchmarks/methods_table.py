@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRA = {"fedmaple": ["--method.init_args.prompt_depth", "2"], "pfedpg": ["--data.subsample", "all"],
          "fedvpt": ["--data.subsample", "all"], "localvpt": ["--data.subsample", "all"],
          "ivlp": ["--method.init_args.prompt_depth_text", "2", "--method.init_args.prompt_depth_vision", "2"],
-         "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"]}
+         "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"],
+         "promptsrc": ["--method.init_args.prompt_depth_text", "2", "--method.init_args.prompt_depth_vision", "2"]}
 
 
 def main() -> None:

@@ -59,6 +59,8 @@ class LocalRun:
                 x = orch.bank.inputs("train", client.train_idx[rows],
                                      views=orch.bank.train_views(draw, client.num_samples, rows))
                 yield x, self.y_all[rows]
+            if self.error is None:  # after the epoch's last step (the generator resumes once it is done)
+                orch.method.end_local_epoch(self.module.prompt, epoch, cfg.local_epochs)
 
     def loss(self, batch) -> torch.Tensor:
         return self.module.training_step(batch, self.steps, self.task, self.classes, self.received)
@@ -71,7 +73,9 @@ class LocalRun:
         return False
 
     def step(self, loss: torch.Tensor) -> None:
-        """The optimiser step after the gradient of ``loss`` is in the client's tensors."""
+        """The optimiser step after the gradient of ``loss`` is in the client's tensors (the method's
+        :meth:`~fedlit.methods.base.FedMethod.before_optimizer_step` may change it first)."""
+        self.orch.method.before_optimizer_step(self.module.prompt)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())

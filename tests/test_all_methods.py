@@ -21,13 +21,15 @@ EXTRA = {
     "localvpt": ["--data.subsample", "all"],
     "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"],
     "fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],  # heterogeneous lengths, 3 clients
+    "promptsrc": ["--method.init_args.prompt_depth_text", "2", "--method.init_args.prompt_depth_vision", "2"],
 }
 
 
 def test_every_registered_method_is_listed():
     assert set(list_methods()) >= {"zeroshot", "coop", "promptfl", "fedprox", "fedkgcoop", "fedcocoop", "fedmaple",
                                    "fedvlp", "fedotp", "fedpgp", "fedtpg", "pfedpg", "fedvpt", "localvpt", "central", "ivlp",
-                                   "promptfolio", "fedpha", "pfedmma", "dpfpl"}
+                                   "promptfolio", "fedpha", "pfedmma", "dpfpl", "plot", "prograd", "promptsrc", "proda",
+                                   "feddnc"}
 
 
 @pytest.mark.parametrize("name", list_methods())

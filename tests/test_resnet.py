@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RN = "fedlit-toy-rn"
 #: methods that only prompt the text side (or nothing): they must run on a ResNet tower
 TEXT_METHODS = ["zeroshot", "coop", "promptfl", "fedprox", "fedpgp", "fedotp", "fedtpg", "fedkgcoop", "fedcocoop",
-                "central", "promptfolio", "fedpha", "dpfpl", "pfedmoap"]
+                "central", "promptfolio", "fedpha", "dpfpl", "pfedmoap", "plot", "prograd", "proda", "feddnc"]
 #: methods with prompts / adapters inside the image tower -> the fix their one-line error must name
 VISION_METHODS = {"fedmaple": "vision_prompts false", "fedvlp": "ViT-B-16", "ivlp": "ViT-B-16",
-                  "fedvpt": "ViT-B-16", "localvpt": "ViT-B-16", "pfedpg": "ViT-B-16", "pfedmma": "ViT-B-16"}
+                  "fedvpt": "ViT-B-16", "localvpt": "ViT-B-16", "pfedpg": "ViT-B-16", "pfedmma": "ViT-B-16",
+                  "promptsrc": "architecture flip_text_only"}
 EXTRA = {"fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],
          "pfedmoap": ["--method.init_args.gating_dim", "32"],  # d' divides the toy's width 64 (RN50: 1024 / 128)
          "fedmaple": ["--method.init_args.prompt_depth", "2"]}
@@ -208,11 +209,13 @@ def test_every_method_is_classified_for_resnet_towers():
     assert set(TEXT_METHODS) | set(VISION_METHODS) == set(list_methods())
 
 
-@pytest.mark.parametrize("name", [*TEXT_METHODS, "fedmaple-text"])
+@pytest.mark.parametrize("name", [*TEXT_METHODS, "fedmaple-text", "promptsrc-text"])
 def test_text_prompt_method_runs_two_rounds_on_a_resnet_tower(tmp_path, rn, rn_file, name):
     method, extra = name.removesuffix("-text"), []
     if name == "fedmaple-text":  # MaPLe with its vision prompts off is a deep text-prompt method
         extra = ["--method.init_args.vision_prompts", "false"]
+    if name == "promptsrc-text":  # FLiP's PromptSRC: a CoOp context with the SCL losses, no vision prompts
+        extra = ["--method.init_args.architecture", "flip_text_only"]
     before = _tower_hash(rn)
     assert _fit(tmp_path, method, rn_file, *EXTRA.get(method, []), *extra) == 0
     res = json.loads((tmp_path / method / "results.json").read_text())

@@ -293,6 +293,14 @@ class FedMethod:
     def finish_local(self, prompt: nn.Module | None) -> None:
         """Called on the component right before its state is exported (after local training, and once at build)."""
 
+    def before_optimizer_step(self, prompt: nn.Module | None) -> None:
+        """Round mode: called after a local step's backward, before the optimiser step, with the gradients in the
+        component's ``.grad`` (ProGrad projects them here). Default: nothing."""
+
+    def end_local_epoch(self, prompt: nn.Module | None, epoch: int, epochs: int) -> None:
+        """Round mode: called after the last optimiser step of local epoch ``epoch`` (0-based) of ``epochs``
+        (PromptSRC's per-epoch Gaussian prompt aggregation). Default: nothing."""
+
     def server_state_dict(self) -> dict[str, torch.Tensor]:
         """Server-side trainable state beyond the shared tensors (pFedPG's generator), for checkpoints."""
         return {}
