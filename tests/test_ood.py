@@ -103,3 +103,75 @@ def test_ood_shapes_are_no_id_class():
     assert x.shape[1:] == (3, 32, 32)
     kinds = np.arange(len(OOD_KINDS))
     assert torch.equal(render_ood(kinds, kinds, "dark", 7), render_ood(kinds, kinds, "dark", 7))
+
+
+# ------------------------------------------------------------------------------------------ real readers
+def _write_cifar10(root, labels):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    names = [f"c{i}" for i in range(10)]
+    pickle.dump({"label_names": names}, open(d / "batches.meta", "wb"))
+    rng = np.random.default_rng(0)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        y = labels if f == "test_batch" else [0, 1]
+        pickle.dump({"data": rng.integers(0, 255, (len(y), 3072), dtype=np.uint8), "labels": [int(v) for v in y]},
+                    open(d / f, "wb"))
+
+
+def test_cifar10_c_reader_maps_rows_to_the_test_images(tmp_path):
+    labels = np.array([3, 1, 4, 1], dtype=np.int64)
+    d = tmp_path / "CIFAR-10-C"
+    d.mkdir()
+    np.save(d / "labels.npy", np.tile(labels, 5))
+    for t in ("fog", "snow"):
+        np.save(d / f"{t}.npy", np.random.default_rng(1).integers(0, 255, (20, 32, 32, 3), dtype=np.uint8))
+    ds = get_dataset("cifar10_c", root=str(tmp_path), seed=0)  # no CIFAR-10 folder: no per-image map
+    assert ds.test.corruptions == ("fog", "snow") and len(ds.test) == 40 and "source" not in ds.test.meta
+    _write_cifar10(tmp_path, labels)
+    ds = get_dataset("cifar10_c", root=str(tmp_path), seed=1, severities=[2, 5])
+    assert len(ds.test) == 16 and ds.classnames[3] == "c3"
+    assert ds.test.meta["source"].tolist() == [0, 1, 2, 3] * 4
+    assert ds.test.meta["severity"].tolist() == [2] * 4 + [5] * 4 + [2] * 4 + [5] * 4
+    snow = np.load(d / "snow.npy")
+    assert torch.equal(ds.test.images([9])[0], torch.from_numpy(snow[5]).permute(2, 0, 1).float() / 255)
+    assert ds.test.base is get_dataset("cifar10", root=str(tmp_path), seed=1).test
+    np.save(d / "labels.npy", np.tile(labels[::-1], 5))
+    with pytest.raises(FedlitError, match="does not repeat"):
+        get_dataset("cifar10_c", root=str(tmp_path), seed=2)
+    with pytest.raises(FedlitError, match="no glass_blur"):
+        get_dataset("cifar10_c", root=str(tmp_path), seed=0, types=["glass_blur"])
+
+
+def _jpeg(path, value):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_texture_and_tinyimagenet_readers(tmp_path):
+    for c, n in (("banded", 2), ("zigzagged", 3)):
+        for i in range(n):
+            _jpeg(tmp_path / "dtd" / "images" / c / f"{c}_{i}.jpg", 10 * i)
+    tex = get_dataset("texture", root=str(tmp_path), seed=0, image_size=8)
+    assert tex.classnames == ["banded", "zigzagged"] and tex.test.labels.tolist() == [0, 0, 1, 1, 1]
+    t = tmp_path / "tiny-imagenet-200"
+    t.mkdir()
+    (t / "wnids.txt").write_text("n02\nn01\n")
+    (t / "words.txt").write_text("n01\tgoldfish, Carassius auratus\nn02\tsalamander\n")
+    for w in ("n01", "n02"):
+        _jpeg(t / "train" / w / "images" / f"{w}_0.JPEG", 1)
+    for i, w in enumerate(("n02", "n01", "n02")):
+        _jpeg(t / "val" / "images" / f"val_{i}.JPEG", i)
+    (t / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\nval_1.JPEG\tn01\nval_2.JPEG\tn02\n")
+    tiny = get_dataset("tinyimagenet", root=str(tmp_path), seed=0, image_size=8)
+    assert tiny.classnames == ["goldfish", "salamander"] and tiny.test.labels.tolist() == [1, 0, 1]
+    for s in (1, 3):
+        for i, w in ((2, "n02"), (1, "n01")):
+            _jpeg(tmp_path / "Tiny-ImageNet-C" / "fog" / str(s) / w / f"val_{i}.JPEG", 100 + s)
+    tc = get_dataset("tinyimagenet_c", root=str(tmp_path), seed=0, image_size=8)
+    assert tc.test.corruptions == ("fog",) and tc.test.meta["severity"].tolist() == [1, 1, 3, 3]
+    assert tc.test.meta["source"].tolist() == [1, 2, 1, 2] and tc.test.labels.tolist() == [0, 1, 0, 1]
+    assert tc.test.base is tiny.test
+    with pytest.raises(FedlitError, match="texture: folder"):
+        get_dataset("texture", root=str(tmp_path / "tiny-imagenet-200"), seed=0)

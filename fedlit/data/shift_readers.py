@@ -115,7 +115,7 @@ def tinyimagenet(root, seed, image_size: int = 64, **_ignored) -> Classification
              for f in list_visible(os.path.join(d, "train", w, "images"))]
     ann = os.path.join(d, "val", "val_annotations.txt")
     val = [(os.path.join(d, "val", "images", p[0]), label[p[1]]) for p in
-           (line.split("\t") for line in open(ann) if line.strip())]
+           (line.rstrip("\n").split("\t") for line in open(ann) if line.strip())]
     size = check_size(image_size)
     split = lambda items: FileImageSplit(np.array([y for _, y in items], dtype=np.int64),  # noqa: E731
                                          paths=[p for p, _ in items], image_size=size)
