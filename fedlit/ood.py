@@ -56,12 +56,16 @@ class OODEval:
         cadence: ``final`` (FOCoOp: once, on the final models) or ``every_eval``.
         subset: fraction of every OOD and covariate set scored (rows drawn with numpy seed 42; FOCoOp's
             ``main_fpl`` uses 10 % subsets, 1.0 = ``test_fpl.py``'s full sets).
+        dataset_args: keyword arguments of the OOD and covariate sets' factories, over ``data.dataset_args``
+            (which they also get, so a corrupted copy is made of the very ID split): e.g. ``{types: [fog, snow],
+            severities: [1, 5]}``.
     """
 
     def __init__(self, ood_datasets: list[str] | None = None, covariate: list[str] | None = None,
                  scores: list[str] | None = None, fpr95: Literal["id_positive", "ood_positive", "focoop"] = "id_positive",
                  neg_labels: list[str] | str | None = None, energy_temperature: float = 1.0,
-                 cadence: Literal["final", "every_eval"] = "final", subset: float = 1.0):
+                 cadence: Literal["final", "every_eval"] = "final", subset: float = 1.0,
+                 dataset_args: dict | None = None):
         scores = list(SCORES if scores is None else scores)
         bad = [s for s in scores if s not in SCORES]
         checks = [(not bad, f"ood.scores: {', '.join(bad)} unknown; use any of {', '.join(SCORES)}"),
@@ -76,6 +80,7 @@ class OODEval:
         self.ood_datasets, self.covariate = list(ood_datasets or []), list(covariate or [])
         self.scores, self.fpr95, self.neg_labels = scores, fpr95, neg_labels
         self.energy_temperature, self.cadence, self.subset = energy_temperature, cadence, subset
+        self.dataset_args = dict(dataset_args or {})
 
     @property
     def enabled(self) -> bool:
@@ -110,7 +115,7 @@ class OODEvaluator:
         from .features import FeatureBank
 
         self.cfg, self.orch = cfg, orch
-        args = dict(dataset_args or {})
+        args = {**(dataset_args or {}), **cfg.dataset_args}
         self.ood = {n: get_dataset(n, root=root, seed=seed, **args).test for n in cfg.ood_datasets}
         self.cov = {n: get_dataset(n, root=root, seed=seed, **args) for n in cfg.covariate}
         if "neglabel" in cfg.scores and not orch.method.text_classifier:
@@ -129,6 +134,8 @@ class OODEvaluator:
         for n, rows in self.ood_rows.items():
             self.bank.expect(f"ood/{n}", rows)
         self._offsets = {n: self._source_offset(d) for n, d in self.cov.items()}
+        for n in self.cov:  # encode only the corrupted rows some client is scored on, in full passes
+            self.bank.expect(f"cov/{n}", np.concatenate([self._cov_rows(n, c)[0] for c in range(len(orch.fed.clients))]))
 
     def _source_offset(self, ds) -> int | None:
         """Where the ID test split that ``ds``'s rows corrupt starts in the federation's test rows (None: no map)."""
@@ -180,18 +187,10 @@ class OODEvaluator:
     def _cacc(self, name: str, cid: int, task, prefix: str) -> dict[str, float]:
         import torch
 
-        o, ds = self.orch, self.cov[name]
-        rows = self.cov_rows[name]
-        meta, off = ds.test.meta, self._offsets[name]
-        pos = {c: i for i, c in enumerate(task.classnames)}
-        lab = np.array([pos.get(ds.classnames[int(c)], -1) for c in ds.test.labels[rows]])
-        if off is not None:
-            keep = np.isin(meta["source"][rows] + off, o.fed.clients[cid].test_idx)
-        else:  # no source map: the corrupted images of the client's classes
-            own = {o.fed.data.classnames[c] for c in o.fed.clients[cid].classes}
-            keep = np.array([ds.classnames[int(c)] in own for c in ds.test.labels[rows]], dtype=bool)
-        keep &= lab >= 0
-        sel, y = rows[keep], torch.as_tensor(lab[keep])
+        ds = self.cov[name]
+        meta = ds.test.meta
+        sel, y = self._cov_rows(name, cid)
+        y = torch.as_tensor(y)
         z, _ = self._logits(self.bank, f"cov/{name}", sel, task, negatives=False)
         correct = (z.argmax(-1) == y).float().numpy() if len(sel) else np.zeros(0)
         types = getattr(ds.test, "corruptions", None) or [str(t) for t in sorted(set(meta["corruption"].tolist()))]
@@ -210,6 +209,20 @@ class OODEvaluator:
             res[prefix] = float(np.mean(per_type))
         res.update({f"{prefix}/s{s}": float(np.mean(v)) for s, v in sorted(per_sev.items())})
         return res
+
+    def _cov_rows(self, name: str, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of covariate set ``name`` client ``cid`` is scored on, and their labels in its task."""
+        o, ds, rows = self.orch, self.cov[name], self.cov_rows[name]
+        task, off = o.fed.task_of(cid), self._offsets[name]
+        pos = {c: i for i, c in enumerate(task.classnames)}
+        lab = np.array([pos.get(ds.classnames[int(c)], -1) for c in ds.test.labels[rows]], dtype=np.int64)
+        if off is not None:
+            keep = np.isin(ds.test.meta["source"][rows] + off, o.fed.clients[cid].test_idx)
+        else:  # no source map: the corrupted images of the client's classes
+            own = {o.fed.data.classnames[c] for c in o.fed.clients[cid].classes}
+            keep = np.array([ds.classnames[int(c)] in own for c in ds.test.labels[rows]], dtype=bool)
+        keep &= lab >= 0
+        return rows[keep], lab[keep]
 
     def _detect(self, score: str, id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:
         from .metrics import auroc, fpr_at_95_tpr

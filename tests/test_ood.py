@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedlit.cli import main
 from fedlit.data import get_dataset
 from fedlit.data.shift import CORRUPTIONS, OOD_KINDS, corrupt, render_ood
 from fedlit.errors import FedlitError
@@ -175,3 +177,73 @@ def test_texture_and_tinyimagenet_readers(tmp_path):
     assert tc.test.base is tiny.test
     with pytest.raises(FedlitError, match="texture: folder"):
         get_dataset("texture", root=str(tmp_path / "tiny-imagenet-200"), seed=0)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAY = ROOT / "configs" / "protocols" / "ood_embedded.yaml"
+SMALL = ["--trainer.rounds", "2", "--trainer.eval_every", "2", "--data.num_clients", "3", "--data.shots", "2",
+         "--data.dataset_args", '{"test_per_class": 4, "train_per_class": 4, "val_per_class": 1}',
+         "--trainer.batch_size", "8", "--ood.dataset_args", '{"types": [gaussian_noise, contrast], "severities": [1, 5]}']
+
+
+def _fit_ood(tmp_path, name, *extra) -> dict:
+    out = tmp_path / name
+    rc = main(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--config", str(ROOT / "configs" / "embedded.yaml"),
+               "--config", str(OVERLAY), *SMALL, "--out_dir", str(out), *extra])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def _check_ood_results(res: dict) -> None:
+    f = res["final"]
+    keys = ["ood/acc", "ood/cacc", "ood/cacc/gaussian_noise", "ood/cacc/contrast/s5", "ood/cacc/s1"]
+    keys += [f"ood/{s}/{m}" for s in ("msp", "energy", "neglabel") for m in ("fpr95", "auroc")]
+    for k in keys:
+        assert k in f and 0 <= f[k] <= 100, (k, f.get(k))
+    for r in res["per_client"].values():
+        assert r["ood/cacc"] == pytest.approx((r["ood/cacc/gaussian_noise"] + r["ood/cacc/contrast"]) / 2)
+        assert r["ood/cacc/contrast"] == pytest.approx((r["ood/cacc/contrast/s1"] + r["ood/cacc/contrast/s5"]) / 2)
+    assert res["ood"]["fpr95"]["msp"] == "id_positive" and res["ood"]["ood_images"] == {"shapes-dark-ood": 24}
+
+
+@pytest.mark.parametrize("name", ["zeroshot", "promptfl"])
+def test_ood_protocol_runs_for_a_method(tmp_path, name):
+    res = _fit_ood(tmp_path, name)
+    _check_ood_results(res)
+    for r in res["per_client"].values():  # ID = the client's own test images among its task = Local
+        assert r["ood/acc"] == pytest.approx(r["local"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / name / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"eval/ood/cacc", "eval/ood/energy/auroc", "eval/ood/msp/fpr95"} <= set(tags)
+
+
+def _text_prompt_methods() -> list[str]:
+    from fedlit.methods import list_methods, method_class
+
+    return [m for m in list_methods() if method_class(m).text_classifier and (ROOT / "configs" / f"{m}.yaml").exists()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _text_prompt_methods())
+def test_ood_protocol_runs_for_every_text_prompt_method(tmp_path, name):
+    from test_all_methods import EXTRA
+
+    _check_ood_results(_fit_ood(tmp_path, name, *EXTRA.get(name, [])))
+
+
+def test_summarize_adds_the_ood_columns(tmp_path):
+    from fedlit.apps.summarize import summarize
+
+    for seed, (acc, fpr) in enumerate(((40.0, 60.0), (50.0, 80.0))):
+        d = tmp_path / f"run{seed}"
+        d.mkdir()
+        final = {"local": acc, "base": acc, "novel": 20.0, "ood/acc": acc, "ood/cacc": 30.0, "ood/msp/fpr95": fpr}
+        (d / "results.json").write_text(json.dumps({"method": "promptfl", "dataset": "shapes-dark", "seed": seed,
+                                                    "backbone": "fedlit-toy", "final": final}))
+    md, rows, _ = summarize([tmp_path], out=tmp_path / "t", paper="none")
+    head = md.splitlines()[0]
+    assert "| ID | CACC | FPR95 msp |" in head and "AUROC" not in head
+    assert "| 45.00 ± 7.07 | 30.00 ± 0.00 | 70.00 ± 14.14 |" in md
+    assert "ood/msp/fpr95_mean" in (tmp_path / "t.csv").read_text().splitlines()[0]
