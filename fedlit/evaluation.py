@@ -167,7 +167,7 @@ def mean_with_hm(rows: list[dict]) -> dict[str, float]:
     """Mean over rows (clients or groups) of each metric present (NaN skipped), plus ``hm`` of Local/Base/Novel."""
     keys = [k for k in ("local", "base", "novel") if any(k in r for r in rows)]
     keys += [k for k in ("neighbor",) if any(k in r for r in rows)]
-    keys += sorted({k for r in rows for k in r if k.startswith("acc/")})
+    keys += sorted({k for r in rows for k in r if k.startswith(("acc/", "ood/"))})
     out: dict[str, float] = {}
     for k in keys:
         vals = [r[k] for r in rows if k in r and r[k] == r[k]]

@@ -50,6 +50,7 @@ def fit_parser():
     from .data.federation import FederatedData
     from .trainer import FedTrainer
     from .methods import FedMethod, list_methods
+    from .ood import OODEval
 
     list_methods()  # every method imported: `--help` lists them all as known subclasses
     p = ArgumentParser(prog="fedlit fit", description="Train and evaluate a federation.", exit_on_error=False,
@@ -63,6 +64,7 @@ def fit_parser():
     p.add_class_arguments(FederatedData, "data")
     p.add_subclass_arguments(FedMethod, "method", required=True, help="Method (class_path/init_args or --method NAME).")
     p.add_class_arguments(FedTrainer, "trainer")
+    p.add_class_arguments(OODEval, "ood")
     return p
 
 
@@ -365,6 +367,8 @@ def build(parser, cfg, init):
     """Fabric, data, backbone, method and orchestrator of a parsed fit config, in one fixed order (``fedlit fit``
     and the Flower apps share it, so both start from the same tensors). Everything a user can get wrong is
     checked here, before anything is written (the data first: it is cheap). Returns ``(orchestrator, identity)``."""
+    import os
+
     import lightning as L
 
     from .backbones import load_backbone
@@ -382,7 +386,13 @@ def build(parser, cfg, init):
                 "dataset": data.dataset, "seed": cfg.seed, "config_digest": config_digest(parser, cfg)}
     settings = {k: v for k, v in vars(data).items() if not k.startswith("_") and k != "names"}
     meta = {"dataset": data.dataset, "backbone": init.backbone.name, "identity": identity, "data": settings}
-    return Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta), identity
+    orchestrator = Orchestrator(fabric, clip, federation, method, trainer, cfg.seed, meta)
+    if getattr(init, "ood", None) is not None and init.ood.enabled:  # fedlit.ood: ID / CACC / FPR95 / AUROC
+        from .ood import OODEvaluator
+
+        orchestrator.ood = OODEvaluator(init.ood, orchestrator, data.root or os.environ.get("FEDLIT_DATA"), cfg.seed,
+                                        data.dataset_args)
+    return orchestrator, identity
 
 
 def fit(parser, cfg, init) -> int:
@@ -438,6 +448,10 @@ def _train(orchestrator, fabric, path, resume, method, data, init) -> int:
         raise
     if fabric.global_rank == 0:
         print(format_final(results))
+        if "ood" in results:
+            from .ood import format_ood
+
+            print(f"{method.name} OOD: {format_ood(results['final'])}")
     return 0
 
 

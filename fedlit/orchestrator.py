@@ -92,6 +92,7 @@ class Orchestrator:
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
         self.logger: TensorBoardLogger | None = None  # written by rank 0 only
         self.stepper = make_stepper(self)  # trainer.sync=step: step-synchronous FedSGD rounds (fedlit.steps)
+        self.ood = None  # the ``ood:`` section's evaluator (fedlit.ood.OODEvaluator), set by experiment.build
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -251,7 +252,11 @@ class Orchestrator:
         """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`):
         this process's share of the clients, gathered, then recorded."""
         mine = shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size)
-        per_client = {c: r for part in self._gather_objects(self.evaluate_clients(mine)) for c, r in part.items()}
+        part = self.evaluate_clients(mine)
+        if self.ood is not None and self.ood.due(rnd):  # ID / CACC / FPR95 / AUROC (fedlit.ood)
+            for c, res in self.ood.evaluate(mine).items():
+                part[c].update(res)
+        per_client = {c: r for part in self._gather_objects(part) for c, r in part.items()}
         return self.record_evaluation(per_client, rnd)
 
     def evaluate_clients(self, cids: list[int]) -> dict[int, dict[str, float]]:
@@ -387,6 +392,7 @@ class Orchestrator:
             "sync": self.cfg.sync_of(self.method),
             **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
             **self.method.run_report(),
+            **(self.ood.report() if self.ood is not None else {}),
         }
         if self.fabric.global_rank == 0:
             if not _final_logged(self.run_dir / "tensorboard"):  # a resumed run that crashed after logging them

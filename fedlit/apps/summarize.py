@@ -36,6 +36,14 @@ from .paper_results import DATASET_NAMES, METHOD_NAMES, PAPERS, TABLE1_DATASETS,
 KEYS = ("local", "base", "novel")
 COLUMNS = ("local", "base", "novel", "hm")
 PAPER_CHOICES = ("auto", *PAPERS, "none")
+#: the OOD protocol's columns (fedlit.ood), shown when a run has them: key → header
+OOD_COLUMNS = {"ood/acc": "ID", "ood/cacc": "CACC", **{f"ood/{s}/{m}": f"{m.upper()} {s}" for s in
+                                                       ("msp", "energy", "neglabel") for m in ("fpr95", "auroc")}}
+
+
+def ood_columns(rows) -> list[str]:
+    """The OOD columns some row has a value for, in :data:`OOD_COLUMNS` order."""
+    return [k for k in OOD_COLUMNS if any(k in r.mean for r in rows)]
 
 
 @dataclass
@@ -174,7 +182,7 @@ def summarize_runs(runs: Sequence[Mapping], paper: str = "auto", aliases: Mappin
     for (method, dataset, backbone, key), rs in groups.items():
         rs = one_run_per_seed(rs, warn)
         mean, std = {}, {}
-        for k in KEYS:
+        for k in (*KEYS, *OOD_COLUMNS):
             vals = [float(r["final"][k]) for r in rs if k in r["final"] and r["final"][k] == r["final"][k]]
             if vals:
                 mean[k], s = mean_std(vals)
@@ -342,6 +350,8 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
     for k in COLUMNS:
         name = "HM" if k == "hm" else k.capitalize()
         head += [name, "paper", "Δ"] if with_paper else [name]
+    oods = ood_columns(rows)
+    head += [OOD_COLUMNS[k] for k in oods]
     head.append("Last round L / B / N / HM")
     lines = [f"# {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * fixed + ["---:"] * (len(head) - fixed)) + "|"]
@@ -360,6 +370,7 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
             cells.append(ours)
             if with_paper:
                 cells += [_fmt(r.paper.get(k)), _fmt(r.diff.get(k), signed=True) if r.paper else "—"]
+        cells += [_fmt(r.mean.get(k)) + (f" ± {r.std[k]:.2f}" if k in r.std else "") for k in oods]
         cells.append(_last_cell(r) if r.status == "ok" else "")
         lines.append("| " + " | ".join(cells) + " |")
     foot = ["\nStatistic: which evaluation of each run the cells hold (results.json `selection`, by default the one "
@@ -369,7 +380,8 @@ def to_markdown(rows: Sequence[Row], title: str | None = None, notes: Sequence[s
                "dataset (runs of different configs are never averaged)." if extra else ""),
             "Local/Base/Novel: mean ± sample std (n − 1) over seeds (no ± with one seed; reruns of a seed count "
             "once); HM = harmonic mean of the three mean values (the papers' convention), not the mean of per-seed "
-            "HMs." + (" Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."
+            "HMs." + (" ID / CACC / FPR95 / AUROC: the OOD protocol (fedlit.ood; FPR95 convention in each run's "
+                      "results.json `ood`)." if oods else "") + (" Average = mean over the five FedPGP Table-1 datasets of the per-dataset means; HM of those."
                        if any(r.dataset == "average" for r in rows) else "")]
     used = sorted({r.paper_name for r in rows if r.paper_name})
     if used:
@@ -385,6 +397,8 @@ def write_csv(rows: Sequence[Row], path: Path, footnotes: Mapping[str, str] | No
     for k in COLUMNS:
         fields += [f"{k}_mean", f"{k}_std", f"{k}_paper", f"{k}_diff"]
     fields += [f"last_{k}" for k in COLUMNS]
+    oods = ood_columns(rows)
+    fields += [f"{k}_{s}" for k in oods for s in ("mean", "std")]
     fields += ["paper", "comparable_with_paper", "config_key", "footnote"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -403,6 +417,8 @@ def write_csv(rows: Sequence[Row], path: Path, footnotes: Mapping[str, str] | No
                 d[f"{k}_paper"] = _csv(r.paper.get(k))
                 d[f"{k}_diff"] = _csv(diff.get(k))
                 d[f"last_{k}"] = _csv(r.last.get(k))
+            for k in oods:
+                d[f"{k}_mean"], d[f"{k}_std"] = _csv(r.mean.get(k)), _csv(r.std.get(k))
             w.writerow(d)
 
 

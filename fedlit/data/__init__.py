@@ -5,7 +5,7 @@ module registers its datasets into it when imported, and this package imports th
 FedBN domains, Fashion-MNIST/CIFAR arrays; loaded lazily), so any import of ``fedlit.data…`` sees every dataset.
 """
 
-from . import arrays, coop, fedbn  # noqa: F401  (register their datasets)
+from . import arrays, coop, dg, fedbn, shift, shift_readers  # noqa: F401  (register their datasets)
 from .registry import ClassificationData, ImageSplit, get_dataset, list_datasets, register_dataset
 from .task import Task
 
