@@ -1,0 +1,185 @@
+"""FedMGP, FedSEPT, FOCoOp, FedMVP: equations on hand-built tensors, shared vs personal keys, server rules.
+
+Toy backbone (fedlit-toy, bundled weights) and tiny tasks; CPU, seconds. The 2-round runs of every method are in
+``test_all_methods.py`` (configs picked up), the RN50-toy runs of the text-only ones in ``test_resnet.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlit.client import ClientModule
+from fedlit.methods.base import Update
+from fedlit.methods.fedmgp import FedMGP, pair_distance, select_groups
+from fedlit.methods.fedsept import FedSEPT, diversity, fused_logits
+from fedlit.prompts import Task
+
+TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
+
+
+def _images(clip, n: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return clip.normalize_images(torch.rand(n, 3, clip.image_size, clip.image_size, generator=g))
+
+
+# ------------------------------------------------------------------------------------------------ FedMGP
+def test_fedmgp_pair_distance_by_hand():
+    x = torch.tensor([[[0.0, 0.0]], [[1.0, 2.0]], [[3.0, 0.0]]])  # G = 3, N = 1, D = 2
+    assert float(pair_distance(x, "l1")) == pytest.approx((1.5 + 1.5 + 2.0) / 3)
+    assert float(pair_distance(x, "l2")) == pytest.approx((2.5 + 4.5 + 4.0) / 3)
+
+
+def test_fedmgp_selection_round0_permutation_then_softmax_of_max_cosine():
+    groups = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).unsqueeze(1)  # [G=3, n=1, 2]
+    assert torch.equal(select_groups(groups, None, 2, 42 + 1),
+                       torch.randperm(3, generator=torch.Generator().manual_seed(43))[:2])
+    ranks = torch.tensor([[[1.0, 0.0]], [[1.0, 0.2]]])
+    s = torch.tensor([max(1.0, 1 / math.sqrt(1.04)), max(0.0, 0.2 / math.sqrt(1.04)),
+                      max(1 / math.sqrt(2), 1.2 / math.sqrt(2 * 1.04))])
+    # small T: the draws are the groups in decreasing similarity
+    assert select_groups(groups, ranks, 2, 0, temperature=0.02).tolist() == torch.argsort(s, descending=True)[:2].tolist()
+    # T = 1: the first draw follows softmax(s)
+    first = torch.tensor([int(select_groups(groups, ranks, 2, seed)[0]) for seed in range(3000)])
+    freq = torch.bincount(first, minlength=3).float() / 3000
+    assert torch.allclose(freq, torch.softmax(s, 0), atol=0.03)
+
+
+def _mgp_round(m, mod, cids, state, personal, bump):
+    ups = []
+    for cid in cids:
+        mod.load_prompt_state(state, personal.get(cid, INIT[0]), m.server_payload(cid, state, {}))
+        with torch.no_grad():  # stands for local training
+            mod.prompt.ctx.add_(bump * (cid + 1))
+            mod.prompt.vpt.add_(bump * (cid + 1))
+        shared, pers = mod.export()
+        ups.append(Update(cid, shared, pers, 4, 0.0))
+    return ups
+
+
+INIT: list = []
+
+
+def test_fedmgp_rankwise_mean_writeback_only_for_the_round_clients_and_shared_keys(toy):
+    m = FedMGP(num_groups=3, topk=2)
+    mod = ClientModule(toy, m)
+    shared0, personal0 = mod.export()
+    INIT[:] = [personal0]
+    assert set(shared0) == {"upload_text", "upload_vis"}
+    assert set(personal0) == {"ctx", "vpt", "sel_text", "sel_vis"}
+    ups = _mgp_round(m, mod, [0, 1], shared0, {}, 0.1)
+    for u in ups:  # round 0: the same permutation (seed 42 + cid) for both towers
+        perm = torch.randperm(3, generator=torch.Generator().manual_seed(42 + u.cid))[:2]
+        assert torch.equal(u.personal["sel_text"], perm) and torch.equal(u.personal["sel_vis"], perm)
+        assert torch.equal(u.shared["upload_text"], u.personal["ctx"][perm])
+    g1 = m.aggregate(ups, shared0)
+    torch.testing.assert_close(g1["upload_text"], (ups[0].shared["upload_text"] + ups[1].shared["upload_text"]) / 2)
+    personal = {u.cid: u.personal for u in ups}
+    # client 0 after round 0: its selected rows hold the global ranks, the other row its own group
+    mod.load_prompt_state(g1, personal[0], m.server_payload(0, g1, {}))
+    sel = personal[0]["sel_text"]
+    assert torch.equal(mod.prompt.ctx[sel], g1["upload_text"])
+    rest = [g for g in range(3) if g not in sel.tolist()]
+    assert torch.equal(mod.prompt.ctx[rest], personal[0]["ctx"][rest])
+    assert torch.equal(mod.prompt.vpt[personal[0]["sel_vis"]], g1["upload_vis"])
+    # round 1: only client 1 trains; client 0 keeps the round-0 write-back, client 1 gets the new one
+    ups2 = _mgp_round(m, mod, [1], g1, personal, 0.05)
+    g2 = m.aggregate(ups2, g1)
+    personal[1] = ups2[0].personal
+    mod.load_prompt_state(g2, personal[0], m.server_payload(0, g2, {}))
+    assert torch.equal(mod.prompt.ctx[sel], g1["upload_text"])
+    mod.load_prompt_state(g2, personal[1], m.server_payload(1, g2, {}))
+    assert torch.equal(mod.prompt.ctx[personal[1]["sel_text"]], g2["upload_text"])
+    # server state round-trips (checkpoint)
+    m2 = FedMGP(num_groups=3, topk=2)
+    m2.load_server_state_dict(m.server_state_dict())
+    assert m2._round == 2 and torch.equal(m2._writeback[0]["upload_text"], g1["upload_text"])
+
+
+def test_fedmgp_official_vision_reload_restores_the_initial_vision_groups(toy):
+    m = FedMGP(num_groups=3, topk=2, vision_prompt_reload="official_init")
+    mod = ClientModule(toy, m)
+    shared0, personal0 = mod.export()
+    trained = dict(personal0, vpt=personal0["vpt"] + 1.0, ctx=personal0["ctx"] + 1.0)
+    mod.load_prompt_state(shared0, trained, m.server_payload(0, shared0, {}))
+    assert torch.equal(mod.prompt.vpt, personal0["vpt"])  # initial V, whatever the client trained
+    assert torch.equal(mod.prompt.ctx, trained["ctx"])
+    m.vision_prompt_reload = "trained"
+    mod2 = ClientModule(toy, FedMGP(num_groups=3, topk=2))
+    mod2.load_prompt_state(shared0, trained, {})
+    assert torch.equal(mod2.prompt.vpt, trained["vpt"])
+
+
+def test_fedmgp_loss_is_mean_group_ce_plus_signed_divergence_and_inference_averages(toy):
+    x, y = _images(toy, 3), torch.tensor([0, 1, 2])
+    mods = {s: ClientModule(toy, FedMGP(num_groups=3, divergent_sign=s)) for s in ("official", "diverse")}
+    base = ClientModule(toy, FedMGP(num_groups=3, divergent_weight=0.0))
+    state = {**mods["official"].export()[0], **mods["official"].export()[1]}
+    for mod in (*mods.values(), base):
+        mod.load_prompt_state(state)
+    m = base.method
+    z, f, t = m.group_logits(base.prompt, toy, x, TASK)
+    ce = torch.stack([F.cross_entropy(zg, y) for zg in z]).mean()
+    d = 0.5 * (pair_distance(t) + pair_distance(f))
+    assert float(d.detach()) > 0
+    torch.testing.assert_close(m.loss(base, x, y, TASK), ce)
+    torch.testing.assert_close(mods["official"].method.loss(mods["official"], x, y, TASK), ce + d)
+    torch.testing.assert_close(mods["diverse"].method.loss(mods["diverse"], x, y, TASK), ce - d)
+    torch.testing.assert_close(base(x, TASK), z.mean(0))
+    assert z.shape == (3, 3, len(TASK.classnames))
+
+
+# ------------------------------------------------------------------------------------------------ FedSEPT
+def test_fedsept_diversity_and_fused_logits_by_hand():
+    a = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]], [[3.0, 3.0]]])  # M = 3 experts, vec = rows
+    # cos²: (1,2) 0, (1,3) 1/2, (2,3) 1/2 → mean over the 6 ordered pairs = 2·(0 + 1/2 + 1/2) / 6
+    assert float(diversity(a)) == pytest.approx(1 / 3)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])  # [M=2, C=2, D=2]
+    pi = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    z = fused_logits(f, t, pi, 10.0)
+    torch.testing.assert_close(z, torch.tensor([[10.0, 0.0], [7.5, 2.5]]))
+
+
+def test_fedsept_shares_only_a_and_the_basis_is_not_state(toy):
+    m = FedSEPT(num_experts=2, rank=4, n_ctx=4, dp_epsilon=0)
+    mod = ClientModule(toy, m)
+    shared, personal = mod.export()
+    assert set(shared) == {"A"}
+    assert "B0" not in personal and {"R", "dp_steps"} <= set(personal) and any(k.startswith("router.") for k in personal)
+    p = mod.prompt
+    torch.testing.assert_close(p.contexts(), p.A @ p.B0 + p.R)
+    assert torch.equal(p.B0, ClientModule(toy, FedSEPT(num_experts=2, rank=4, n_ctx=4)).prompt.B0)  # same basis
+
+
+def test_fedsept_dp_step_clips_a_per_sample_and_leaves_r_and_router_ordinary(toy):
+    """The module's loss + backward: A.grad = mean of jointly clipped per-sample gradients (σ ≈ 0); R and the
+    router keep their ordinary batch gradient."""
+    torch.manual_seed(0)
+    m = FedSEPT(num_experts=2, rank=4, n_ctx=4, dp_sigma=1e-12, dp_clip=1e-3, router_dropout=0.0, dp_microbatch=2)
+    mod = ClientModule(toy, m)
+    with torch.no_grad():
+        mod.prompt.R.normal_(0, 0.02)
+    mod.train()
+    x, y = torch.randn(3, toy.embed_dim), torch.tensor([0, 1, 3])
+
+    def sample_loss(i):
+        z = mod(x[i:i + 1], TASK)
+        return F.cross_entropy(z, y[i:i + 1]) + m.lambda_div * diversity(mod.prompt.A)
+
+    ref = torch.zeros_like(mod.prompt.A)
+    for i in range(3):
+        g = torch.autograd.grad(sample_loss(i), mod.prompt.A)[0]
+        ref += g * min(1.0, 1e-3 / float(g.norm())) / 3
+    ordinary = torch.autograd.grad(torch.stack([sample_loss(i) for i in range(3)]).mean(),
+                                   [mod.prompt.R, mod.prompt.router.head.weight])
+    loss = m.loss(mod, x, y, TASK)
+    loss.backward()
+    torch.testing.assert_close(mod.prompt.A.grad, ref, atol=1e-9, rtol=1e-4)
+    assert not torch.allclose(mod.prompt.A.grad, ref * 0)
+    torch.testing.assert_close(mod.prompt.R.grad, ordinary[0], atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(mod.prompt.router.head.weight.grad, ordinary[1], atol=1e-7, rtol=1e-4)
+    assert int(mod.prompt.dp_steps) == 1
