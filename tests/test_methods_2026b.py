@@ -183,3 +183,86 @@ def test_fedsept_dp_step_clips_a_per_sample_and_leaves_r_and_router_ordinary(toy
     torch.testing.assert_close(mod.prompt.R.grad, ordinary[0], atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(mod.prompt.router.head.weight.grad, ordinary[1], atol=1e-7, rtol=1e-4)
     assert int(mod.prompt.dp_steps) == 1
+
+
+# ------------------------------------------------------------------------------------------------ FOCoOp
+from fedlit.methods.focoop import FOCoOp, dro_loss, mm_unbalanced_kl, negative_labels, two_means, uot_calibrate  # noqa: E402
+from fedlit.trainer import FedTrainer  # noqa: E402
+
+
+def test_focoop_mm_unbalanced_by_hand():
+    a, b = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    torch.testing.assert_close(mm_unbalanced_kl(a, b, torch.zeros(2, 2)), (a[:, None] * b[None, :]).double())
+    # one point each: minimise π·m + 2·reg·(π log π − π + 1) → π = exp(−m / 2reg)
+    pi = mm_unbalanced_kl(torch.ones(1), torch.ones(1), torch.tensor([[0.3]]), reg_m=0.1)
+    assert float(pi) == pytest.approx(math.exp(-0.3 / 0.2))
+    # a cheap pair gets more mass than an expensive one
+    plan = mm_unbalanced_kl(a, torch.tensor([0.5, 0.5]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert plan[0, 0] > plan[0, 1] and plan[1, 1] > plan[1, 0]
+
+
+def test_focoop_two_means_and_uot_calibration():
+    gen = torch.Generator().manual_seed(0)
+    assert two_means(torch.tensor([0.1, 0.11, 0.9, 0.95, 0.12]), gen).tolist() == [False, False, True, True, False]
+    g = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # C = 2 class prompts, n = 1, W = 2
+    o_all = torch.tensor([[[1.0, 0.1]], [[0.1, 1.0]], [[-5.0, -5.0]], [[-6.0, -4.0]], [[-4.0, -6.0]]])
+    new_g, new_o, info = uot_calibrate(g, o_all, 2, torch.Generator().manual_seed(0))
+    assert info["seeming_id"] == 2  # the two prompts near the class prompts
+    cost = torch.cdist(o_all.flatten(1).double(), g.flatten(1).double()).pow(2)
+    plan = mm_unbalanced_kl(torch.full((5,), 0.2), torch.full((2,), 0.5), cost / cost.max())
+    mass = plan.sum(1)
+    expect_g = 0.5 * g.flatten(1).double() + 0.5 * plan[:2].t() @ o_all[:2].flatten(1).double()
+    torch.testing.assert_close(new_g.flatten(1).double(), expect_g)
+    far = torch.argsort(mass[2:])[:2] + 2
+    torch.testing.assert_close(new_o, o_all[far])
+    bary, _, _ = uot_calibrate(g, o_all, 2, torch.Generator().manual_seed(0), update="barycentre")
+    p = plan[:2] / plan[:2].sum(0, keepdim=True)
+    torch.testing.assert_close(bary.flatten(1).double(), 0.5 * g.flatten(1).double() + 0.5 * p.t() @ o_all[:2].flatten(1).double())
+
+
+def test_focoop_dro_gamma_update_and_the_official_nan_at_zero():
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(4, 8), dim=-1)
+    t = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    o = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
+    y = torch.tensor([0, 1, 2, 0])
+    gammas = torch.full((2,), 10.0)
+    loss = dro_loss(f, t, o, y, 100.0, gammas)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert t.grad.abs().sum() > 0 and o.grad.abs().sum() > 0
+    assert ((9.95 < gammas) & (gammas <= 9.97)).all()  # γ − 0.005·(10 − mean|δ|), 0 < mean|δ| ≤ 4 steps of ≤ 1
+    assert not torch.isfinite(dro_loss(f, t, o, y, 100.0, torch.tensor([10.0, 0.0])))  # official floor 0 → NaN
+    g = torch.tensor([10.0, 0.01])
+    dro_loss(f, t, o, y, 100.0, g, floor=1e-3)
+    assert float(g[1]) == pytest.approx(1e-3)
+
+
+def _focoop(toy, **kw):
+    m = FOCoOp(n_ctx=2, num_ood_prompts=3, ood_candidates=200, **kw)
+    m.setup_federation(TASK, 2)
+    return m, ClientModule(toy, m)
+
+
+def test_focoop_keys_novel_class_context_ood_words_and_batch_weights(toy):
+    m, mod = _focoop(toy, uot=False)
+    shared, personal = mod.export()
+    assert set(shared) == {"G", "O"} and set(personal) == {"L", "gammas"}
+    assert torch.equal(shared["G"], personal["L"])  # G starts as a copy of L
+    assert len(m.ood_words) == 3 and not {"circle", "square", "red", "triangle", "star"} & set(m.ood_words)
+    words = negative_labels(toy, TASK.classnames, 3, ["circle", "apple", "zebra", "house", "music", "square"])
+    assert not {"circle", "square"} & set(words)
+    p = mod.prompt
+    mix = 0.8 * p.L + 0.2 * p.G
+    novel = Task("n", ("circle", "hexagon"))
+    ctx = m._contexts(p, novel)
+    torch.testing.assert_close(ctx[0], mix[0])
+    torch.testing.assert_close(ctx[1], mix.mean(0))
+    x = torch.randn(2, toy.embed_dim)
+    assert m.full_logits(p, toy, x, TASK).shape == (2, len(TASK.classnames) + 3)
+    torch.testing.assert_close(mod(x, TASK), m.full_logits(p, toy, x, TASK)[:, :4])
+    m.plan_rounds(FedTrainer(batch_size=8), [10, 40])  # 1 and 5 batches (the partial last batch is dropped)
+    ups = [Update(0, {"G": torch.zeros(1), "O": torch.zeros(1)}, {}, 10, 0.0),
+           Update(1, {"G": torch.ones(1) * 6, "O": torch.ones(1)}, {}, 40, 0.0)]
+    out = m.aggregate(ups, {})
+    assert float(out["G"]) == pytest.approx(5.0)  # 6 · 5/6, not 6 · 40/50
