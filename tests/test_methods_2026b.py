@@ -266,3 +266,75 @@ def test_focoop_keys_novel_class_context_ood_words_and_batch_weights(toy):
            Update(1, {"G": torch.ones(1) * 6, "O": torch.ones(1)}, {}, 40, 0.0)]
     out = m.aggregate(ups, {})
     assert float(out["G"]) == pytest.approx(5.0)  # 6 · 5/6, not 6 · 40/50
+
+
+# ------------------------------------------------------------------------------------------------ FedMVP
+from fedlit.errors import FedlitError  # noqa: E402
+from fedlit.methods.fedmvp import FedMVP, band_pool, connector, load_attributes, sentence, shapes_attributes  # noqa: E402
+
+SHAPES_TASK = Task("shapes", ("red circle", "blue square", "green ring"))
+
+
+def test_fedmvp_sentence_rules_truncation_and_band_pool():
+    assert connector("alternating stripes") == "which is" and connector("used for sport") == "which is"
+    assert connector("has four legs") == "which" and connector("often red") == "which"
+    assert connector("eyes") == "which has"
+    assert sentence("a photo of a", "Apply_Eye_Makeup", "", "eyes") == "a photo of a Apply Eye Makeup, which has eyes"
+    long = sentence("a photo of a", "x", "a type of flower, ", "a" * 100)
+    assert len(long) == 77 and long.startswith("a photo of a x, a type of flower, which is a")
+    assert len(sentence("a photo of a", "x", "", "a" * 100, truncate=0)) > 77
+    tokens = torch.arange(8.0).view(1, 8, 1)  # 8 patches → 4 bands of 2
+    torch.testing.assert_close(band_pool(tokens), torch.tensor([[[0.5], [2.5], [4.5], [6.5]]]))
+
+
+def test_fedmvp_attributes_procedural_for_shapes_and_a_clear_error_otherwise(tmp_path, toy):
+    attrs = shapes_attributes(SHAPES_TASK.classnames)
+    assert all(len(v) == 10 for v in attrs.values()) and "red colour" in attrs["red circle"]
+    assert shapes_attributes(("dog", "cat")) is None
+    m = FedMVP()
+    with pytest.raises(FedlitError, match="attributes_dir"):
+        m.phrases(Task("pets", ("dog", "cat")))
+    with pytest.raises(FedlitError, match="no attribute files"):
+        load_attributes(str(tmp_path / "missing"))
+    (tmp_path / "pets.json").write_text('{"Dog": ["four legs", "a tail"], "cat": ["whiskers", "a tail"]}')
+    m2 = FedMVP(attributes_dir=str(tmp_path))
+    m2.build(toy)
+    assert m2.phrases(Task("pets", ("dog", "cat"))) == [["four legs", "a tail"], ["whiskers", "a tail"]]
+    with pytest.raises(FedlitError, match="'bird' has no entry"):
+        m2.phrases(Task("pets", ("dog", "bird")))
+    (tmp_path / "bad.json").write_text('{"bird": "a beak"}')
+    with pytest.raises(FedlitError, match="lists of phrases"):
+        load_attributes(str(tmp_path))
+
+
+def test_fedmvp_prompts_come_from_the_patch_tokens_classifier_is_the_descriptor_mean_and_loss(toy):
+    m = FedMVP(flip="none")
+    mod = ClientModule(toy, m)
+    shared, personal = mod.export()
+    assert not personal and "linear.weight" in shared and "attn.in_proj_weight" in shared
+    seen = {}
+
+    def spy(patches):
+        seen["shape"] = tuple(patches.shape)
+        return torch.zeros(patches.shape[0], 4, patches.shape[-1])
+
+    x, y = _images(toy, 2), torch.tensor([0, 2])
+    toy.encode_image(x, visual_prompts=spy, prompt_position="append")
+    grid = (toy.image_size // 4) ** 2  # fedlit-toy: 32 px, patch 4
+    assert seen["shape"] == (2, grid, toy.vision_width)
+    t, keys = m.prepare(mod.prompt, toy, SHAPES_TASK)
+    e = m.description_features(toy, SHAPES_TASK)
+    assert e.shape[:2] == (3, 10) and keys.shape[0] == 30
+    torch.testing.assert_close(t, e.mean(1))
+    f = F.normalize(m.image_features(mod.prompt, toy, x, keys), dim=-1)
+    torch.testing.assert_close(mod(x, SHAPES_TASK), toy.logit_scale * f @ t.t())
+    f_zs = F.normalize(toy.encode_image(x), dim=-1)
+    expect = F.cross_entropy(toy.logit_scale * f @ t.t(), y) + 10 * (1 - (f * f_zs).sum(-1).mean())
+    torch.testing.assert_close(m.loss(mod, x, y, SHAPES_TASK), expect)
+    # the prompts depend on the image: zeroing the PromptFormer's output path changes the features
+    with torch.no_grad():
+        mod.prompt.ff[-1].weight.zero_()
+        mod.prompt.ff[-1].bias.zero_()
+        mod.prompt.attn.out_proj.weight.zero_()
+        mod.prompt.attn.out_proj.bias.zero_()
+    assert not torch.allclose(F.normalize(m.image_features(mod.prompt, toy, x, keys), dim=-1), f, atol=1e-4)
