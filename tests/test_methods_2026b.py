@@ -298,7 +298,6 @@ def test_fedmvp_attributes_procedural_for_shapes_and_a_clear_error_otherwise(tmp
         load_attributes(str(tmp_path / "missing"))
     (tmp_path / "pets.json").write_text('{"Dog": ["four legs", "a tail"], "cat": ["whiskers", "a tail"]}')
     m2 = FedMVP(attributes_dir=str(tmp_path))
-    m2.build(toy)
     assert m2.phrases(Task("pets", ("dog", "cat"))) == [["four legs", "a tail"], ["whiskers", "a tail"]]
     with pytest.raises(FedlitError, match="'bird' has no entry"):
         m2.phrases(Task("pets", ("dog", "bird")))
@@ -338,3 +337,13 @@ def test_fedmvp_prompts_come_from_the_patch_tokens_classifier_is_the_descriptor_
         mod.prompt.attn.out_proj.weight.zero_()
         mod.prompt.attn.out_proj.bias.zero_()
     assert not torch.allclose(F.normalize(m.image_features(mod.prompt, toy, x, keys), dim=-1), f, atol=1e-4)
+
+
+def test_fedmvp_without_attributes_fails_in_one_line_before_the_run_starts(tmp_path, capsys):
+    from fedlit.cli import main
+
+    rc = main(["fit", "--config", "configs/fedmvp.yaml", "--config", "configs/embedded.yaml",
+               "--method.init_args.attributes_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "run")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "attributes_dir" in err[0] and "<dataset>.json" in err[0], err
+    assert not (tmp_path / "run").exists()

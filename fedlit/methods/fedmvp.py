@@ -163,16 +163,17 @@ class FedMVP(FedMethod):
         self.attributes_dir, self.prefix, self.suffix, self.truncate_chars = (attributes_dir, prefix, suffix,
                                                                               truncate_chars)
         self.heads, self.n_prompts, self.alpha, self.flip = heads, n_prompts, alpha, flip
-        self._attributes: dict[str, list[str]] | None = None
+        self._attributes = load_attributes(attributes_dir) if attributes_dir is not None else None
         self._features: dict[tuple, torch.Tensor] = {}
+
+    def setup_federation(self, train_task: Task, num_clients: int) -> None:
+        self.phrases(train_task)  # fails here, before a run directory exists, if a class has no attributes
 
     def build(self, clip: FrozenCLIP):
         if not clip.is_vit:
             raise FedlitError(f"fedmvp prompts a ViT image tower; backbone '{clip.name}' has none (use e.g. ViT-B-16)")
         if clip.vision_width % self.heads:
             raise FedlitError(f"method.init_args.heads={self.heads} does not divide the vision width {clip.vision_width}")
-        if self.attributes_dir is not None:
-            self._attributes = load_attributes(self.attributes_dir)
         return PromptFormer(clip.embed_dim, clip.vision_width, self.heads, self.n_prompts)
 
     def is_shared(self, key: str) -> bool:
