@@ -347,3 +347,16 @@ def test_fedmvp_without_attributes_fails_in_one_line_before_the_run_starts(tmp_p
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and "attributes_dir" in err[0] and "<dataset>.json" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_fedsept_per_client_calibration_reproduces_the_spec_table():
+    """Spec 3b §1.4: n_i 160, B 32, R 50, E 1 → q 0.2, T 250, σ 12.97; DTD's last client (32 images) → q 1, T 50."""
+    m = FedSEPT()
+    m.plan_rounds(FedTrainer(rounds=50, local_epochs=1, batch_size=32), [160, 32])
+    p0, p1 = m.client_plan(0), m.client_plan(1)
+    assert (p0["sample_rate"], p0["planned_steps"]) == (0.2, 250) and p0["sigma"] == pytest.approx(12.97, abs=0.01)
+    assert (p1["sample_rate"], p1["planned_steps"]) == (1.0, 50) and p1["sigma"] == pytest.approx(28.75, abs=0.01)
+    half = FedSEPT(dp_calibration="expected")
+    half.plan_rounds(FedTrainer(rounds=50, local_epochs=1, batch_size=32, participation=0.5, first_round_all=False),
+                     [160])
+    assert half.client_plan(0)["planned_steps"] == 125
