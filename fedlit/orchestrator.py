@@ -64,6 +64,7 @@ class Orchestrator:
                               f"clients train among {len(tasks)} different class lists (several datasets); use a "
                               f"text-prompt method, or one dataset / partition: domain")
         method.setup_federation(federation.train_task, len(federation.clients))
+        method.plan_rounds(trainer, [c.num_samples for c in federation.clients])
         self.module = ClientModule(clip, method).to(fabric.device)
         self._lanes: list[ClientModule] = []  # further client modules for lock-step training (built on demand)
         self._lockstep_warned = False

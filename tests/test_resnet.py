@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RN = "fedlit-toy-rn"
 #: methods that only prompt the text side (or nothing): they must run on a ResNet tower
 TEXT_METHODS = ["zeroshot", "coop", "promptfl", "fedprox", "fedpgp", "fedotp", "fedtpg", "fedkgcoop", "fedcocoop",
-                "central", "promptfolio", "fedpha", "dpfpl", "pfedmoap", "plot", "prograd", "proda", "feddnc"]
+                "central", "promptfolio", "fedpha", "dpfpl", "pfedmoap", "plot", "prograd", "proda", "feddnc",
+                "fedsept", "focoop"]
 #: methods with prompts / adapters inside the image tower -> the fix their one-line error must name
 VISION_METHODS = {"fedmaple": "vision_prompts false", "fedvlp": "ViT-B-16", "ivlp": "ViT-B-16",
                   "fedvpt": "ViT-B-16", "localvpt": "ViT-B-16", "pfedpg": "ViT-B-16", "pfedmma": "ViT-B-16",
-                  "promptsrc": "architecture flip_text_only"}
+                  "promptsrc": "architecture flip_text_only", "fedmgp": "ViT-B-16", "fedmvp": "ViT-B-16"}
 EXTRA = {"fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],
          "pfedmoap": ["--method.init_args.gating_dim", "32"],  # d' divides the toy's width 64 (RN50: 1024 / 128)
          "fedmaple": ["--method.init_args.prompt_depth", "2"]}

@@ -246,6 +246,8 @@ class FrozenCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1)
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
+        if callable(visual_prompts):  # prompts generated from the patch tokens after the positional embedding (FedMVP)
+            visual_prompts = visual_prompts(x[:, 1:])
         if after_ln:
             x = v.ln_pre(x)
         x, start, n = vp.insert(x, visual_prompts, 1, "append" if after_ln else prompt_position)
@@ -295,7 +297,8 @@ class FrozenCLIP(nn.Module):
     ) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> image features [B, embed_dim] (not normalised).
 
-        ``visual_prompts`` [n, Wv] or [B, n, Wv]: extra tokens (VPT-shallow); ``deep_visual_prompts[j]`` replaces
+        ``visual_prompts`` [n, Wv] or [B, n, Wv]: extra tokens (VPT-shallow), or a function of the patch tokens after the
+        positional embedding [B, M, Wv] returning them (FedMVP's PromptFormer); ``deep_visual_prompts[j]`` replaces
         them at the input of block ``j + first_deep_block``. Without prompts this equals ``model.encode_image``.
         """
         if not self.is_vit:

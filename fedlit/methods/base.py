@@ -172,6 +172,10 @@ class FedMethod:
         """Called by the orchestrator once, before :meth:`build`, with the task clients train among and the
         number of clients (linear-head methods size their head from it; pFedPG its client descriptors)."""
 
+    def plan_rounds(self, trainer, num_samples: Sequence[int]) -> None:
+        """Called by the orchestrator once, before the first round, with the trainer settings and every client's
+        number of training samples (FedSEPT calibrates each client's DP noise from them)."""
+
     def arrange_clients(self, federation):
         """Called by the orchestrator once, before anything is built: the federation the run trains on (default:
         unchanged). Central pools every client's training data into client 0 here (evaluation sets untouched)."""
