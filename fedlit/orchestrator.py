@@ -24,7 +24,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from . import checkpoint as ckpt
 from .atomic import write_json_atomic
 from .backbones import FrozenCLIP
-from .client import ClientModule, load_optimizer_state
+from .client import ClientModule
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
@@ -35,6 +35,7 @@ from .local_training import LocalRun, train_alone, train_lockstep
 from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import harmonic_mean
+from .optimizer_state import OptimizerLifecycle, training_order
 from .rounds import ClientState, RoundProtocol, shard
 from .steps import make_stepper
 from .trainer import FedTrainer
@@ -50,6 +51,8 @@ class Orchestrator:
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
                  trainer: FedTrainer, seed: int, meta: dict | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
+        trainer.bind(method)  # per-method defaults (drop_last: method)
+        self.optim = OptimizerLifecycle(_checked_policy(trainer, method), method)  # trainer.optimizer_state
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None
@@ -118,6 +121,8 @@ class Orchestrator:
             return self.log_round(rnd, *self.stepper.run_round(rnd))
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
+        if self.optim.policy == "chain":  # one optimiser state handed on: the official training order matters
+            mine = training_order(self.seed, rnd, mine, self.method.train_order == "drawn", self.cfg.first_round_all)
         updates = self.apply(self._gather(self.train_clients(mine, rnd, sent)))
         return self.log_round(rnd, list(sent), updates)
 
@@ -142,7 +147,7 @@ class Orchestrator:
         for c, st in self.protocol.clients.items():
             personal[c] = {**st.personal, **{f"optim/{k}": v for k, v in st.optim.items()}}
         state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=personal,
-                              server={**self.method.server_state_dict(),
+                              server={**self.method.server_state_dict(), **self.optim.state(),
                                       **(self.stepper.state() if self.stepper else {})},
                               bank=self.protocol.bank, history=self.history,
                               identity=self.meta.get("identity", {}),
@@ -161,7 +166,8 @@ class Orchestrator:
             own = {k: v for k, v in tensors.items() if not k.startswith("optim/")}
             optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
             self.protocol.load(int(c), ClientState(own, optim))
-        server = self.stepper.load_state(state.server) if self.stepper else state.server
+        server = self.optim.load_state(state.server)
+        server = self.stepper.load_state(server) if self.stepper else server
         self.method.load_server_state_dict(server)
         self.protocol.bank = {int(c): dict(t) for c, t in state.bank.items()}
         self.history = list(state.history)
@@ -221,23 +227,17 @@ class Orchestrator:
         return [self.module, *self._lanes[: count - 1]]
 
     def _client_optimizer(self, own: ClientState, module: ClientModule | None = None):
-        """A fresh optimiser for one client-round (on ``module``, default the process's), or — for methods with a
-        per-client schedule or persistent optimiser (FedTPG) — one restored from the client's own state.
-        Returns (optimizer, tracked, lr)."""
-        optimizer = (self.module if module is None else module).configure_optimizers()
-        tracked = self.method.persistent_optimizer or self.method.lr_schedule != "constant"
-        if tracked and own.optim and self.method.persistent_optimizer:
-            load_optimizer_state(optimizer, own.optim)
-        lr = self.method.lr_at(int(own.optim.get("participations", 0)) if tracked else 0)
-        for group in optimizer.param_groups:  # a group the method gave a ``fixed_lr`` keeps it (pFedMoAP's gating)
-            group["lr"] = group.get("fixed_lr", lr)
-        return self.fabric.setup_optimizers(optimizer), tracked, lr
+        """The optimiser of one client-round (on ``module``, default the process's) under the run's
+        ``trainer.optimizer_state`` (:mod:`fedlit.optimizer_state`): fresh, the client's own (FedTPG), or the
+        chained state of the client before it. Returns (optimizer, tracked, lr)."""
+        optimizer, lr = self.optim.build(self.module if module is None else module, own)
+        return self.fabric.setup_optimizers(optimizer), self.optim.tracked, lr
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> dict:
         """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`):
         this process's share of the clients, gathered, then recorded."""
-        mine = shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size)
+        mine = shard(self.protocol.evaluated(), self.fabric.global_rank, self.fabric.world_size)
         per_client = {c: r for part in self._gather_objects(self.evaluate_clients(mine)) for c, r in part.items()}
         return self.record_evaluation(per_client, rnd)
 
@@ -342,6 +342,7 @@ class Orchestrator:
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
             "sync": self.cfg.sync_of(self.method),
+            "optimizer_state": self.optim.policy,
             **self.method.run_report(),
         }
         if self.fabric.global_rank == 0:
@@ -350,6 +351,22 @@ class Orchestrator:
             self.logger.finalize("success")
             write_json_atomic(self.run_dir / "results.json", results)
         return results
+
+
+def _checked_policy(trainer: FedTrainer, method: FedMethod) -> str:
+    """The run's optimiser-state policy; ``chain`` refuses what cannot train a round's clients in sequence."""
+    policy = trainer.optimizer_state_of(method)
+    if policy == "chain":
+        fix = "; use --trainer.optimizer_state fresh (a new optimiser per client-round) to train clients in parallel"
+        if trainer.devices * trainer.num_nodes > 1:
+            raise FedlitError(f"trainer.optimizer_state=chain ({method.name}'s official optimiser, handed from client "
+                              f"to client) trains a round's clients in sequence in one process, not on "
+                              f"trainer.devices={trainer.devices} x num_nodes={trainer.num_nodes}{fix}")
+        if trainer.lockstep != 1 and method.lockstep:
+            raise FedlitError(f"trainer.optimizer_state=chain ({method.name}'s official optimiser, handed from client "
+                              f"to client) trains a round's clients one after the other, not in lock-step "
+                              f"(trainer.lockstep={trainer.lockstep}){fix}")
+    return policy
 
 
 def _jsonable(metrics: dict) -> dict:

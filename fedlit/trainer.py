@@ -11,6 +11,8 @@ import torch
 
 from .errors import FedlitError
 
+OPTIMIZER_STATES = ("method", "chain", "fresh", "per_client")
+
 
 class FedTrainer:
     """Federation settings (the ``trainer:`` section of a config).
@@ -53,9 +55,11 @@ class FedTrainer:
         augment_views: legacy K-view augmentation, overrides ``augment``: 0 = off (default); K > 0 = K fixed
             random-resized-crop + flip views per training image (cut from the stored image), one drawn per sample
             and step from (seed, round, client, epoch).
-        drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
-            incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
-            trains on its one short batch; ``never`` keeps every last batch.
+        drop_last: ``method`` (default): the method's official loaders
+            (:attr:`~fedlit.methods.base.FedMethod.default_drop_last`: ``dassl`` for the Dassl family, ``never`` for
+            FedTPG's code base, ``dm_federated.py:91-97``); ``dassl`` (the FedPGP/FedOTP/PromptFL loaders): a client
+            drops its last incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``),
+            otherwise it trains on its one short batch; ``never`` keeps every last batch.
         sync: how a round federates. ``method`` (default): the method's own mode (``step`` for DP-FPL, ``round``
             for the others); ``round``: local epochs then the server aggregates the shared tensors (FedAvg);
             ``step``: step-synchronous FedSGD (:mod:`fedlit.steps`): at every batch step every selected client
@@ -65,6 +69,23 @@ class FedTrainer:
             (default) one at a time; ``M`` > 1 groups of M; ``0`` all of the process's clients. A group's text passes
             are one joint pass per step; each client keeps its own tensors, optimiser, data order and step count, so
             the results equal one-at-a-time up to float rounding. Methods that prompt the image tower ignore it.
+        optimizer_state: the optimiser's lifecycle in ``round`` mode. ``method`` (default): the method's official
+            policy (:meth:`~fedlit.methods.base.FedMethod.optimizer_policy`: ``chain`` for the Dassl code bases —
+            FedPGP, PromptFL, Prompt+Prox, CoOp, FedOTP, FedCoCoOp, FedMaPLe, PromptFolio, FedPHA, pFedMoAP, pFedMMA —
+            ``per_client`` for FedTPG/FedKgCoOp/FedVLP, ``fresh`` for pFedPG/VPT); ``chain``: ONE optimiser state
+            (SGD momentum buffers) handed from client to client in the official training order, across rounds, as
+            one Dassl ``local_trainer`` does (its ``single_step`` scheduler with γ = 1 keeps the lr constant, so
+            nothing else carries); the round's clients then train one after the other in one process, so
+            ``devices``/``num_nodes`` > 1, ``lockstep`` ≠ 1 and Flower are refused; ``fresh``: a new optimiser per
+            client-round (momentum restarts at every client); ``per_client``: each client keeps its own optimiser
+            state across its participations (FedTPG's code base). Step mode (``sync: step``) keeps its own state
+            (:mod:`fedlit.steps`) and takes only ``method``. ``results.json`` says which policy ran.
+        eval_from: the first round (1-based) that ``eval_every`` evaluates; earlier rounds are not evaluated (the
+            official CIFAR-100 FedOTP script evaluates every round from round 141 of 150: ``eval_every: 1``,
+            ``eval_from: 141``). The last round is always evaluated.
+        skip_clients: clients that neither train nor are evaluated (default none). ``[5]`` reproduces FedPGP's
+            released ``fedavg``/``local`` branches (PromptFL, CoOp: ``idxs_users.pop(5)``, ``federated_main.py:236-237,
+            288-289``), which fedlit does not take for the Table-1 rows (README "Training as the papers trained").
     """
 
     def __init__(
@@ -90,9 +111,12 @@ class FedTrainer:
         augment: Literal["method", "dassl", "none"] = "method",
         augment_views: int = 0,
         threads: int | None = None,
-        drop_last: Literal["dassl", "never"] = "dassl",
+        drop_last: Literal["method", "dassl", "never"] = "method",
         sync: Literal["method", "round", "step"] = "method",
         lockstep: int = 1,
+        optimizer_state: Literal["method", "chain", "fresh", "per_client"] = "method",
+        eval_from: int = 1,
+        skip_clients: list[int] | None = None,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -108,7 +132,11 @@ class FedTrainer:
             (augment_views >= 0,
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
-            (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
+            (drop_last in ("method", "dassl", "never"),
+             f"trainer.drop_last={drop_last!r}: use 'method', 'dassl' or 'never'"),
+            (eval_from >= 1, f"trainer.eval_from={eval_from}: the first round evaluated, >= 1"),
+            (optimizer_state in OPTIMIZER_STATES,
+             f"trainer.optimizer_state={optimizer_state!r}: use 'method', 'chain', 'fresh' or 'per_client'"),
             (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
             (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
                             f"or 0 (all of the process's clients)"),
@@ -140,15 +168,37 @@ class FedTrainer:
         self.drop_last = drop_last
         self.sync = sync
         self.lockstep = lockstep
+        self.optimizer_state = optimizer_state
+        self.eval_from = eval_from
+        self.skip_clients = sorted(set(skip_clients or []))
+        self._drop_rule = "dassl" if drop_last == "method" else drop_last  # bind() resolves ``method``
+
+    def drop_last_of(self, method) -> str:
+        """The last-batch rule (``dassl`` / ``never``) a run of ``method`` uses under these settings."""
+        return method.default_drop_last if self.drop_last == "method" else self.drop_last
+
+    def bind(self, method) -> None:
+        """Resolve the per-method settings for a run of ``method`` (``drop_last: method``)."""
+        self._drop_rule = self.drop_last_of(method)
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""
         return method.sync if self.sync == "method" else self.sync
 
+    def optimizer_state_of(self, method) -> str:
+        """The optimiser-state policy a run of ``method`` uses: ``chain``, ``fresh``, ``per_client``, or ``step``
+        (step mode's own, :mod:`fedlit.steps`)."""
+        if self.sync_of(method) == "step":
+            if self.optimizer_state != "method":
+                raise FedlitError(f"trainer.optimizer_state={self.optimizer_state!r} applies to round mode; step mode "
+                                  f"keeps its own optimiser state: use --trainer.optimizer_state method")
+            return "step"
+        return method.optimizer_policy() if self.optimizer_state == "method" else self.optimizer_state
+
     def batch_starts(self, n: int) -> range:
         """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
         bs = self.batch_size
-        if self.drop_last == "dassl" and n >= bs:
+        if self._drop_rule == "dassl" and n >= bs:
             return range(0, n - bs + 1, bs)
         return range(0, n, bs)
 

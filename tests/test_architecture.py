@@ -20,7 +20,7 @@ LAYERS = [
     ("methods", ["fedlit.methods"]),
     ("client", ["fedlit.client"]),
     ("round loop", ["fedlit.rounds", "fedlit.steps", "fedlit.evaluation", "fedlit.local_training",
-                    "fedlit.orchestrator"]),
+                    "fedlit.orchestrator", "fedlit.optimizer_state"]),
     ("experiment", ["fedlit.experiment"]),
     ("integrations", ["fedlit.integrations"]),
     ("apps", ["fedlit.apps"]),

@@ -32,7 +32,8 @@ def resolve(method: str, dataset: str = "oxford_pets") -> dict:
         "augmentation": (m.augmentation(t) if trained else None),
         "precision": ({"32-true": "fp32", "bf16-mixed": "bf16-mixed", "16-mixed": "fp16-mixed",
                        "auto": "auto (bf16-mixed on GPU)"}.get(t.precision, t.precision) if trained else None),
-        "drop_last": t.drop_last,
+        "drop_last": t.drop_last_of(m),
+        "optimizer_state": t.optimizer_state_of(m) if trained else None,
         "restart_every_round": m.restart_personal,
     }
     for key in ("n_ctx", "rank", "num_prompts", "mu", "tau", "prox_detached", "prompt_depth", "ctx_init", "eps",
