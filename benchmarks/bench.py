@@ -160,7 +160,7 @@ def _naive_round(orch, rnd: int) -> None:
     for cid in range(len(orch.fed.clients)):
         m = copy.deepcopy(orch.module)  # per-client model copy (backbone included)
         client, task, classes, sent = _client_setup(orch, m, cid, rnd)
-        opt, tracked = _optimizer_for(orch, m, cid)
+        opt, _ = _optimizer_for(orch, m, cid)
         y = torch.as_tensor(client.train_y)
         losses, step = [], 0
         for epoch in range(orch.cfg.local_epochs):
