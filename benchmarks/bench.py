@@ -118,9 +118,11 @@ def _orchestrator(args, method, lockstep: int = 1):
     clip = load_backbone(args.backbone, args.pretrained)
     fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,
                         dataset_args=json.loads(args.dataset_args)).setup(seed=0)
-    # augment none / drop_last never: the naive path and the floor do the same work (exact features, every batch)
+    # augment none / drop_last never: the naive path and the floor do the same work (exact features, every batch);
+    # optimizer_state fresh: lock-step and the sequential loop compare the same optimiser lifecycle
     trainer = FedTrainer(rounds=args.rounds, local_epochs=1, batch_size=args.batch or args.shots * 2,
                          checkpoint_every=0, progress=False, lockstep=lockstep, augment="none", drop_last="never",
+                         optimizer_state="fresh",
                          accelerator="cpu" if not torch.cuda.is_available() else "auto")
     fabric = trainer.make_fabric()
     L.seed_everything(0, verbose=False)
@@ -158,7 +160,7 @@ def _naive_round(orch, rnd: int) -> None:
     for cid in range(len(orch.fed.clients)):
         m = copy.deepcopy(orch.module)  # per-client model copy (backbone included)
         client, task, classes, sent = _client_setup(orch, m, cid, rnd)
-        opt, tracked = _optimizer_for(orch, m, cid)
+        opt, _ = _optimizer_for(orch, m, cid)
         y = torch.as_tensor(client.train_y)
         losses, step = [], 0
         for epoch in range(orch.cfg.local_epochs):
@@ -175,13 +177,7 @@ def _naive_round(orch, rnd: int) -> None:
                 losses.append(loss.item())
                 step += 1
         shared, personal = m.export()
-        optim = None
-        if tracked:  # per-client optimiser state / schedule step, kept as fedlit keeps it (FedTPG)
-            from fedlit.client import optimizer_state_tensors
-
-            own = orch.protocol.state_of(cid).optim
-            optim = {**(optimizer_state_tensors(opt) if orch.method.persistent_optimizer else {}),
-                     "participations": own.get("participations", torch.tensor(0)) + 1}
+        optim = orch.optim.finish(opt, orch.protocol.state_of(cid))  # as fedlit keeps it (chain / per client)
         updates.append(Update(cid, shared, personal, client.num_samples, float(np.mean(losses)), step, optim=optim))
     orch.apply(updates)
 

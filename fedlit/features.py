@@ -21,17 +21,18 @@ Where the cache lives (``trainer.feature_cache``):
 Augmentation. Views are cut from the ORIGINAL image (:meth:`~fedlit.data.registry.ImageSplit.view_crops`: the
 decoded file for file-backed datasets, not the 224-px centre crop): torchvision's random-resized-crop algorithm
 (scale (0.08, 1), ratio (3/4, 4/3)), bicubic resize to the tower's size, horizontal flip (p = 0.5); view ``v`` of
-image ``i`` is drawn from ``(view seed, i, v)`` only (:func:`augment_params`). Evaluation is never augmented.
+image ``i`` is drawn from ``(seed, i, v)`` only (:func:`augment_params`). Evaluation is never augmented.
 
 - The **view bank** (``epoch_views: E``, what ``trainer.augment: dassl`` uses): Dassl draws a fresh view of each
   image every epoch, and a client sees each of its images once per epoch, so a run needs at most ``E = rounds ×
   local_epochs`` views per image: view ``r · local_epochs + e`` is the one every sample uses in epoch ``e`` of
-  round ``r``. The view seed is fixed (:data:`VIEW_SEED`), not the run's seed, so every method and seed of a grid
-  with the same backbone, data, precision and ``E`` reads the same views. Where all ``E`` views of an image are
+  round ``r``. The views are drawn with the run's seed (the official stream follows ``--seed``), so seeds are
+  independent, while every method of one seed with the same backbone, data, precision and ``E`` reads the same
+  views (the cache key holds the seed). Where all ``E`` views of an image are
   used (``cache_views``: full participation; pooled features, or patch tokens within :data:`TOKEN_VIEW_BUDGET`,
   :func:`view_caching`) they are encoded once, batched, into the cache (``[N, E, D]``, ``[N, E, 1+M, D]`` for
   tokens; on disk with ``feature_cache: disk``): the cost is ``E`` image-tower forwards per training image,
-  once per grid, which is what one Dassl run spends anyway. Otherwise (partial participation, a token bank
+  once per seed of a grid, which is what one Dassl run spends anyway. Otherwise (partial participation, a token bank
   beyond the budget: said once in the run log) the tower runs on each augmented batch, as the official code does; methods that prompt the image
   tower always get the augmented images.
 - The legacy ``augment_views: K``: ``K`` fixed views per image encoded once, each step drawing one per sample from
@@ -58,14 +59,12 @@ from .data.registry import ImageSplit
 from .errors import FedlitError
 from .feature_store import FORMAT_VERSION, _DiskStore, _MemoryStore
 
-__all__ = ["FeatureBank", "FORMAT_VERSION", "TOKEN_VIEW_BUDGET", "VIEW_SEED", "view_caching", "default_cache_dir", "tower_digest", "augment_params"]
+__all__ = ["FeatureBank", "FORMAT_VERSION", "TOKEN_VIEW_BUDGET", "view_caching", "default_cache_dir", "tower_digest", "augment_params"]
 
 CACHE_ENV = "FEDLIT_CACHE"
 AUG_SCALE = (0.08, 1.0)
 AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 AUG_FLIP = 0.5
-#: Seed of the view bank's views: fixed so that every method and seed of a grid reuses the same views.
-VIEW_SEED = 0
 
 
 #: Largest view bank of patch tokens kept (bytes over all views of the training split): FedOTP's tokens are
@@ -191,10 +190,10 @@ class FeatureBank:
             ``cache_dir``, reused across runs; see the module docstring).
         cache_dir: directory of the disk cache; ``None`` = :func:`default_cache_dir`.
         augment_views: ``K`` fixed augmented views per image of ``augment_split`` (0: no augmentation).
-        seed: seed of the augmented views (the run's seed).
+        seed: seed of the augmented views (the run's seed, for the view bank too).
         augment_split: the split that :meth:`train_views` augments (evaluation splits never are).
         epoch_views: ``E`` > 0 turns on the view bank (overrides ``augment_views``/``seed``): ``E`` views per image,
-            view ``round · local_epochs + epoch`` used in that epoch, drawn with :data:`VIEW_SEED`.
+            view ``round · local_epochs + epoch`` used in that epoch, drawn from ``seed``.
         local_epochs: local epochs per round (view numbering of the view bank).
         cache_views: encode all views of an image once into the cache; ``False``: encode each augmented batch.
     """
@@ -219,7 +218,7 @@ class FeatureBank:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.epoch_views = int(epoch_views)
         self.augment_views = self.epoch_views or int(augment_views)
-        self.seed = VIEW_SEED if self.epoch_views else int(seed)
+        self.seed = int(seed)  # the run's seed: seeds draw independent views, methods of one seed share them
         self.augment_split = augment_split
         self.local_epochs = int(local_epochs)
         self.cache_views = bool(cache_views)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .client import optimizer_state_tensors
 from .methods.base import Update
 from .text_batch import FusedText
 
@@ -86,11 +85,7 @@ class LocalRun:
         if self.error is not None:
             return Update(self.cid, {}, {}, n, float("nan"), self.steps, error=self.error)
         shared, personal = self.module.export()
-        optim = None
-        if self.tracked:
-            method = self.orch.method
-            optim = {**(optimizer_state_tensors(self.optimizer) if method.persistent_optimizer else {}),
-                     "participations": self.own.optim.get("participations", torch.tensor(0)) + 1}
+        optim = self.orch.optim.finish(self.optimizer, self.own)  # chain: the state goes on to the next client
         return Update(self.cid, shared, personal, n, float(np.mean(self.losses)) if self.losses else float("nan"),
                       self.steps, optim=optim, lr=self.lr)
 

@@ -24,7 +24,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from . import checkpoint as ckpt
 from .atomic import write_json_atomic
 from .backbones import FrozenCLIP
-from .client import ClientModule, load_optimizer_state
+from .client import ClientModule
 from .data.federation import Federation
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
@@ -35,6 +35,8 @@ from .local_training import LocalRun, train_alone, train_lockstep
 from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values, statistic_of
+from .optimizer_state import OptimizerLifecycle, training_order
+from .run_plan import checked_policy, fallback_notes
 from .rounds import ClientState, RoundProtocol, shard
 from .steps import make_stepper
 from .trainer import FedTrainer
@@ -50,6 +52,8 @@ class Orchestrator:
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
                  trainer: FedTrainer, seed: int, meta: dict | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
+        trainer.bind(method)  # per-method defaults (drop_last: method)
+        self.optim = OptimizerLifecycle(checked_policy(trainer, method), method)  # trainer.optimizer_state
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None
@@ -126,6 +130,8 @@ class Orchestrator:
             return self.log_round(rnd, *self.stepper.run_round(rnd))
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
+        if self.optim.policy == "chain":  # one optimiser state handed on: the official training order matters
+            mine = training_order(self.seed, rnd, mine, self.method.train_order == "drawn", self.cfg.first_round_all)
         updates = self.apply(self._gather(self.train_clients(mine, rnd, sent)))
         return self.log_round(rnd, list(sent), updates)
 
@@ -150,7 +156,7 @@ class Orchestrator:
         for c, st in self.protocol.clients.items():
             personal[c] = {**st.personal, **{f"optim/{k}": v for k, v in st.optim.items()}}
         state = ckpt.RunState(round=rounds_done, global_state=self.global_state, personal=personal,
-                              server={**self.method.server_state_dict(),
+                              server={**self.method.server_state_dict(), **self.optim.state(),
                                       **(self.stepper.state() if self.stepper else {})},
                               bank=self.protocol.bank, history=self.history,
                               identity=self.meta.get("identity", {}),
@@ -170,7 +176,8 @@ class Orchestrator:
             own = {k: v for k, v in tensors.items() if not k.startswith("optim/")}
             optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
             self.protocol.load(int(c), ClientState(own, optim))
-        server = self.stepper.load_state(state.server) if self.stepper else state.server
+        server = self.optim.load_state(state.server)
+        server = self.stepper.load_state(server) if self.stepper else server
         self.method.load_server_state_dict(server)
         self.protocol.bank = {int(c): dict(t) for c, t in state.bank.items()}
         self.history = list(state.history)
@@ -236,23 +243,17 @@ class Orchestrator:
         return [self.module, *self._lanes[: count - 1]]
 
     def _client_optimizer(self, own: ClientState, module: ClientModule | None = None):
-        """A fresh optimiser for one client-round (on ``module``, default the process's), or — for methods with a
-        per-client schedule or persistent optimiser (FedTPG) — one restored from the client's own state.
-        Returns (optimizer, tracked, lr)."""
-        optimizer = (self.module if module is None else module).configure_optimizers()
-        tracked = self.method.persistent_optimizer or self.method.lr_schedule != "constant"
-        if tracked and own.optim and self.method.persistent_optimizer:
-            load_optimizer_state(optimizer, own.optim)
-        lr = self.method.lr_at(int(own.optim.get("participations", 0)) if tracked else 0)
-        for group in optimizer.param_groups:  # a group the method gave a ``fixed_lr`` keeps it (pFedMoAP's gating)
-            group["lr"] = group.get("fixed_lr", lr)
-        return self.fabric.setup_optimizers(optimizer), tracked, lr
+        """The optimiser of one client-round (on ``module``, default the process's) under the run's
+        ``trainer.optimizer_state`` (:mod:`fedlit.optimizer_state`): fresh, the client's own (FedTPG), or the
+        chained state of the client before it. Returns (optimizer, tracked, lr)."""
+        optimizer, lr = self.optim.build(self.module if module is None else module, own)
+        return self.fabric.setup_optimizers(optimizer), self.optim.tracked, lr
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> dict:
         """Local / Base / Novel per client (:mod:`fedlit.evaluation`; the two protocols in :mod:`fedlit.metrics`):
         this process's share of the clients, gathered, then recorded."""
-        mine = shard(list(range(len(self.fed.clients))), self.fabric.global_rank, self.fabric.world_size)
+        mine = shard(self.protocol.evaluated(), self.fabric.global_rank, self.fabric.world_size)
         part = self.evaluate_clients(mine)
         if self.ood is not None and self.ood.due(rnd):  # ID / CACC / FPR95 / AUROC (fedlit.ood)
             for c, res in self.ood.evaluate(mine).items():
@@ -339,33 +340,10 @@ class Orchestrator:
         return groups if len(set(groups.values())) > 1 else {}
 
     def hparams(self) -> dict[str, int | float | str | bool]:
-        """Flat scalars/strings for TensorBoard's HParams view, only what tells runs apart: method, dataset,
-        backbone, seed, the ``data:`` settings that apply to this run (``data/…``: no Dirichlet β under a disjoint
-        partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
-        method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
-        (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
-        :data:`fedlit.settings.NOT_NUMBERS`) and ``identity/…`` (config digest, backbone weights)."""
-        import inspect
+        """TensorBoard's HParams view of this run (:func:`fedlit.settings.hparams`)."""
+        from .settings import hparams
 
-        from .settings import NOT_NUMBERS, inapplicable
-
-        def flat(prefix: str, obj) -> dict:
-            if isinstance(obj, dict):
-                return {k: v for key, val in obj.items() for k, v in flat(f"{prefix}/{key}" if prefix else str(key), val).items()}
-            if isinstance(obj, bool | int | float | str):
-                return {prefix: obj}
-            return {prefix: "none" if obj is None else str(obj)}
-
-        init = inspect.signature(type(self.method).__init__).parameters
-        args = {p: getattr(self.method, p) for p in init if p != "self" and hasattr(self.method, p)}
-        settings = {k: v for k, v in vars(self.cfg).items() if not k.startswith("_") and f"trainer.{k}" not in NOT_NUMBERS}
-        meta = dict(self.meta)  # identity/… only where it adds something (config digest, backbone weights)
-        meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
-        if isinstance(meta.get("data"), dict):
-            unused = inapplicable(meta["data"]) | {"root"}
-            meta["data"] = {k: v for k, v in meta["data"].items() if k not in unused}
-        return flat("", {"method": self.method.name, "seed": self.seed, **meta,
-                         "method_args": args, "trainer": settings})
+        return hparams(self.method, self.cfg, self.meta, self.seed)
 
     def finish(self, metrics: dict, wall: float) -> dict:
         """``results.json``: ``final`` = the ``selection`` statistic of the history (``trainer.statistic``; every
@@ -391,6 +369,7 @@ class Orchestrator:
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
             "sync": self.cfg.sync_of(self.method),
+            "optimizer_state": self.optim.policy,
             **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
             **self.method.run_report(),
             **(self.ood.report() if self.ood is not None else {}),
@@ -402,23 +381,6 @@ class Orchestrator:
             self.logger.finalize("success")
             write_json_atomic(self.run_dir / "results.json", results)
         return results
-
-
-def fallback_notes(method, trainer) -> list[str]:
-    """Settings of ``trainer`` that ``method`` runs without (speed only, or nothing to act on): one line each,
-    printed once when the run is built; the README lists them. Settings that would change numbers are refused."""
-    notes = []
-    if trainer.lockstep != 1 and not method.lockstep and method.trainable:
-        notes.append(f"trainer.lockstep={trainer.lockstep}: {method.name} cannot train clients in lock-step; "
-                     "they train one at a time (same numbers)")
-    if trainer.feature_cache == "disk" and method.image_input == "images":
-        notes.append(f"trainer.feature_cache=disk: {method.name} prompts the image tower, so no image feature is "
-                     "cached (the tower runs on every batch)")
-    if not method.trainable and (trainer.augment != "method" or trainer.augment_views):
-        notes.append(f"trainer.augment: {method.name} does not train, so no training augmentation is used")
-    if not method.trainable and trainer.sync == "step":
-        notes.append(f"trainer.sync=step: {method.name} does not train; nothing is exchanged")
-    return notes
 
 
 FINAL = "final/"  # prefix of the final-metric tags of the HParams view
@@ -464,4 +426,4 @@ def format_final(results: dict) -> str:
     return line
 
 
-__all__ = ["Orchestrator", "fallback_notes", "format_final"]
+__all__ = ["Orchestrator", "format_final"]

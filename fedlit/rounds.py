@@ -72,6 +72,10 @@ class RoundProtocol:
                  global_state: Tensors, verbose: bool = True):
         self.method, self.cfg, self.seed, self.verbose = method, trainer, seed, verbose
         self.num_samples = list(num_samples)
+        bad = [c for c in trainer.skip_clients if not 0 <= c < len(self.num_samples)]
+        if bad or len(trainer.skip_clients) >= len(self.num_samples):
+            raise FedlitError(f"trainer.skip_clients={trainer.skip_clients}: needs client ids in "
+                              f"[0, {len(self.num_samples)}) and at least one client left")
         self.global_state = global_state
         self.clients: dict[int, ClientState] = {}  # only clients that trained hold state
         self.sent: dict[int, Tensors] = {}  # what each client of the current round was sent
@@ -87,7 +91,12 @@ class RoundProtocol:
     # ------------------------------------------------------------------------------------ configure
     def select(self, rnd: int) -> list[int]:
         c = self.cfg
-        return sample_clients(self.seed, rnd, self.num_clients, c.participation, c.first_round_all)
+        chosen = sample_clients(self.seed, rnd, self.num_clients, c.participation, c.first_round_all)
+        return [cid for cid in chosen if cid not in c.skip_clients]
+
+    def evaluated(self) -> list[int]:
+        """The clients an evaluation covers: all but ``trainer.skip_clients``."""
+        return [cid for cid in range(self.num_clients) if cid not in self.cfg.skip_clients]
 
     def payload(self, cid: int) -> Tensors:
         """The tensors client ``cid`` is sent (server: the method's ``client_state`` plus its ``server_payload``;
@@ -168,7 +177,8 @@ class RoundProtocol:
 
     def eval_due(self, rnd: int) -> bool:
         c = self.cfg
-        return ((rnd + 1) % c.eval_every == 0 or rnd == c.rounds - 1 or rnd >= c.rounds - c.eval_last
+        scheduled = (rnd + 1) % c.eval_every == 0 and rnd + 1 >= c.eval_from
+        return (scheduled or rnd == c.rounds - 1 or rnd >= c.rounds - c.eval_last
                 or not self.method.trainable)
 
     def checkpoint_due(self, rnd: int) -> bool:

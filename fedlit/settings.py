@@ -73,4 +73,32 @@ def short_value(v) -> str:
     return "—" if v is None else str(v)
 
 
-__all__ = ["NOT_NUMBERS", "differing", "flatten", "inapplicable", "report_config", "report_key", "short_value"]
+def hparams(method, trainer, meta: dict, seed: int) -> dict[str, int | float | str | bool]:
+    """Flat scalars/strings for TensorBoard's HParams view, only what tells runs apart: method, dataset,
+    backbone, seed, the ``data:`` settings that apply to this run (``data/…``: no Dirichlet β under a disjoint
+    partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
+    method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
+    (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
+    :data:`fedlit.settings.NOT_NUMBERS`) and ``identity/…`` (config digest, backbone weights)."""
+    import inspect
+
+    def flat(prefix: str, obj) -> dict:
+        if isinstance(obj, dict):
+            return {k: v for key, val in obj.items() for k, v in flat(f"{prefix}/{key}" if prefix else str(key), val).items()}
+        if isinstance(obj, bool | int | float | str):
+            return {prefix: obj}
+        return {prefix: "none" if obj is None else str(obj)}
+
+    init = inspect.signature(type(method).__init__).parameters
+    args = {p: getattr(method, p) for p in init if p != "self" and hasattr(method, p)}
+    settings = {k: v for k, v in vars(trainer).items() if not k.startswith("_") and f"trainer.{k}" not in NOT_NUMBERS}
+    meta = dict(meta)  # identity/… only where it adds something (config digest, backbone weights)
+    meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
+    if isinstance(meta.get("data"), dict):
+        unused = inapplicable(meta["data"]) | {"root"}
+        meta["data"] = {k: v for k, v in meta["data"].items() if k not in unused}
+    return flat("", {"method": method.name, "seed": seed, **meta,
+                     "method_args": args, "trainer": settings})
+
+
+__all__ = ["NOT_NUMBERS", "differing", "flatten", "hparams", "inapplicable", "report_config", "report_key", "short_value"]

@@ -11,6 +11,8 @@ import torch
 
 from .errors import FedlitError
 
+OPTIMIZER_STATES = ("method", "chain", "fresh", "per_client")
+
 
 #: ``trainer.precision`` values (Lightning's, plus ``auto``: bf16-mixed on CUDA, 32-true elsewhere).
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
@@ -58,9 +60,11 @@ class FedTrainer:
         augment_views: legacy K-view augmentation, overrides ``augment``: 0 = off (default); K > 0 = K fixed
             random-resized-crop + flip views per training image (cut from the stored image), one drawn per sample
             and step from (seed, round, client, epoch).
-        drop_last: ``dassl`` (default, the official FedPGP/FedOTP/PromptFL loaders): a client drops its last
-            incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``), otherwise it
-            trains on its one short batch; ``never`` keeps every last batch.
+        drop_last: ``method`` (default): the method's official loaders
+            (:attr:`~fedlit.methods.base.FedMethod.default_drop_last`: ``dassl`` for the Dassl family, ``never`` for
+            FedTPG's code base, ``dm_federated.py:91-97``); ``dassl`` (the FedPGP/FedOTP/PromptFL loaders): a client
+            drops its last incomplete batch whenever it holds at least one full batch (``len(data) >= batch_size``),
+            otherwise it trains on its one short batch; ``never`` keeps every last batch.
         sync: how a round federates. ``method`` (default): the method's own mode (``step`` for DP-FPL, ``round``
             for the others); ``round``: local epochs then the server aggregates the shared tensors (FedAvg);
             ``step``: step-synchronous FedSGD (:mod:`fedlit.steps`): at every batch step every selected client
@@ -84,15 +88,30 @@ class FedTrainer:
             otherwise); ``previous``: the previous step's result (FedSGD); ``round``: the weights the round started
             with — DP-FPL's official loop (``federated_main.py:149,170-177`` reloads forward-time copies), so a round
             keeps only its last step's update.
-        optimizer_state: whose optimiser state (momentum) a step uses; step mode here (the round mode's policy of the
-            same name is another setting of the same key). ``method`` (default); ``chain``: ONE state for every
-            tensor of every client, stepped client after client in order (DP-FPL's single optimiser,
-            ``DP_FPL.py:248``); every client then keeps its own copy of the shared tensors too (each is stepped
-            with the chained momentum); ``per_client``: the server's state for the shared tensors, each client's
-            own for its personal ones; ``fresh``: no state carried from one step to the next.
         personal_grad: the gradient a client's personal tensors are stepped with in step mode. ``method``
             (default); ``own``: its own; ``last_client``: the last client's of the step, for every client —
             DP-FPL's official ``model_update()`` after the forward loop (``DP_FPL.py:264-329``).
+        optimizer_state: the optimiser's lifecycle in ``round`` mode. ``method`` (default): the method's official
+            policy (:meth:`~fedlit.methods.base.FedMethod.optimizer_policy`: ``chain`` for the Dassl code bases —
+            FedPGP, PromptFL, Prompt+Prox, CoOp, FedOTP, FedCoCoOp, FedMaPLe, PromptFolio, FedPHA, pFedMoAP, pFedMMA —
+            ``per_client`` for FedTPG/FedKgCoOp/FedVLP, ``fresh`` for pFedPG/VPT); ``chain``: ONE optimiser state
+            (SGD momentum buffers) handed from client to client in the official training order, across rounds, as
+            one Dassl ``local_trainer`` does (its ``single_step`` scheduler with γ = 1 keeps the lr constant, so
+            nothing else carries); the round's clients then train one after the other in one process, so
+            ``devices``/``num_nodes`` > 1, ``lockstep`` ≠ 1 and Flower are refused; ``fresh``: a new optimiser per
+            client-round (momentum restarts at every client); ``per_client``: each client keeps its own optimiser
+            state across its participations (FedTPG's code base). In step mode (``sync: step``) the same key chooses the step
+            loop's state (:meth:`step_policies`; ``method`` = DP-FPL's ``chain``, its single optimiser,
+            ``DP_FPL.py:248``, where every client also keeps its own copy of the shared tensors, stepped with the
+            chained momentum; ``per_client``: the server's state for the shared tensors, each client's own for its
+            personal ones; ``fresh``: no state carried from one step to the next). ``results.json`` says which
+            policy ran.
+        eval_from: the first round (1-based) that ``eval_every`` evaluates; earlier rounds are not evaluated (the
+            official CIFAR-100 FedOTP script evaluates every round from round 141 of 150: ``eval_every: 1``,
+            ``eval_from: 141``). The last round is always evaluated.
+        skip_clients: clients that neither train nor are evaluated (default none). ``[5]`` reproduces FedPGP's
+            released ``fedavg``/``local`` branches (PromptFL, CoOp: ``idxs_users.pop(5)``, ``federated_main.py:236-237,
+            288-289``), which fedlit does not take for the Table-1 rows (README "Training as the papers trained").
     """
 
     def __init__(
@@ -118,14 +137,16 @@ class FedTrainer:
         augment: Literal["method", "dassl", "none"] = "method",
         augment_views: int = 0,
         threads: int | None = None,
-        drop_last: Literal["dassl", "never"] = "dassl",
+        drop_last: Literal["method", "dassl", "never"] = "method",
         sync: Literal["method", "round", "step"] = "method",
         lockstep: int = 1,
         eval_last: int = 0,
         statistic: Literal["method", "last_round", "best_local", "max", "last5_mean"] = "method",
         step_start: Literal["method", "previous", "round"] = "method",
-        optimizer_state: Literal["method", "chain", "per_client", "fresh"] = "method",
+        optimizer_state: Literal["method", "chain", "fresh", "per_client"] = "method",
         personal_grad: Literal["method", "own", "last_client"] = "method",
+        eval_from: int = 1,
+        skip_clients: list[int] | None = None,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -141,7 +162,11 @@ class FedTrainer:
             (augment_views >= 0,
              f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
             (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
-            (drop_last in ("dassl", "never"), f"trainer.drop_last={drop_last!r}: use 'dassl' or 'never'"),
+            (drop_last in ("method", "dassl", "never"),
+             f"trainer.drop_last={drop_last!r}: use 'method', 'dassl' or 'never'"),
+            (eval_from >= 1, f"trainer.eval_from={eval_from}: the first round evaluated, >= 1"),
+            (optimizer_state in OPTIMIZER_STATES,
+             f"trainer.optimizer_state={optimizer_state!r}: use 'method', 'chain', 'fresh' or 'per_client'"),
             (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
             (eval_last >= 0, f"trainer.eval_last={eval_last}: use 0 (off) or the number of final rounds to evaluate"),
             (statistic in ("method", "last_round", "best_local", "max", "last5_mean"),
@@ -151,8 +176,6 @@ class FedTrainer:
             (str(precision) in PRECISIONS, f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}"),
             (step_start in ("method", "previous", "round"),
              f"trainer.step_start={step_start!r}: use 'method', 'previous' or 'round'"),
-            (optimizer_state in ("method", "chain", "per_client", "fresh"),
-             f"trainer.optimizer_state={optimizer_state!r}: use 'method', 'chain', 'per_client' or 'fresh'"),
             (personal_grad in ("method", "own", "last_client"),
              f"trainer.personal_grad={personal_grad!r}: use 'method', 'own' or 'last_client'"),
         ]
@@ -186,8 +209,19 @@ class FedTrainer:
         self.eval_last = eval_last
         self.statistic = statistic
         self.step_start = step_start
-        self.optimizer_state = optimizer_state
         self.personal_grad = personal_grad
+        self.optimizer_state = optimizer_state
+        self.eval_from = eval_from
+        self.skip_clients = sorted(set(skip_clients or []))
+        self._drop_rule = "dassl" if drop_last == "method" else drop_last  # bind() resolves ``method``
+
+    def drop_last_of(self, method) -> str:
+        """The last-batch rule (``dassl`` / ``never``) a run of ``method`` uses under these settings."""
+        return method.default_drop_last if self.drop_last == "method" else self.drop_last
+
+    def bind(self, method) -> None:
+        """Resolve the per-method settings for a run of ``method`` (``drop_last: method``)."""
+        self._drop_rule = self.drop_last_of(method)
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""
@@ -200,10 +234,17 @@ class FedTrainer:
         return {k: own[k] if getattr(self, k) == "method" else getattr(self, k) for k in
                 ("step_start", "optimizer_state", "personal_grad")}
 
+    def optimizer_state_of(self, method) -> str:
+        """The round-mode optimiser-state policy a run of ``method`` uses: ``chain``, ``fresh``, ``per_client``, or
+        ``step`` in step mode (whose own policy is :meth:`step_policies`' ``optimizer_state``)."""
+        if self.sync_of(method) == "step":
+            return "step"
+        return method.optimizer_policy() if self.optimizer_state == "method" else self.optimizer_state
+
     def batch_starts(self, n: int) -> range:
         """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
         bs = self.batch_size
-        if self.drop_last == "dassl" and n >= bs:
+        if self._drop_rule == "dassl" and n >= bs:
             return range(0, n - bs + 1, bs)
         return range(0, n, bs)
 

@@ -20,7 +20,7 @@ LAYERS = [
     ("methods", ["fedlit.methods"]),
     ("client", ["fedlit.client"]),
     ("round loop", ["fedlit.rounds", "fedlit.steps", "fedlit.evaluation", "fedlit.local_training",
-                    "fedlit.orchestrator", "fedlit.ood"]),
+                    "fedlit.orchestrator", "fedlit.ood", "fedlit.optimizer_state", "fedlit.run_plan"]),
     ("experiment", ["fedlit.experiment"]),
     ("integrations", ["fedlit.integrations"]),
     ("apps", ["fedlit.apps"]),

@@ -156,7 +156,7 @@ def test_a_failing_lockstep_group_is_announced_once_with_its_cause(capsys):
 
 def test_settings_a_method_cannot_use_are_announced():
     from fedlit.methods.zeroshot import ZeroShot
-    from fedlit.orchestrator import fallback_notes
+    from fedlit.run_plan import fallback_notes
     from fedlit.trainer import FedTrainer
 
     notes = fallback_notes(ZeroShot(), FedTrainer(augment="dassl", sync="step"))

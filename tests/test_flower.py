@@ -30,8 +30,10 @@ from fedlit.integrations import flower_deploy as fd  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EMBEDDED = ["--config", str(CONFIGS / "embedded.yaml"), "--trainer.rounds", "2"]
-PROMPTFL = ["--config", str(CONFIGS / "quickstart.yaml"), *EMBEDDED]
-FEDPGP = ["--config", str(CONFIGS / "fedpgp.yaml"), *EMBEDDED]
+# a Flower run trains clients on several SuperNodes: the Dassl methods' optimiser cannot be chained client to client
+FRESH = ["--trainer.optimizer_state", "fresh"]
+PROMPTFL = ["--config", str(CONFIGS / "quickstart.yaml"), *EMBEDDED, *FRESH]
+FEDPGP = ["--config", str(CONFIGS / "fedpgp.yaml"), *EMBEDDED, *FRESH]
 # the fast test's FedPGP: 4 clients with 4 shots, 2 rounds, evaluated after the last one (a minute on 2 cores)
 FEDPGP_SMALL = [*FEDPGP, "--data.num_clients", "4", "--data.shots", "4", "--trainer.eval_every", "2"]
 NPY_HEADER = 128  # bytes of the .npy header numpy writes for these small float32 tensors
@@ -214,7 +216,8 @@ def test_fedpgp_over_flower_messages_equals_in_process_and_keeps_u_v_on_the_supe
 def _reference_and_grid(tmp_path, config: str):
     """The in-process reference run of ``config`` on the embedded default (4 clients, 2 shots) and the Flower app's
     in-process grid of 2 SuperNodes for the same arguments: ``(ref, out, run_config, grid)``."""
-    args = ["--config", str(CONFIGS / config), *EMBEDDED, "--data.num_clients", "4", "--data.shots", "2",
+    own = [] if config == "fedtpg.yaml" else FRESH  # FedTPG keeps its per-client optimiser on the SuperNodes
+    args = ["--config", str(CONFIGS / config), *EMBEDDED, *own, "--data.num_clients", "4", "--data.shots", "2",
             "--trainer.eval_every", "2"]
     ref = tmp_path / "ref"
     fit_in_process(ref, args)
@@ -296,6 +299,9 @@ def test_fedlit_flower_writes_the_app_and_prints_the_deployment(tmp_path, capsys
     assert not out.exists()  # the ServerApp creates the run directory
     assert main(["flower", *PROMPTFL, "--supernodes", "0"]) == 2
     assert "--supernodes 0" in capsys.readouterr().err
+    chained = [a for a in PROMPTFL if a not in FRESH]  # PromptFL's official optimiser is chained client to client
+    assert main(["flower", *chained, "--out_dir", str(tmp_path / "chained")]) == 2
+    assert "--trainer.optimizer_state fresh" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ real deployment

@@ -23,7 +23,7 @@ KEEP = [64, 40, 17, 64, 9, 33]  # unequal data: 4, 2, 1, 4, 1 (short), 2 batches
 def _orchestrator(method: str, lockstep: int, *argv: str):
     parser = experiment.fit_parser()
     args = ["--config", QUICK, "--method", method, "--trainer.lockstep", str(lockstep), "--trainer.local_epochs", "2",
-            *argv]
+            "--trainer.optimizer_state", "fresh", *argv]  # lock-step trains clients together: no chained optimiser
     cfg, init = experiment.parse_fit(parser, lambda: parser.parse_args(
         experiment.rewrite_method_shortcut(args, say=lambda note: None)))
     orch, _ = experiment.build(parser, cfg, init)

@@ -161,7 +161,7 @@ def test_fedotp_trains_both_prompts(toy, images):
 
 # ============================================================================================ FedCoCoOp
 def test_cocoop_logits_shape_and_meta_net_gradients(toy, images):
-    method = FedCoCoOp()
+    method = FedCoCoOp(n_ctx=4, ctx_init="a photo of a")  # CoCoOp's ctxv1 (the default is FedPGP's 16, random)
     prompt = method.build(toy)
     assert method.prepare(prompt, toy, TASK) is None
     # 4×128 ctx + Linear(128→8) + Linear(8→128)
@@ -180,7 +180,7 @@ def test_cocoop_logits_shape_and_meta_net_gradients(toy, images):
 
 
 def test_cocoop_with_zero_meta_net_is_coop(toy, images):
-    method = FedCoCoOp()
+    method = FedCoCoOp(n_ctx=4, ctx_init="a photo of a")
     prompt = method.build(toy)
     with torch.no_grad():
         prompt.meta_net.linear2.weight.zero_()

@@ -28,7 +28,8 @@ def _fit(out: Path, method: str, *extra: str) -> tuple[dict, dict[str, torch.Ten
            "--config", str(CONFIGS / "embedded.yaml"), "--trainer.rounds", "2", "--trainer.local_epochs", "1",
            "--data.num_clients", "5", "--data.shots", "4",
            "--data.dataset_args", '{"train_per_class": 8, "test_per_class": 4}',
-           "--trainer.threads", "1", "--out_dir", str(out), *METHODS[method], *extra]
+           "--trainer.threads", "1", "--trainer.optimizer_state", "fresh",  # clients in parallel: nothing chained
+           "--out_dir", str(out), *METHODS[method], *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((out / "results.json").read_text()), load_file(str(out / "checkpoint.safetensors"))

@@ -58,6 +58,8 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path, reference, fault)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after round" in resumed.stdout
     res = json.loads((out / "results.json").read_text())
+    # CoOp's official optimiser is one state chained from client to client: the resume must restore it too
+    assert res["optimizer_state"] == ref_results["optimizer_state"] == "chain"
     for key in ("final", "per_client", "history"):
         assert res[key] == ref_results[key], key
     scalars = _scalars(out)

@@ -202,13 +202,30 @@ def partition_dirichlet_train_test(
     matters where a tiny fraction rounds to 0 images, but over a K-shot pool (``data.shots > 0``) rounding empties
     many (client, class) cells and the client would otherwise be tested on classes it never trained on.
 
+    As the official loop (FedPGP@d43045b ``datasplit.py:289-310``), a draw is kept only when every client holds at
+    least ``min_size`` samples in train AND test; otherwise the whole split is drawn again (attempt ``a`` > 0 from
+    ``(seed, a)``), up to ``max_tries`` times.
+
     Returns:
         ``(train_parts, test_parts)``: per client, sorted int64 indices into each split.
     """
+    test_min = min(int(min_size), len(test_labels) // max(int(num_clients), 1))  # a test split too small: best effort
+    for attempt in range(max_tries):
+        key = seed if attempt == 0 else [int(seed), 0x7E57, attempt]
+        train_parts, test_parts = _dirichlet_train_test(train_labels, test_labels, num_clients, beta, key, min_size,
+                                                        max_tries)
+        if min(len(t) for t in test_parts) >= test_min:
+            return train_parts, test_parts
+    raise FedlitError(f"no Dirichlet split (beta={beta}) in {max_tries} tries gives every one of {num_clients} "
+                      f"clients >= {min_size} test samples; lower num_clients or data.min_samples")
+
+
+def _dirichlet_train_test(train_labels, test_labels, num_clients, beta, seed, min_size, max_tries):
+    """One draw of :func:`partition_dirichlet_train_test` (the train split meets ``min_size``)."""
     train_labels = np.asarray(train_labels)
     train_parts, fractions = _dirichlet(train_labels, num_clients, beta, seed, min_size, max_tries)
     test_labels = np.asarray(test_labels)
-    rng = np.random.default_rng([int(seed), 1])
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 1])
     test_parts: list[list[np.ndarray]] = [[] for _ in range(int(num_clients))]
     for c in np.unique(test_labels):
         idx = np.flatnonzero(test_labels == c)

@@ -191,6 +191,9 @@ class FedlitStrategy(Strategy):
     """
 
     def __init__(self, orchestrator, nodes: dict[int, int]):
+        if orchestrator.optim.policy == "chain":
+            raise FedlitError(f"trainer.optimizer_state=chain ({orchestrator.method.name}'s official optimiser, handed "
+                              f"from client to client) cannot cross SuperNodes; use --trainer.optimizer_state fresh")
         self.orch = orchestrator
         self.nodes = dict(sorted(nodes.items()))
         self.n = len(self.nodes)

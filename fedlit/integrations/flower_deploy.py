@@ -302,6 +302,9 @@ def main(argv: list[str]) -> int:
         raise FedlitError("trainer.devices/num_nodes > 1: a Flower run uses one process per SuperNode; "
                           "use --supernodes instead")
     method, data = init.method, init.data
+    if init.trainer.optimizer_state_of(method) == "chain":
+        raise FedlitError(f"trainer.optimizer_state=chain ({method.name}'s official optimiser, handed from client to "
+                          f"client) cannot cross SuperNodes; use --trainer.optimizer_state fresh")
     out_dir = Path(cfg.out_dir or experiment.default_run_dir(method.name, data.label, cfg.seed)).resolve()
     if (out_dir / "results.json").exists() and not cfg.overwrite:
         raise FedlitError(f"{out_dir} already holds a finished run; choose another --out_dir or pass --overwrite true")

@@ -130,6 +130,17 @@ class FedMethod:
     #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
     #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
     persistent_optimizer: bool = False
+    #: The optimiser lifecycle of the method's official loop (``trainer.optimizer_state: method`` picks it):
+    #: ``fresh`` (a new optimiser per client-round), ``chain`` (ONE optimiser for all clients and rounds, its state
+    #: handed from client to client in training order: the Dassl code bases, where one ``local_trainer`` trains every
+    #: client) or ``per_client``. A method with ``persistent_optimizer`` (FedTPG's code base) declares ``per_client``.
+    official_optimizer_state: str = "fresh"
+    #: The order the official loop trains a round's clients in, which only matters under ``chain``: ``drawn``
+    #: (``np.random.choice(K, m, replace=False)``: a random order every round, even at full participation; round 0
+    #: in index order where every client trains first) or ``sorted`` (client index order).
+    train_order: str = "sorted"
+    #: ``trainer.drop_last: method`` resolves to this: ``dassl`` (Dassl's loaders) or ``never`` (FedTPG's loaders).
+    default_drop_last: str = "dassl"
     #: Training augmentation the method's official code uses (``trainer.augment: method`` picks it): ``dassl``
     #: (random resized crop of the original image, scale (0.08, 1), bicubic, + horizontal flip, a fresh draw every
     #: epoch: the FedPGP/FedOTP/PromptFL/CoOp/CoCoOp/MaPLe code bases) or ``none`` (FedTPG's code base).
@@ -245,6 +256,11 @@ class FedMethod:
             raise FedlitError(f"method.init_args.schedule_rounds={schedule_rounds}: must be >= 1")
         self.lr_schedule, self.schedule_rounds = lr_schedule, schedule_rounds
         self.persistent_optimizer = persistent_optimizer
+
+    def optimizer_policy(self) -> str:
+        """The official optimiser-state policy of this method as configured (``per_client`` where the method keeps
+        a persistent optimiser per client)."""
+        return "per_client" if self.persistent_optimizer else self.official_optimizer_state
 
     def augmentation(self, trainer) -> str:
         """The training augmentation a run of this method uses under ``trainer`` (``none`` / ``dassl`` /

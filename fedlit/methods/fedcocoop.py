@@ -3,8 +3,8 @@
 CoCoOp makes CoOp's context conditional on the image: a small meta-net ``π = Linear(D→D/16)-ReLU-Linear(D/16→W)``
 maps the (L2-normalised) image feature to a bias that is added to *every* context token, so each image gets its own
 prompts ``[SOS] ctx_1+π(x) … ctx_n+π(x) {class} . [EOT]`` and therefore its own class text features ``[C, D]``
-(spec §6). With ``n_ctx = 4`` initialised from "a photo of a" and ViT-B/16 (D = W = 512) the prompt learner has
-2 048 + 33 312 = 35 360 parameters.
+(spec §6). With ``n_ctx = 16`` (FedPGP's federated CoCoOp: random init, fp32) and ViT-B/16 (D = W = 512) the
+prompt learner has 8 192 + 33 312 = 41 504 parameters.
 
 The image tower is untouched (``image_input = "features"``: pooled image features are cached). The text tower
 runs once per step over all ``B·C`` per-image prompts in one batched pass, cut after the longest prompt's EOT
@@ -61,16 +61,20 @@ class FedCoCoOp(FedMethod):
     """Federated CoCoOp: image-conditional context; ctx and meta-net shared and averaged.
 
     Args:
-        n_ctx: number of context tokens (4 in CoCoOp's ``ctxv1`` config).
-        ctx_init: initialise the context from these words' token embeddings (``null``: N(0, 0.02²)).
+        n_ctx: number of context tokens (16: what FedPGP's federated CoCoOp sets, ``federated_main.py:95-98``;
+            CoCoOp's own ``ctxv1`` config uses 4).
+        ctx_init: initialise the context from these words' token embeddings (``null``, FedPGP's ``CTX_INIT = ""``:
+            N(0, 0.02²); CoCoOp's ``ctxv1``: "a photo of a").
         meta_ratio: meta-net bottleneck ``D / meta_ratio`` (16 in CoCoOp).
         lr, momentum, weight_decay, weighted: see :class:`FedMethod` (FedPGP's federated runs: lr 0.001).
     """
 
     name = "fedcocoop"
+    official_optimizer_state = "chain"  # run in FedPGP's Dassl code base: one local_trainer for all clients
+    train_order = "drawn"
     image_input = "features"
 
-    def __init__(self, n_ctx: int = 4, ctx_init: str | None = "a photo of a", meta_ratio: int = 16,
+    def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, meta_ratio: int = 16,
                  lr: float = 0.001, momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
         if n_ctx < 1 or meta_ratio < 1:

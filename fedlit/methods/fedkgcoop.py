@@ -79,6 +79,8 @@ class FedKgCoOp(PromptFL):
     """
 
     name = "fedkgcoop"
+    official_optimizer_state = "fresh"  # FedTPG's code base: per_client via persistent_optimizer
+    default_drop_last = "never"  # FedTPG's loaders keep every last batch (dm_federated.py:91-97)
     default_augment = "none"  # FedTPG's code base: no augmentation (spec §1.4)
 
     def __init__(self, w: float = 8.0, template: str = "dataset", own_classes: bool = True,

@@ -117,6 +117,8 @@ class FedMaPLe(FedMethod):
     """
 
     name = "fedmaple"
+    official_optimizer_state = "chain"  # run in FedPGP's Dassl code base: one local_trainer for all clients
+    train_order = "drawn"
     image_input = "images"
 
     def __init__(self, n_ctx: int = 2, ctx_init: str | None = "a photo of a", prompt_depth: int = 9,

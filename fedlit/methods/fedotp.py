@@ -248,6 +248,8 @@ class FedOTP(FedMethod):
     """
 
     name = "fedotp"
+    official_optimizer_state = "chain"  # FedOTP@9948611 federated_main.py:161 (one local_trainer)
+    train_order = "drawn"  # round 0 in index order, then np.random.choice order (federated_main.py:356-360)
     image_input = "tokens"
 
     def __init__(self, n_ctx: int = 16, num_prompts: int = 2, num_global: int = 1, ot: OTKind = "cot",

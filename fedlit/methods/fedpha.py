@@ -110,6 +110,7 @@ class FedPHA(FedMethod):
     """
 
     name = "fedpha"
+    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
 
     def __init__(self, n_ctx: int = 16, local_lengths: list[int] | None = None, ratio: float = 0.8, alpha: float = 1.0,
                  lambda_pull: float = 1.0, lambda_push: float = 1.0,

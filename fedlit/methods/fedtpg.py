@@ -122,6 +122,7 @@ class FedTPG(FedMethod):
     """
 
     name = "fedtpg"
+    default_drop_last = "never"  # boschresearch/FedTPG dm_federated.py:91-97: no drop_last
     default_augment = "none"  # FedTPG's code: CLIP's test transform for training too (spec §1.4)
     eval_protocol = "global"
 

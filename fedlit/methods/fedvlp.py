@@ -73,6 +73,7 @@ class FedVLP(FedMethod):
     """
 
     name = "fedvlp"
+    default_drop_last = "never"  # FedTPG's loaders keep every last batch (dm_federated.py:91-97)
     default_augment = "none"  # FedTPG's code base: no augmentation (spec §1.4)
     image_input = "images"
     eval_protocol = "global"

@@ -126,6 +126,7 @@ class PFedMMA(FedMethod):
     """
 
     name = "pfedmma"
+    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
     image_input = "images"
 
     def __init__(self, adapter_start: int = 5, adapter_end: int = 12, adapter_dim: int = 32,

@@ -149,6 +149,7 @@ class PFedMoAP(FedMethod):
     """
 
     name = "pfedmoap"
+    official_optimizer_state = "chain"  # Dassl fork: prompt and gating momentum carry (spec part 2 §0.3 Q-a)
     server_bank = True
 
     def __init__(self, n_ctx: int = 16, lmbda: float = 0.5, scaling: float = 10.0, num_experts: int = 10,

@@ -60,6 +60,7 @@ class PromptFolio(FedMethod):
     """
 
     name = "promptfolio"
+    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
 
     def __init__(self, n_ctx: int = 8, frac: float = 0.4, renormalize: bool = False, lr: float = 0.002,
                  momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
