@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from fedlit import experiment
+from fedlit import experiment, features
+from fedlit.metrics import statistic_of
 from fedlit.apps.table1 import PAPER_BACKBONE, fit_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,14 @@ def resolve(argv: list[str]) -> dict:
         out["data.partition_seed"] = "run"  # null = the run's seed
     out["trainer.precision"] = PRECISION.get(t.precision, t.precision)
     out["trainer.augmentation"] = m.augmentation(t) if m.trainable else None
+    # the loop policies as the run resolves them (``method`` → the method's official one)
+    out["trainer.drop_last"] = t.drop_last_of(m)
+    if t.sync_of(m) == "step":
+        out.update({f"trainer.{k}": v for k, v in t.step_policies(m).items()})
+    else:
+        out["trainer.optimizer_state"] = t.optimizer_state_of(m)
+    out["trainer.selection"] = statistic_of(m.name, t.statistic)
+    out["trainer.augment_seed"] = getattr(features, "VIEW_SEED", "run")  # the view bank's seed: the run's
     return out
 
 
@@ -101,16 +110,19 @@ def settings(ledger: dict, method: str, column: str | None = None) -> dict[str, 
         for key, entry in block.items():
             value, source = (entry["value"], entry["source"]) if isinstance(entry, dict) else entry
             out[key] = (value, source)
+    for d in (ledger.get("loops") or []):  # loop settings stated per cell list
+        if _applies(d, method, column):
+            out[d["key"]] = (d["official"], d["why"])
     return out
+
+
+def _applies(d: dict, method: str, column: str | None) -> bool:
+    cells = d["cell"] if isinstance(d["cell"], list) else [d["cell"]]
+    cols = d.get("column", "*")
+    cols = cols if isinstance(cols, list) else [cols]
+    return ("*" in cells or method in cells) and ("*" in cols or column is None or column in cols)
 
 
 def departures(ledger: dict, method: str, column: str) -> dict[str, dict]:
-    """The listed departures (``departures`` and the ``pending`` block) that apply to a cell, by key."""
-    out = {}
-    for d in [*ledger.get("departures", []), *ledger.get("pending", [])]:
-        cells = d["cell"] if isinstance(d["cell"], list) else [d["cell"]]
-        cols = d.get("column", "*")
-        cols = cols if isinstance(cols, list) else [cols]
-        if ("*" in cells or method in cells) and ("*" in cols or column in cols):
-            out[d["key"]] = d
-    return out
+    """The listed departures that apply to a cell, by key."""
+    return {d["key"]: d for d in (ledger.get("departures") or []) if _applies(d, method, column)}
