@@ -367,9 +367,6 @@ def server_main(grid: Grid, context: Context) -> None:
 def run_server(grid: Grid, run_config) -> dict:
     """The whole server side of a run: build, discover SuperNodes, the rounds (Flower's ``Strategy.start`` loop
     over :class:`FedlitStrategy`), then ``results.json`` — as ``fedlit fit`` writes it, plus a ``flower`` section."""
-    from ..atomic import write_json_atomic
-    from ..orchestrator import format_final
-
     t0 = time.time()
     rt = build_runtime(str(run_config[CONFIG_KEY]))  # the server's own (never the node cache: separate method)
     o, method, data = rt.orchestrator, rt.init.method, rt.init.data
@@ -379,6 +376,16 @@ def run_server(grid: Grid, run_config) -> dict:
     out = str(run_config.get(OUT_KEY, "")) or None
     run_dir, resume = experiment.run_dir(out, method.name, data.label, rt.cfg.seed,
                                          bool(run_config.get(OVERWRITE_KEY, False)))
+    try:  # run_dir holds the directory's lock until the run ends
+        return _serve(rt, o, method, data, run_dir, resume, grid, run_config, t0)
+    finally:
+        experiment.unlock_run_dir(run_dir)
+
+
+def _serve(rt, o, method, data, run_dir, resume, grid, run_config, t0) -> dict:
+    from ..atomic import write_json_atomic
+    from ..orchestrator import format_final
+
     if resume is not None:
         raise FedlitError(f"{run_dir} holds an unfinished in-process run; Flower runs do not resume (the personal "
                           f"state lives on the SuperNodes): choose another --out_dir")
