@@ -247,3 +247,17 @@ def test_summarize_adds_the_ood_columns(tmp_path):
     assert "| ID | CACC | FPR95 msp |" in head and "AUROC" not in head
     assert "| 45.00 ± 7.07 | 30.00 ± 0.00 | 70.00 ± 14.14 |" in md
     assert "ood/msp/fpr95_mean" in (tmp_path / "t.csv").read_text().splitlines()[0]
+
+
+def test_every_ood_overlay_parses_into_the_ood_section():
+    from fedlit.experiment import fit_parser, parse_fit
+
+    parser = fit_parser()
+    for overlay in sorted((ROOT / "configs" / "protocols").glob("ood_*.yaml")):
+        argv = ["--config", str(ROOT / "configs" / "promptfl.yaml"), "--config", str(overlay)]
+        _, init = parse_fit(parser, lambda: parser.parse_args(argv))
+        assert init.ood.enabled and init.ood.ood_datasets, overlay.name
+        assert init.ood.fpr95 == ("id_positive" if overlay.name == "ood_embedded.yaml" else "focoop")
+    with pytest.raises(FedlitError, match="fpr95"):
+        parse_fit(parser, lambda: parser.parse_args(["--config", str(ROOT / "configs" / "promptfl.yaml"),
+                                                     "--ood.fpr95", "nearest"]))
