@@ -77,12 +77,15 @@ def view_caching(clip: FrozenCLIP, kind: str, rows: int, views: int, participati
     bank exists but is not cached, the one-line reason. Pooled features always are (one ``D`` vector a view);
     patch tokens where all ``rows × views`` of them fit in :data:`TOKEN_VIEW_BUDGET`. Under partial participation
     most views are never used, so none is encoded ahead."""
-    if views == 0 or kind == "images":
+    if kind == "images":
         return False, None
     if participation < 1:
-        return False, "partial participation: the augmented views are encoded batch by batch, not cached"
+        return False, "partial participation: the augmented views are encoded batch by batch, not cached" if views \
+            else None
     if kind == "features":
-        return True, None
+        return True, None  # also the legacy ``augment_views`` bank (``views == 0``)
+    if views == 0:
+        return False, None
     size = clip.image_size if isinstance(clip.image_size, tuple) else (clip.image_size,) * 2
     with torch.no_grad():
         per_view = clip.encode_image_tokens(torch.zeros(1, 3, *size, device=clip.device))[0].numel() * 4

@@ -124,8 +124,12 @@ def _finish_stub(run: Path, calls: list):
     real = logger.log_hyperparams
     logger.log_hyperparams = lambda *a, **k: (calls.append(1), real(*a, **k))
     method = types.SimpleNamespace(name="m", run_report=lambda: {})
-    stub = types.SimpleNamespace(meta={}, method=method, seed=0, run_dir=run, history=[],
-                                 bank=types.SimpleNamespace(encoded=0), cfg=types.SimpleNamespace(sync_of=lambda m: "round"),
+    from fedlit.trainer import FedTrainer
+
+    method.sync = "round"
+    stub = types.SimpleNamespace(meta={}, method=method, seed=0, run_dir=run, history=[], best_eval={}, ood=None,
+                                 optim=types.SimpleNamespace(policy="fresh"), client_groups=lambda: {},
+                                 bank=types.SimpleNamespace(encoded=0), cfg=FedTrainer(statistic="last_round"),
                                  fabric=types.SimpleNamespace(global_rank=0), logger=logger, hparams=lambda: {"a": 1})
     return lambda metrics: Orchestrator.finish(stub, metrics, 1.0)
 

@@ -299,7 +299,8 @@ def test_fedlit_flower_writes_the_app_and_prints_the_deployment(tmp_path, capsys
     assert not out.exists()  # the ServerApp creates the run directory
     assert main(["flower", *PROMPTFL, "--supernodes", "0"]) == 2
     assert "--supernodes 0" in capsys.readouterr().err
-    chained = [a for a in PROMPTFL if a not in FRESH]  # PromptFL's official optimiser is chained client to client
+    chained = [a for a in PROMPTFL if a not in FRESH] + ["--trainer.optimizer_state", "chain"]  # (the quickstart
+    # itself trains fresh; PromptFL's official optimiser is chained client to client)
     assert main(["flower", *chained, "--out_dir", str(tmp_path / "chained")]) == 2
     assert "--trainer.optimizer_state fresh" in capsys.readouterr().err
 

@@ -90,7 +90,7 @@ def test_chain_refuses_parallel_clients_with_the_fix():
     assert _checked_policy(FedTrainer(devices=2), fedtpg) == "per_client"
     assert _checked_policy(FedTrainer(lockstep=0), maple) == "chain"  # image-prompt methods train one at a time
     with pytest.raises(FedlitError, match="--trainer.optimizer_state fresh"):  # the run refuses before it starts
-        _orchestrator("--trainer.lockstep", "0")
+        _orchestrator("--trainer.lockstep", "0", "--trainer.optimizer_state", "chain")
 
 
 @pytest.mark.slow  # the default suite covers it in tests/test_reliability.py (CoOp, chain, SIGKILL + resume)

@@ -260,7 +260,7 @@ PROTOCOLS = sorted((ROOT / "configs" / "protocols").glob("*.yaml"))
 def test_protocol_configs_parse_and_name_registered_datasets(path, capsys):
     import yaml
 
-    method = "fedtpg" if "fedtpg" in path.stem else "fedpgp"
+    method = next((m for m in ("fedtpg", "fedotp") if m in path.stem), "fedpgp")  # an overlay with a method's args
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(ROOT / "configs" / f"{method}.yaml"), "--config", str(path), "--print_config"])
     assert e.value.code == 0

@@ -18,7 +18,8 @@ from fedlit.errors import FedlitError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
-SMALL = ["--trainer.rounds", "3", "--data.num_clients", "4", "--data.shots", "8", "--method", "coop"]
+SMALL = ["--trainer.rounds", "3", "--data.num_clients", "4", "--data.shots", "8", "--method", "coop",
+         "--trainer.optimizer_state", "chain"]  # CoOp's official optimiser (the quickstart itself trains fresh)
 
 
 def _fit_subprocess(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:

@@ -48,7 +48,8 @@ def _finish(method: str, statistic: str = "method") -> dict:
     fake = SimpleNamespace(history=HISTORY, best_eval=per[4], meta={}, seed=1, run_dir="x",
                            method=SimpleNamespace(name=method, run_report=lambda: {}, sync="round"),
                            cfg=FedTrainer(rounds=6, statistic=statistic), fabric=SimpleNamespace(global_rank=1),
-                           bank=SimpleNamespace(encoded=0), client_groups=lambda: {})
+                           bank=SimpleNamespace(encoded=0), client_groups=lambda: {}, ood=None,
+                           optim=SimpleNamespace(policy="chain"))
     return Orchestrator.finish(fake, per[6], 1.0)
 
 
