@@ -131,24 +131,21 @@ def _orchestrator(args, method, lockstep: int = 1):
 
 
 def _client_setup(orch, m, cid: int, rnd: int):
-    """What :meth:`Orchestrator.local_update` does before the steps (shared by the naive path and the floor):
-    returns (client, task, classes, what the server sent it)."""
-    client = orch.fed.clients[cid]
+    """What :class:`fedlit.engine.LocalRun` does before the steps (shared by the naive path and the floor), from
+    the run's client runtime: returns (client, task, classes, what the server sent it)."""
+    rt = orch.runtime
+    client = rt.federation.clients[cid]
     sent = orch.protocol.payload(cid)
-    m.load_prompt_state(sent, orch.protocol.state_of(cid).personal or orch.init_personal)
-    task, classes = orch.fed.task_of(cid), orch.fed.held_classes(cid)
+    m.load_prompt_state(sent, orch.protocol.state_of(cid).personal or rt.init_personal)
+    task, classes = rt.federation.task_of(cid), rt.federation.held_classes(cid)
     m.train()
     return client, task, classes, {k: v.clone() for k, v in sent.items()}
 
 
 def _optimizer_for(orch, m, cid: int):
-    """The client's optimiser for module ``m``, built by the orchestrator's own rule (fresh, or restored from the
+    """The client's optimiser for module ``m``, built by the client runtime's own rule (fresh, or restored from the
     client's persistent state with its scheduled lr) -> (optimizer, tracked)."""
-    saved, orch.module = orch.module, m
-    try:
-        opt, tracked, _ = orch._client_optimizer(orch.protocol.state_of(cid))
-    finally:
-        orch.module = saved
+    opt, tracked, _ = orch.runtime.optimizer(m, orch.protocol.state_of(cid))
     return opt, tracked
 
 
@@ -177,7 +174,7 @@ def _naive_round(orch, rnd: int) -> None:
                 losses.append(loss.item())
                 step += 1
         shared, personal = m.export()
-        optim = orch.optim.finish(opt, orch.protocol.state_of(cid))  # as fedlit keeps it (chain / per client)
+        optim = orch.runtime.optim.finish(opt, orch.protocol.state_of(cid))  # as fedlit keeps it (chain / per client)
         updates.append(Update(cid, shared, personal, client.num_samples, float(np.mean(losses)), step, optim=optim))
     orch.apply(updates)
 
@@ -276,7 +273,7 @@ def lockstep(args) -> dict:
     return {
         "method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "clients": len(fed.clients),
         "lockstep": args.lockstep, "batch": seq.cfg.batch_size, "rounds": args.rounds,
-        "steps_per_client_round": [len(seq.cfg.batch_starts(c.num_samples)) for c in fed.clients],
+        "steps_per_client_round": [len(seq.plan.batch_starts(c.num_samples)) for c in fed.clients],
         **{f"{k}_round_s": [round(t, 3) for t in v] for k, v in times.items()},
         **{f"{k}_steady_round_s": round(v, 3) for k, v in steady.items()},
         "speedup": round(steady["sequential"] / steady["lockstep"], 2),

@@ -33,12 +33,16 @@ class ClientModule(L.LightningModule):
     Args:
         clip: the frozen backbone (shared, never copied).
         method: the method; its :meth:`~FedMethod.build` gives the trainable component.
+        prox_mu, prox_detached: FedProx's term on the local loss (the run plan's; default the method's own).
     """
 
-    def __init__(self, clip: FrozenCLIP, method: FedMethod):
+    def __init__(self, clip: FrozenCLIP, method: FedMethod, prox_mu: float | None = None,
+                 prox_detached: bool | None = None):
         super().__init__()
         self.clip = clip
         self.method = method
+        self.prox_mu = method.prox_mu if prox_mu is None else prox_mu
+        self.prox_detached = method.prox_detached if prox_detached is None else prox_detached
         self.prompt = method.build(clip)
 
     # ------------------------------------------------------------------ state in / out
@@ -85,8 +89,8 @@ class ClientModule(L.LightningModule):
         ``classes`` of it; ``received`` is what the server sent it this round (FedProx's anchor)."""
         x, y = batch
         loss = self.method.loss(self, x, y, task, classes=classes)
-        if self.method.prox_mu > 0:
-            loss = loss + self.proximal_term(self.method.prox_mu, received or {}, detached=self.method.prox_detached)
+        if self.prox_mu > 0:
+            loss = loss + self.proximal_term(self.prox_mu, received or {}, detached=self.prox_detached)
         return loss
 
     def proximal_term(self, mu: float, received: dict[str, torch.Tensor], detached: bool = False) -> torch.Tensor:

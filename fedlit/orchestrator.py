@@ -19,25 +19,23 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.loggers import TensorBoardLogger
 
 from . import checkpoint as ckpt
 from .atomic import write_json_atomic
 from .backbones import FrozenCLIP
+from .callbacks import TensorBoard, default_callbacks
 from .client import ClientModule
 from .data.federation import Federation
+from .engine import ClientRuntime, Clients, LocalRun, train_alone
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
-from .features import FeatureBank, view_caching
-from .figures import per_client_figure
+from .features import FeatureBank
 from .heap import release_free_memory
-from .local_training import LocalRun, train_alone, train_lockstep
-from .progress import Progress
 from .methods.base import FedMethod, Update
-from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values, statistic_of
+from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values
 from .optimizer_state import OptimizerLifecycle, training_order
-from .run_plan import checked_policy, fallback_notes
 from .rounds import ClientState, RoundProtocol, shard
+from .run_plan import RunPlan
 from .steps import make_stepper
 from .trainer import FedTrainer
 
@@ -50,15 +48,14 @@ class Orchestrator:
     """
 
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
-                 trainer: FedTrainer, seed: int, meta: dict | None = None):
+                 trainer: FedTrainer, seed: int, meta: dict | None = None, callbacks: list | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
-        trainer.bind(method)  # per-method defaults (drop_last: method)
-        self.optim = OptimizerLifecycle(checked_policy(trainer, method), method)  # trainer.optimizer_state
+        trainer.bind(method)  # per-method defaults (drop_last: method) for code that reads the settings
+        self.plan = plan = RunPlan.resolve(trainer, method, world_size=fabric.world_size, clip=clip,
+                                           train_rows=len(federation.data.train))
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None
-        if trainer.prox_mu > 0:
-            method.prox_mu = trainer.prox_mu
         if method.text_classifier and not getattr(clip, "has_text", True):
             raise FedlitError(f"method '{method.name}' classifies with text prompts, but backbone {clip.name} has no "
                               f"text tower; use a CLIP backbone (e.g. ViT-B-16) or an image-prompt method")
@@ -69,20 +66,15 @@ class Orchestrator:
                               f"text-prompt method, or one dataset / partition: domain")
         method.setup_federation(federation.train_task, len(federation.clients))
         method.plan_rounds(trainer, [c.num_samples for c in federation.clients])
-        self.module = ClientModule(clip, method).to(fabric.device)
-        self._lanes: list[ClientModule] = []  # further client modules for lock-step training (built on demand)
-        self._lockstep_warned = False
-        views = trainer.rounds * trainer.local_epochs if method.augmentation(trainer) == "dassl" else 0
-        cache_views, note = view_caching(clip, method.image_input, len(federation.data.train), views,
-                                         trainer.participation)
+        self.module = self.new_module()
         if fabric.global_rank == 0:
-            for line in ([f"{method.name}: {note}"] if note else []) + fallback_notes(method, trainer):
+            for line in (plan.describe(), *plan.notes):
                 print(f"fedlit: {line}")
         self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,
-                                epoch_views=views, cache_views=cache_views)
+                                epoch_views=plan.epoch_views, cache_views=plan.cache_views)
         self.bank.expect("train", np.concatenate([c.train_idx for c in federation.clients]))
         self.bank.expect("test", np.concatenate([c.test_idx for c in federation.clients]
                                                 + [ev.idx for ev in federation.evals.values()]))
@@ -90,14 +82,28 @@ class Orchestrator:
                                    trainer.eval_batch_size, fabric.autocast)
         shared, personal = self.module.export()
         self.init_personal = personal  # every client starts from the same initial personal tensors
+        self.optim = OptimizerLifecycle(plan.optimizer_state, method)  # the optimiser-state store
+        self.runtime = ClientRuntime(fabric, federation, self.bank, method, plan, seed, personal, self.optim)
+        self.clients = Clients(self.runtime, self.module, self.new_module, verbose=fabric.global_rank == 0)
         self.protocol = RoundProtocol(method, trainer, seed, [c.num_samples for c in federation.clients], shared,
                                       verbose=fabric.global_rank == 0)
         self.history: list[dict] = []
         self.best_eval: dict = {}  # the evaluation of the best mean Local so far (ties: the later), all its clients
         self.cumulative_bytes = 0  # up + down over all finished rounds (kept in the checkpoint's extra)
-        self.logger: TensorBoardLogger | None = None  # written by rank 0 only
-        self.stepper = make_stepper(self)  # trainer.sync=step: step-synchronous FedSGD rounds (fedlit.steps)
+        self.callbacks = default_callbacks() if callbacks is None else list(callbacks)
+        self.stepper = make_stepper(self.runtime, self.protocol, self.module)  # sync=step: FedSGD (fedlit.steps)
         self.ood = None  # the ``ood:`` section's evaluator (fedlit.ood.OODEvaluator), set by experiment.build
+
+    def new_module(self) -> ClientModule:
+        """A client module of this run (the backbone shared; FedProx's term as the plan says)."""
+        return ClientModule(self.clip, self.method, self.plan.prox_mu, self.plan.prox_detached).to(self.fabric.device)
+
+    def call(self, hook: str, **kwargs) -> None:
+        """Every callback's ``hook`` (:mod:`fedlit.callbacks`), in order."""
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, **kwargs)
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -109,18 +115,15 @@ class Orchestrator:
         if resume is not None:
             start, metrics = self.restore(resume), resume.extra.get("metrics", {})
         self.open_run(run_dir, start)
-        progress = Progress(self.method.name, self.protocol.rounds, start, self.cfg.progress,
-                            enabled=self.fabric.global_rank == 0)
+        self.call("on_fit_start", start=start)
         for rnd in range(start, self.cfg.rounds):
             loss = self.train_round(rnd) if self.method.trainable else None
             if self.protocol.eval_due(rnd):
                 metrics = self.evaluate(rnd)
-            if self.protocol.checkpoint_due(rnd):
-                self.save_checkpoint(rnd + 1, metrics)
-            progress.round_done(rnd, metrics, loss)
+            self.call("on_round_end", rnd=rnd, metrics=metrics, loss=loss)  # checkpoint, progress
             if not self.method.trainable:  # nothing changes between rounds: one evaluation is the result
                 break
-        progress.close()
+        self.call("on_fit_end")
         return self.finish(metrics, time.time() - t0)
 
     def train_round(self, rnd: int) -> float:
@@ -130,9 +133,9 @@ class Orchestrator:
             return self.log_round(rnd, *self.stepper.run_round(rnd))
         sent = self.protocol.configure(rnd)
         mine = shard(list(sent), self.fabric.global_rank, self.fabric.world_size)
-        if self.optim.policy == "chain":  # one optimiser state handed on: the official training order matters
-            mine = training_order(self.seed, rnd, mine, self.method.train_order == "drawn", self.cfg.first_round_all)
-        updates = self.apply(self._gather(self.train_clients(mine, rnd, sent)))
+        if self.plan.optimizer_state == "chain":  # one optimiser state handed on: the official order matters
+            mine = training_order(self.seed, rnd, mine, self.plan.train_order == "drawn", self.cfg.first_round_all)
+        updates = self.apply(self._gather(self.clients.train(mine, rnd, sent, self.protocol.state_of)))
         return self.log_round(rnd, list(sent), updates)
 
     def apply(self, updates: list[Update]) -> list[Update]:
@@ -142,16 +145,15 @@ class Orchestrator:
     def open_run(self, run_dir: str | Path, start: int = 0) -> None:
         """Where the run writes (``results.json``, TensorBoard on rank 0); ``start`` rounds are already done."""
         self.run_dir = Path(run_dir)
-        if self.fabric.global_rank == 0:  # purge_step drops scalars a killed run logged after its last checkpoint
-            self.logger = TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard", version="",
-                                            default_hp_metric=False, purge_step=start + 1 if start else None)
+        self.call("on_run_open", run_dir=self.run_dir, start=start)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rounds_done: int, metrics: dict) -> None:
         if self.fabric.global_rank != 0:
             return
-        if self.logger is not None:
-            self.logger.experiment.flush()  # scalars up to this round are on disk before the checkpoint is
+        for cb in self.callbacks:  # scalars up to this round are on disk before the checkpoint is
+            if isinstance(cb, TensorBoard):
+                cb.flush()
         personal = {}  # optimiser state is personal too: stored as personal/<cid>/optim/…
         for c, st in self.protocol.clients.items():
             personal[c] = {**st.personal, **{f"optim/{k}": v for k, v in st.optim.items()}}
@@ -187,67 +189,23 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------ one client
     def safe_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None) -> Update:
-        """:meth:`local_update`, with a raising client turned into a failed update (``on_client_failure``)."""
-        ckpt.fault_point(f"client:{rnd + 1}:{cid}")
-        try:
-            update = self.local_update(cid, rnd, sent)
-        except FedlitError:
-            raise
-        except Exception as e:  # a bug or bad data in one client must not kill a long grid
-            update = self.protocol.failed(cid, f"{type(e).__name__}: {e}")
-        self.protocol.check([update], rnd)
-        release_free_memory()  # the step buffers' pages: resident memory stays flat with many clients
-        return update
+        """Client ``cid``'s round through the client engine (:class:`fedlit.engine.Clients`: a raising client is a
+        failed update); ``sent``: what it was sent (default: the protocol's payload for it)."""
+        return self.clients.update(cid, rnd, self.protocol.payload(cid) if sent is None else sent,
+                                   self.protocol.state_of(cid))
 
     def local_update(self, cid: int, rnd: int, sent: dict[str, torch.Tensor] | None = None) -> Update:
-        """Load (``sent`` ∪ the client's personal state) → ``local_epochs`` passes over its data → an Update.
-        ``sent``: what the server sent the client this round (default: the protocol's payload for it)."""
-        return train_alone(self.fabric, LocalRun(self, self.module, cid, rnd, sent))
+        """Load (``sent`` ∪ the client's personal state) → ``local_epochs`` passes over its data → an Update."""
+        sent = self.protocol.payload(cid) if sent is None else sent
+        return train_alone(self.fabric, LocalRun(self.runtime, self.module, cid, rnd, sent, self.protocol.state_of(cid)))
 
     def train_clients(self, cids: list[int], rnd: int, sent: dict[int, dict[str, torch.Tensor]]) -> list[Update]:
-        """This process's clients of the round: one at a time, or in lock-step groups of ``trainer.lockstep``
-        (0 = all of them) for methods that can (:mod:`fedlit.local_training`)."""
-        size = self.cfg.lockstep if self.method.lockstep else 1
-        size = len(cids) if size == 0 else size
-        if size <= 1 or len(cids) < 2:
-            return [self.safe_update(cid, rnd, sent[cid]) for cid in cids]
-        return [u for i in range(0, len(cids), size) for u in self.safe_lockstep(cids[i:i + size], rnd, sent)]
-
-    def safe_lockstep(self, cids: list[int], rnd: int, sent: dict[int, dict[str, torch.Tensor]]) -> list[Update]:
-        """:func:`train_lockstep` on ``cids``; if the joint computation raises, they train one at a time instead
-        (so a raising client fails alone, as in the sequential loop)."""
-        for cid in cids:
-            ckpt.fault_point(f"client:{rnd + 1}:{cid}")
-        try:
-            runs = [LocalRun(self, lane, cid, rnd, sent[cid]) for lane, cid in zip(self.lanes(len(cids)), cids)]
-            updates = train_lockstep(self.fabric, runs)
-        except FedlitError:
-            raise
-        except Exception as e:  # attribute the failure to its client: rerun the group sequentially (nothing was kept)
-            if not self._lockstep_warned and self.fabric.global_rank == 0:
-                self._lockstep_warned = True
-                print(f"fedlit: warning: a lock-step group of {len(cids)} clients failed in round {rnd + 1} "
-                      f"({type(e).__name__}: {str(e)[:160]}); its clients are retrained one at a time "
-                      "(said once per run)")
-            return [self.safe_update(cid, rnd, sent[cid]) for cid in cids]
-        self.protocol.check(updates, rnd)
-        release_free_memory()
-        return updates
-
-    def lanes(self, count: int) -> list[ClientModule]:
-        """``count`` client modules for lock-step training: the process's module and copies built like it (the
-        global RNG untouched; their tensors are loaded from each client's state before training)."""
-        while len(self._lanes) < count - 1:
-            with torch.random.fork_rng(devices=[]):
-                self._lanes.append(ClientModule(self.clip, self.method).to(self.fabric.device))
-        return [self.module, *self._lanes[: count - 1]]
+        """This process's clients of the round (one at a time or in lock-step, :class:`fedlit.engine.Clients`)."""
+        return self.clients.train(cids, rnd, sent, self.protocol.state_of)
 
     def _client_optimizer(self, own: ClientState, module: ClientModule | None = None):
-        """The optimiser of one client-round (on ``module``, default the process's) under the run's
-        ``trainer.optimizer_state`` (:mod:`fedlit.optimizer_state`): fresh, the client's own (FedTPG), or the
-        chained state of the client before it. Returns (optimizer, tracked, lr)."""
-        optimizer, lr = self.optim.build(self.module if module is None else module, own)
-        return self.fabric.setup_optimizers(optimizer), self.optim.tracked, lr
+        """The optimiser of one client-round (:meth:`fedlit.engine.ClientRuntime.optimizer`)."""
+        return self.runtime.optimizer(self.module if module is None else module, own)
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, rnd: int) -> dict:
@@ -279,11 +237,11 @@ class Orchestrator:
         reference = dict(scalars)
         for cid, res in sorted(per_client.items()):
             scalars.update({f"eval_client/{k}/client_{cid:03d}": v for k, v in res.items()})
-        self._log(scalars, rnd + 1)
+        self.call("on_scalars", scalars=scalars, step=rnd + 1)
         if not self.method.trainable:  # one evaluation (zero-shot): a flat reference line over the rounds, as in plot
             for step in range(rnd + 2, self.cfg.rounds + 1):
-                self._log(reference, step)
-        self._log_figure(per_client, rnd + 1)
+                self.call("on_scalars", scalars=reference, step=step)
+        self.call("on_evaluation", per_client=per_client, step=rnd + 1)
         out = {"round": rnd + 1, "mean": mean, "per_client": per_client}
         if per_group:
             out["per_group"] = per_group
@@ -317,22 +275,8 @@ class Orchestrator:
         self.cumulative_bytes += scalars["transfer/bytes_up"] + scalars["transfer/bytes_down"]
         scalars["transfer/cumulative_bytes"] = self.cumulative_bytes
         scalars.update({f"train_client/loss/client_{u.cid:03d}": u.loss for u in updates if u.ok and u.steps})
-        self._log(scalars, rnd + 1)
+        self.call("on_scalars", scalars=scalars, step=rnd + 1)
         return scalars["train/loss"]
-
-    def _log(self, scalars: dict, step: int) -> None:
-        if self.logger is not None:
-            self.logger.log_metrics(scalars, step=step)
-
-    def _log_figure(self, per_client: dict, step: int) -> None:
-        """Image summary ``eval/per_client_accuracy``: Local/Base/Novel bars per client (rank 0, Agg canvas)."""
-        if self.logger is None:
-            return
-        try:
-            fig = per_client_figure(per_client, f"{self.method.name}, round {step}", names=self.client_groups())
-        except FedlitError:  # matplotlib missing: scalars only
-            return
-        self.logger.experiment.add_figure("eval/per_client_accuracy", fig, global_step=step, close=True)
 
     def client_groups(self) -> dict[str, str]:
         """Each client's domain / dataset in a run of several (figure labels), {} in a run of one."""
@@ -343,14 +287,14 @@ class Orchestrator:
         """TensorBoard's HParams view of this run (:func:`fedlit.settings.hparams`)."""
         from .settings import hparams
 
-        return hparams(self.method, self.cfg, self.meta, self.seed)
+        return hparams(self.method, self.cfg, self.meta, self.seed, self.plan)
 
     def finish(self, metrics: dict, wall: float) -> dict:
         """``results.json``: ``final`` = the ``selection`` statistic of the history (``trainer.statistic``; every
         statistic under ``statistics``); ``per_client`` / ``per_group`` of the round ``final`` comes from
         (``per_client_round``; the last round for ``max`` / ``last5_mean``, which no single round holds)."""
         stats = history_statistics(self.history)
-        selection = statistic_of(self.method.name, self.cfg.statistic)
+        selection = self.plan.statistic
         chosen = self.best_eval if selection == "best_local" and self.best_eval else metrics
         results = {
             **self.meta,
@@ -368,34 +312,18 @@ class Orchestrator:
             "history": self.history,
             "wall_time_s": round(wall, 2),
             "images_encoded": self.bank.encoded,
-            "sync": self.cfg.sync_of(self.method),
-            "optimizer_state": self.optim.policy,
-            **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
+            "sync": self.plan.sync,
+            "optimizer_state": self.plan.optimizer_state,
+            **({"step_loop": self.cfg.step_policies(self.method)} if self.plan.sync == "step" else {}),
+            "plan": self.plan.as_dict(),
+            "plan_digest": self.plan.digest(),
             **self.method.run_report(),
             **(self.ood.report() if self.ood is not None else {}),
         }
         if self.fabric.global_rank == 0:
-            if not _final_logged(self.run_dir / "tensorboard"):  # a resumed run that crashed after logging them
-                self.logger.log_hyperparams(self.hparams(),
-                                            metrics={f"{FINAL}{k}": v for k, v in results["final"].items()})
-            self.logger.finalize("success")
+            self.call("on_finish", results=results)  # TensorBoard's HParams view
             write_json_atomic(self.run_dir / "results.json", results)
         return results
-
-
-FINAL = "final/"  # prefix of the final-metric tags of the HParams view
-
-
-def _final_logged(tb_dir: Path) -> bool:
-    """The run's TensorBoard files already hold the final metrics (tag names are stored verbatim)."""
-    needle = FINAL.encode()
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        try:
-            if needle in path.read_bytes():
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def _jsonable(metrics: dict) -> dict:

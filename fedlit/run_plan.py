@@ -1,12 +1,161 @@
-"""What a run's settings resolve to for its method, decided once when the run is built: the optimiser-state
-policy (``chain`` refuses what cannot train a round's clients in sequence) and the settings the method runs without,
-announced once (:func:`fallback_notes`; settings that would change the numbers are refused instead)."""
+"""The run plan: a run's trainer settings × its method's loop resolved ONCE, when the run is built, into an
+immutable, typed :class:`RunPlan` — the mode (round / step), the optimiser-state policy and training order, lock-step,
+the last-batch rule, the augmentation and whether its views are cached, the proximal term, the failure policy and
+the statistic reported. Every incompatible combination is refused here with one line naming the fix; the settings
+a method runs without are announced once (:func:`fallback_notes`). The plan is printed in the run's log
+(:meth:`RunPlan.describe`) and stored in ``results.json`` (``plan``, :meth:`RunPlan.as_dict`); its fields marked
+``results`` (dataclass metadata) are what change the numbers, and :meth:`RunPlan.digest` is derived from them.
+
+Client code reads the plan, never the raw settings and the method's flags (:class:`fedlit.engine.ClientRuntime`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
 from .errors import FedlitError
 from .methods.base import FedMethod
+from .metrics import statistic_of
 from .trainer import FedTrainer
+
+NUMBERS = {"results": True}  #: field metadata: the field changes the numbers of a run
+SPEED = {"results": False}  #: field metadata: the field changes only how fast / where a run computes
+
+
+@dataclass(frozen=True)
+class StepLoop:
+    """The loop policies of a step-synchronous run (``sync: step``, :mod:`fedlit.steps`)."""
+
+    step_start: str = field(default="previous", metadata=NUMBERS)  #: ``previous`` (FedSGD) or ``round``
+    optimizer_state: str = field(default="per_client", metadata=NUMBERS)  #: ``per_client`` / ``chain`` / ``fresh``
+    personal_grad: str = field(default="own", metadata=NUMBERS)  #: ``own`` or ``last_client``
+    samples: str = field(default="n_min", metadata=NUMBERS)  #: every client trains on n_min of its samples
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run of ``method`` under ``settings`` does (module docstring). Build it with :meth:`resolve`."""
+
+    method: str = field(metadata=NUMBERS)
+    sync: str = field(metadata=NUMBERS)  #: ``round`` (local epochs, then aggregation) or ``step`` (FedSGD)
+    #: ``chain`` / ``fresh`` / ``per_client`` in round mode, ``step`` in step mode (its own: :attr:`step_loop`)
+    optimizer_state: str = field(metadata=NUMBERS)
+    train_order: str = field(metadata=NUMBERS)  #: ``sorted`` or ``drawn`` (the order a chained round trains in)
+    step_loop: StepLoop | None = field(metadata=NUMBERS)
+    drop_last: str = field(metadata=NUMBERS)  #: ``dassl`` or ``never``
+    augment: str = field(metadata=NUMBERS)  #: ``none`` / ``dassl`` / ``views-K``
+    epoch_views: int = field(metadata=NUMBERS)  #: fresh views a training image gets over the run (``dassl``)
+    restart_personal: bool = field(metadata=NUMBERS)  #: local training restarts from the initial personal tensors
+    prox_mu: float = field(metadata=NUMBERS)  #: FedProx's μ in use (``trainer.prox_mu``, else the method's)
+    prox_detached: bool = field(metadata=NUMBERS)  #: the official zero-gradient FedProx term (FedOTP code base)
+    on_client_failure: str = field(metadata=NUMBERS)  #: ``skip`` / ``stop`` (step mode: always ``stop``)
+    statistic: str = field(metadata=NUMBERS)  #: the statistic reported as ``final``
+    lockstep: int = field(metadata=SPEED)  #: clients trained together: 1 = one at a time, 0 = all of a process's
+    cache_views: bool = field(metadata=SPEED)  #: every augmented view encoded once into the cache
+    settings: FedTrainer = field(metadata=NUMBERS, repr=False)  #: the trainer settings the plan was resolved from
+    notes: tuple[str, ...] = field(default=(), metadata=SPEED)  #: settings the method runs without (one line each)
+
+    # ------------------------------------------------------------------------------------ resolution
+    @classmethod
+    def resolve(cls, trainer: FedTrainer, method: FedMethod, *, world_size: int = 1, clip=None,
+                train_rows: int = 0) -> RunPlan:
+        """The plan of a run of ``method`` under ``trainer`` on ``world_size`` processes (``clip`` and
+        ``train_rows``: the backbone and the number of training images, for the view-cache decision)."""
+        from .features import view_caching
+
+        sync = trainer.sync_of(method)
+        step_loop = None
+        if method.sync == "step" and sync != "step":
+            raise FedlitError(f"method '{method.name}' exchanges gradients every batch step: it needs "
+                              f"trainer.sync=step (or method), not {trainer.sync!r}")
+        if sync == "step" and method.trainable:
+            _check_step_mode(trainer, method, world_size)
+            step_loop = StepLoop(**trainer.step_policies(method))
+        augment = method.augmentation(trainer)
+        views = trainer.rounds * trainer.local_epochs if augment == "dassl" else 0
+        cache_views, note = (view_caching(clip, method.image_input, train_rows, views, trainer.participation)
+                             if clip is not None else (False, None))
+        notes = ([f"{method.name}: {note}"] if note else []) + fallback_notes(method, trainer)
+        if sync == "step" and method.trainable and trainer.on_client_failure == "skip":
+            notes.append("trainer.on_client_failure=skip: a step-synchronous round cannot proceed without a client, "
+                         "so a failing client stops the run")
+        return cls(
+            method=method.name, sync=sync, optimizer_state=checked_policy(trainer, method),
+            train_order=method.train_order, step_loop=step_loop, drop_last=trainer.drop_last_of(method),
+            augment=augment, epoch_views=views, restart_personal=method.restart_personal,
+            prox_mu=float(trainer.prox_mu if trainer.prox_mu > 0 else method.prox_mu),
+            prox_detached=bool(method.prox_detached),
+            on_client_failure="stop" if step_loop is not None else trainer.on_client_failure,
+            statistic=statistic_of(method.name, trainer.statistic),
+            lockstep=(trainer.lockstep if method.lockstep and step_loop is None else 1),
+            cache_views=cache_views, settings=trainer, notes=tuple(notes))
+
+    # ------------------------------------------------------------------------------------ what it says
+    def batch_starts(self, n: int) -> range:
+        """Start rows of a client's training batches over ``n`` samples under :attr:`drop_last`: ``dassl`` drops
+        the last incomplete batch whenever one full batch exists, ``never`` keeps it."""
+        bs = self.settings.batch_size
+        if self.drop_last == "dassl" and n >= bs:
+            return range(0, n - bs + 1, bs)
+        return range(0, n, bs)
+
+    def as_dict(self) -> dict:
+        """The plan for ``results.json``: every field but the raw settings and the notes (JSON types)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("settings", "notes")}
+        out["step_loop"] = dataclasses.asdict(self.step_loop) if self.step_loop is not None else None
+        return out
+
+    def digest(self) -> str:
+        """12 hex digits of the fields that change the numbers (metadata ``results``; the trainer's likewise)."""
+        numbers = {k: v for k, v in self.as_dict().items() if _changes_results(type(self), k)}
+        numbers["settings"] = {k: getattr(self.settings, k) for k in _result_settings(self.settings)}
+        return hashlib.sha256(json.dumps(numbers, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        parts = [f"sync={self.sync}"]
+        if self.step_loop is not None:
+            s = self.step_loop
+            parts.append(f"step_loop=({s.step_start}, {s.optimizer_state}, personal_grad {s.personal_grad}, "
+                         f"{s.samples} samples)")
+        else:
+            order = f" ({self.train_order} order)" if self.optimizer_state == "chain" else ""
+            parts.append(f"optimizer_state={self.optimizer_state}{order}")
+        parts += [f"drop_last={self.drop_last}",
+                  f"augment={self.augment}" + (" (views cached)" if self.cache_views and self.epoch_views else ""),
+                  *([f"prox_mu={self.prox_mu:g}" + (" (detached)" if self.prox_detached else "")]
+                    if self.prox_mu > 0 else []),
+                  *(["restart_personal"] if self.restart_personal else []),
+                  f"lockstep={self.lockstep}", f"on_client_failure={self.on_client_failure}",
+                  f"statistic={self.statistic}"]
+        return f"plan: {self.method}: " + ", ".join(parts)
+
+
+def _changes_results(cls, name: str) -> bool:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("results", True)
+
+
+def _result_settings(trainer) -> list[str]:
+    """The trainer settings that change the numbers: the fields marked so where the settings are a dataclass,
+    else (a plain settings object) every public attribute."""
+    if dataclasses.is_dataclass(trainer):
+        return [f.name for f in dataclasses.fields(trainer) if f.metadata.get("results", True)]
+    return sorted(k for k in vars(trainer) if not k.startswith("_"))
+
+
+def _check_step_mode(trainer: FedTrainer, method: FedMethod, world_size: int) -> None:
+    """What a step-synchronous run cannot do, refused with one line each."""
+    if world_size > 1 or trainer.devices * trainer.num_nodes > 1:
+        raise FedlitError("trainer.sync=step runs in one process for now: set trainer.devices=1 and num_nodes=1")
+    if method.client_specific:
+        raise FedlitError(f"method '{method.name}' sends each client its own tensors; trainer.sync=step needs one "
+                          f"global copy of the shared tensors (use trainer.sync=round)")
+    if trainer.lockstep != 1 and method.lockstep:
+        raise FedlitError(f"trainer.lockstep={trainer.lockstep}: a step-synchronous round (trainer.sync=step) already "
+                          f"steps its clients together; use trainer.lockstep=1")
 
 
 def checked_policy(trainer: FedTrainer, method: FedMethod) -> str:
@@ -39,7 +188,10 @@ def fallback_notes(method, trainer) -> list[str]:
         notes.append(f"trainer.augment: {method.name} does not train, so no training augmentation is used")
     if not method.trainable and trainer.sync == "step":
         notes.append(f"trainer.sync=step: {method.name} does not train; nothing is exchanged")
+    if trainer.augment_views > 0 and trainer.augment != "method" and method.trainable:
+        notes.append(f"trainer.augment_views={trainer.augment_views} (the legacy K-view bank) replaces "
+                     f"trainer.augment={trainer.augment}")
     return notes
 
 
-__all__ = ["checked_policy", "fallback_notes"]
+__all__ = ["RunPlan", "StepLoop", "checked_policy", "fallback_notes"]

@@ -73,13 +73,14 @@ def short_value(v) -> str:
     return "—" if v is None else str(v)
 
 
-def hparams(method, trainer, meta: dict, seed: int) -> dict[str, int | float | str | bool]:
+def hparams(method, trainer, meta: dict, seed: int, plan=None) -> dict[str, int | float | str | bool]:
     """Flat scalars/strings for TensorBoard's HParams view, only what tells runs apart: method, dataset,
     backbone, seed, the ``data:`` settings that apply to this run (``data/…``: no Dirichlet β under a disjoint
     partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
     method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
     (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
-    :data:`fedlit.settings.NOT_NUMBERS`) and ``identity/…`` (config digest, backbone weights)."""
+    :data:`fedlit.settings.NOT_NUMBERS`), ``identity/…`` (config digest, backbone weights) and ``plan/…`` (what the
+    run plan resolved those to: the optimiser policy, the augmentation, FedProx's μ in use …)."""
     import inspect
 
     def flat(prefix: str, obj) -> dict:
@@ -97,8 +98,11 @@ def hparams(method, trainer, meta: dict, seed: int) -> dict[str, int | float | s
     if isinstance(meta.get("data"), dict):
         unused = inapplicable(meta["data"]) | {"root"}
         meta["data"] = {k: v for k, v in meta["data"].items() if k not in unused}
+    resolved = {}  # what the run plan resolved (the μ FedProx's term used, the optimiser policy …)
+    if plan is not None:
+        resolved = {k: v for k, v in plan.as_dict().items() if k not in ("method", "lockstep", "cache_views")}
     return flat("", {"method": method.name, "seed": seed, **meta,
-                     "method_args": args, "trainer": settings})
+                     "method_args": args, "trainer": settings, **({"plan": resolved} if resolved else {})})
 
 
 __all__ = ["NOT_NUMBERS", "differing", "flatten", "hparams", "inapplicable", "report_config", "report_key", "short_value"]

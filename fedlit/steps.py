@@ -31,11 +31,14 @@ copies of the shared tensors, so fedlit keeps one copy and one optimiser state f
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from .client import load_optimizer_state, optimizer_state_tensors
 from .errors import FedlitError
+from .engine import ClientRuntime
 from .methods.base import FedMethod, StepPlan, Update
 from .privacy import per_sample_gradients
 from .rounds import ClientState
@@ -43,16 +46,11 @@ from .rounds import ClientState
 Tensors = dict[str, torch.Tensor]
 
 
-def make_stepper(orch) -> StepSync | None:
-    """The orchestrator's step runner when its run is step-synchronous, else ``None`` (with the one-line errors)."""
-    method, cfg = orch.method, orch.cfg
-    mode = cfg.sync_of(method)
-    if method.sync == "step" and mode != "step":
-        raise FedlitError(f"method '{method.name}' exchanges gradients every batch step: it needs trainer.sync=step "
-                          f"(or method), not {cfg.sync!r}")
-    if mode != "step" or not method.trainable:
+def make_stepper(rt: ClientRuntime, protocol, module) -> StepSync | None:
+    """The step runner of a step-synchronous run (the plan's ``sync`` is ``step``), else ``None``."""
+    if rt.plan.step_loop is None:
         return None
-    return StepSync(orch)
+    return StepSync(rt, protocol, module)
 
 
 def subset(seed: int, cid: int, num_samples: int, n: int) -> np.ndarray:
@@ -84,26 +82,22 @@ def sgd_step(method: FedMethod, tensors: Tensors, grads: Tensors, state: Tensors
 
 
 class StepSync:
-    """Runs the rounds of one step-synchronous federation through the orchestrator's module, data and protocol."""
+    """Runs the rounds of one step-synchronous federation: the client runtime ``rt`` (data, bank, method, plan),
+    the round protocol (global state, client states, selection) and the process's client module. The plan has
+    refused what step mode cannot do (:meth:`fedlit.run_plan.RunPlan.resolve`)."""
 
-    def __init__(self, orch):
-        self.o = orch
-        cfg, fed, method = orch.cfg, orch.fed, orch.method
-        if orch.fabric.world_size > 1:
-            raise FedlitError("trainer.sync=step runs in one process for now: set trainer.devices=1 and num_nodes=1")
-        if method.client_specific:
-            raise FedlitError(f"method '{method.name}' sends each client its own tensors; trainer.sync=step needs one "
-                              f"global copy of the shared tensors (use trainer.sync=round)")
+    def __init__(self, rt: ClientRuntime, protocol, module):
+        self.rt, self.protocol, self.module = rt, protocol, module
+        fed, method, cfg = rt.federation, rt.method, rt.plan.settings
         self.n = min(c.num_samples for c in fed.clients)
         if self.n < 1:
             raise FedlitError("trainer.sync=step needs training data on every client (a client holds none)")
-        self.subsets = {c.cid: subset(orch.seed, c.cid, c.num_samples, self.n) for c in fed.clients}
-        self.starts = list(cfg.batch_starts(self.n))
-        self.steps_per_round = cfg.local_epochs * len(self.starts)
+        self.subsets = {c.cid: subset(rt.seed, c.cid, c.num_samples, self.n) for c in fed.clients}
+        self.steps_per_round = cfg.local_epochs * len(rt.plan.batch_starts(self.n))
         self.server_optim: Tensors = {}
-        self.policies = cfg.step_policies(method)
+        self.policies = dataclasses.asdict(rt.plan.step_loop)
         method.plan_steps(StepPlan(cfg.rounds, self.steps_per_round, min(cfg.batch_size, self.n),
-                                   len(orch.protocol.select(cfg.rounds - 1)), self.n, cfg.batch_size))
+                                   len(protocol.select(cfg.rounds - 1)), self.n, cfg.batch_size))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> Tensors:
@@ -118,34 +112,33 @@ class StepSync:
     def run_round(self, rnd: int) -> tuple[list[int], list[Update]]:
         """The round's ``S`` synchronous steps under the run's loop policies (:meth:`FedTrainer.step_policies`).
         Returns (selected clients, one Update per client: loss, steps)."""
-        o, method, cfg = self.o, self.o.method, self.o.cfg
+        rt, proto, method = self.rt, self.protocol, self.rt.method
         pol = self.policies
         chain, fresh = pol["optimizer_state"] == "chain", pol["optimizer_state"] == "fresh"
-        cids = list(o.protocol.configure(rnd))
-        shared = dict(o.protocol.global_state)
-        personal = {c: dict(o.protocol.state_of(c).personal or o.init_personal) for c in cids}
+        cids = list(proto.configure(rnd))
+        shared = dict(proto.global_state)
+        personal = {c: dict(proto.state_of(c).personal or rt.init_personal) for c in cids}
         if chain:  # every client steps its own copy of the shared tensors with the one chained state
             personal = {c: {**shared, **p} for c, p in personal.items()}
-        optim = {c: dict(o.protocol.state_of(c).optim) for c in cids}
+        optim = {c: dict(proto.state_of(c).optim) for c in cids}
         start = (dict(shared), {c: dict(p) for c, p in personal.items()})
         losses: dict[int, list[float]] = {c: [] for c in cids}
-        o.module.train()
+        self.module.train()
         step = 0
-        for epoch in range(cfg.local_epochs):
-            orders = {c: np.random.default_rng([o.seed, rnd, c, epoch]).permutation(self.n) for c in cids}
-            for s in self.starts:
+        for epoch in range(rt.plan.settings.local_epochs):
+            rows = {c: list(rt.epoch_rows(c, rnd, epoch, np.arange(self.n))) for c in cids}
+            for b in range(len(rows[cids[0]]) if cids else 0):
                 if pol["step_start"] == "round":  # every forward from the round's weights (DP-FPL's loop)
                     shared, personal = dict(start[0]), {c: dict(p) for c, p in start[1].items()}
                 sent, own = [], {}
                 for c in cids:
                     view = {**shared, **{k: v for k, v in personal[c].items() if k in shared}}
-                    g, fwd, loss = self.client_step(c, rnd, epoch, step, view, personal[c],
-                                                    orders[c][s : s + cfg.batch_size])
+                    g, fwd, loss = self.client_step(c, rnd, epoch, step, view, personal[c], rows[c][b])
                     personal[c] = {**{k: personal[c][k] for k in shared if k in personal[c]}, **fwd}
                     sent.append({k: v for k, v in g.items() if k in shared})
                     own[c] = {k: v for k, v in g.items() if k not in shared}
                     losses[c].append(loss)
-                g = method.server_gradient(sent, [self.n] * len(cids), generator(o.seed, rnd, step, 0x5E7))
+                g = method.server_gradient(sent, [self.n] * len(cids), generator(rt.seed, rnd, step, 0x5E7))
                 if pol["personal_grad"] == "last_client":  # DP-FPL's model_update(): the last forward's .grad
                     own = {c: own[cids[-1]] for c in cids}
                 if chain:
@@ -160,10 +153,10 @@ class StepSync:
                         personal[c], st = sgd_step(method, personal[c], own[c], {} if fresh else optim[c])
                         optim[c] = {} if fresh else st
                 step += 1
-        o.protocol.global_state = shared
+        proto.global_state = shared
         updates = []
         for c in cids:
-            o.protocol.load(c, ClientState(personal[c], optim[c]))
+            proto.load(c, ClientState(personal[c], optim[c]))
             updates.append(Update(c, {}, personal[c], self.n, float(np.mean(losses[c])), step))
         return cids, updates
 
@@ -171,20 +164,16 @@ class StepSync:
                     rows: np.ndarray) -> tuple[Tensors, Tensors, float]:
         """Client ``cid``'s gradient on its batch ``rows`` (positions in its step-mode subset), after the method's
         ``client_gradient``. Returns (gradients on CPU, its personal tensors after the forward, the loss)."""
-        o, m, method = self.o, self.o.module, self.o.method
-        client, dev = o.fed.clients[cid], o.fabric.device
+        rt, m, method = self.rt, self.module, self.rt.method
         m.load_prompt_state(shared, own)
-        gen = generator(o.seed, rnd, step, cid, 0xC11)
+        gen = generator(rt.seed, rnd, step, cid, 0xC11)
         with torch.no_grad():
             method.prepare_step(m.prompt, gen)
-        idx = self.subsets[cid][rows]
-        task, classes = o.fed.task_of(cid), o.fed.held_classes(cid)
-        x = o.bank.inputs("train", client.train_idx[idx],
-                          views=o.bank.train_views((o.seed, rnd, cid, epoch), client.num_samples, idx))
-        y = torch.as_tensor(client.train_y, device=dev)[idx]
-        sent = {k: v.to(dev) for k, v in shared.items()}
-        if method.per_sample_gradients and getattr(method, "per_sample_text_side", False) and not method.prox_mu:
-            with o.fabric.autocast():  # one text forward, one batched backward (fedlit.privacy)
+        task, classes = rt.federation.task_of(cid), rt.federation.held_classes(cid)
+        x, y = rt.inputs(cid, rnd, epoch, self.subsets[cid][rows])
+        sent = {k: v.to(rt.device) for k, v in shared.items()}
+        if method.per_sample_gradients and getattr(method, "per_sample_text_side", False) and not rt.plan.prox_mu:
+            with rt.fabric.autocast():  # one text forward, one batched backward (fedlit.privacy)
                 grads, per_loss = per_sample_gradients(m, x, y, task)
             m.prompt.zero_grad(set_to_none=True)
             if not torch.isfinite(per_loss).all():
@@ -196,12 +185,12 @@ class StepSync:
         parts = [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))] if method.per_sample_gradients else [(x, y)]
         per, losses = [], []
         for batch in parts:
-            with o.fabric.autocast():
+            with rt.fabric.autocast():
                 loss = m.training_step(batch, step, task, classes, sent)
             if not torch.isfinite(loss):
                 raise FedlitError(f"client {cid}: loss became {loss.item()} in round {rnd + 1}, step {step + 1} "
                                   f"(trainer.sync=step cannot leave a client out of a synchronous step)")
-            o.fabric.backward(loss)
+            rt.fabric.backward(loss)
             per.append(self._grads(m))
             losses.append(loss.item())
         grads = {k: torch.stack([g[k] for g in per]) for k in per[0]} if method.per_sample_gradients else per[0]

@@ -19,7 +19,7 @@ answers only its own worker threads: every other text pass — the service's joi
 other threads — runs directly. The loss a client gets is its own loss evaluated on its own context's features, so
 summing the clients' losses and back-propagating once gives each client exactly the gradient of its own loss (up to
 float rounding: the joint pass is a larger batched matmul). Grad mode and autocast are per thread: each job sets
-its own (:func:`fedlit.local_training.train_lockstep` wraps the loss in the run's autocast).
+its own (:func:`fedlit.engine.train_lockstep` wraps the loss in the run's autocast).
 """
 
 from __future__ import annotations

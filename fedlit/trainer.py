@@ -70,7 +70,7 @@ class FedTrainer:
             ``step``: step-synchronous FedSGD (:mod:`fedlit.steps`): at every batch step every selected client
             sends the gradient of its shared tensors, the server averages it, every client applies it. One
             process only (``devices: 1``).
-        lockstep: clients of a round trained together in one process (:mod:`fedlit.local_training`): ``1``
+        lockstep: clients of a round trained together in one process (:mod:`fedlit.engine`): ``1``
             (default) one at a time; ``M`` > 1 groups of M; ``0`` all of the process's clients. A group's text passes
             are one joint pass per step; each client keeps its own tensors, optimiser, data order and step count, so
             the results equal one-at-a-time up to float rounding. Methods that prompt the image tower ignore it.

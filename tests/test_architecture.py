@@ -19,7 +19,7 @@ LAYERS = [
     ("backbones", ["fedlit.backbones", "fedlit.prompts", "fedlit.text_batch", "fedlit.features", "fedlit.feature_store"]),
     ("methods", ["fedlit.methods"]),
     ("client", ["fedlit.client"]),
-    ("round loop", ["fedlit.rounds", "fedlit.steps", "fedlit.evaluation", "fedlit.local_training",
+    ("round loop", ["fedlit.rounds", "fedlit.steps", "fedlit.evaluation", "fedlit.engine", "fedlit.callbacks",
                     "fedlit.orchestrator", "fedlit.ood", "fedlit.optimizer_state", "fedlit.run_plan"]),
     ("experiment", ["fedlit.experiment"]),
     ("integrations", ["fedlit.integrations"]),
@@ -184,3 +184,52 @@ def test_the_hook_checker_sees_a_hook(tmp_path):
     mod.write_text("from . import prompts\n\ndef f():\n    global HOOK\n    prompts.ENCODE_HOOK = f\n    HOOK = 1\n")
     found = _hook_writes("fedlit.x", mod, {**_modules(), "fedlit.x": mod})
     assert any("assigns prompts.ENCODE_HOOK" in b for b in found) and any("['HOOK']" in b for b in found)
+
+
+#: client code: what a client runs with what it was sent; it is handed a ClientRuntime, never the orchestrator
+CLIENT_CODE = ["fedlit.engine", "fedlit.steps", "fedlit.client", "fedlit.evaluation", "fedlit.optimizer_state",
+               "fedlit.methods", "fedlit.text_batch", "fedlit.privacy"]
+#: the entry points of client code: none of them is handed the orchestrator
+CLIENT_ENTRIES = {"LocalRun", "Clients", "ClientRuntime", "StepSync", "make_stepper", "train_alone", "train_lockstep"}
+#: Flower's ClientApp functions: they use the runtime's client engine, states and evaluator only
+FLOWER_CLIENT = {"client_train", "client_evaluate", "client_query", "_instruction"}
+
+
+def _orchestrator_passing(name: str, path: Path) -> list[str]:
+    """Where ``name`` hands the orchestrator to client code, or client code reaches for it."""
+    tree = ast.parse(path.read_text())
+    client = any(name == c or name.startswith(c + ".") for c in CLIENT_CODE)
+    bad = []
+    for node in ast.walk(tree):
+        if client and isinstance(node, ast.Attribute) and node.attr in ("orchestrator", "orch"):
+            bad.append(f"{name}:{node.lineno} reads .{node.attr}")
+        if client and isinstance(node, ast.arg) and node.arg in ("orch", "orchestrator"):
+            bad.append(f"{name}:{node.lineno} takes an argument '{node.arg}'")
+        if client and isinstance(node, ast.ImportFrom) and (node.module or "").endswith("orchestrator"):
+            bad.append(f"{name}:{node.lineno} imports the orchestrator")
+        if isinstance(node, ast.Call):
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if fn in CLIENT_ENTRIES:
+                for a in [*node.args, *(k.value for k in node.keywords)]:
+                    if isinstance(a, ast.Name) and a.id in ("self", "orch", "orchestrator", "o"):
+                        bad.append(f"{name}:{node.lineno} passes '{a.id}' to {fn}")
+        if isinstance(node, ast.FunctionDef) and node.name in FLOWER_CLIENT and name.endswith("flower"):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and sub.attr in ("orchestrator", "orch"):
+                    bad.append(f"{name}:{sub.lineno} ClientApp function {node.name} reads .{sub.attr}")
+    return bad
+
+
+def test_client_code_is_never_handed_the_orchestrator():
+    """Local training, step mode, Flower's ClientApp and the benchmarks get a ClientRuntime (issue 22)."""
+    paths = {**_modules(), **{f"benchmarks.{p.stem}": p for p in (PKG.parent / "benchmarks").glob("*.py")}}
+    bad = [b for name, path in paths.items() for b in _orchestrator_passing(name, path)]
+    assert not bad, "the orchestrator reaches client code:\n" + "\n".join(bad)
+
+
+def test_the_orchestrator_checker_sees_it(tmp_path):
+    mod = tmp_path / "x.py"
+    mod.write_text("def f(orch):\n    return LocalRun(self, 1)\n\ndef g(rt):\n    return rt.orchestrator.clients\n")
+    found = _orchestrator_passing("fedlit.engine", mod)
+    assert any("argument 'orch'" in b for b in found) and any("passes 'self' to LocalRun" in b for b in found)
+    assert any("reads .orchestrator" in b for b in found)

@@ -145,15 +145,15 @@ def test_the_end_of_a_run_logs_the_final_tags_once_across_a_crash_and_resume(tmp
 
 
 def test_a_failing_lockstep_group_is_announced_once_with_its_cause(capsys):
-    from fedlit.orchestrator import Orchestrator
+    from fedlit.engine import Clients
 
     def lanes(n):
         raise RuntimeError("shapes differ")
 
-    stub = types.SimpleNamespace(lanes=lanes, safe_update=lambda cid, rnd, sent: cid, _lockstep_warned=False,
-                                 fabric=types.SimpleNamespace(global_rank=0))
-    assert Orchestrator.safe_lockstep(stub, [0, 1], 0, {0: {}, 1: {}}) == [0, 1]
-    assert Orchestrator.safe_lockstep(stub, [2, 3], 1, {2: {}, 3: {}}) == [2, 3]
+    stub = types.SimpleNamespace(lanes=lanes, update=lambda cid, rnd, sent, own: cid, _lockstep_warned=False,
+                                 verbose=True)
+    assert Clients.lockstep(stub, [0, 1], 0, {0: {}, 1: {}}, lambda c: None) == [0, 1]
+    assert Clients.lockstep(stub, [2, 3], 1, {2: {}, 3: {}}, lambda c: None) == [2, 3]
     out = capsys.readouterr().out
     assert out.count("lock-step group") == 1 and "RuntimeError: shapes differ" in out
 

@@ -11,7 +11,7 @@ import torch
 from fedlit import experiment
 from fedlit.backbones import load_backbone
 from fedlit.errors import FedlitError
-from fedlit.local_training import LocalRun
+from fedlit.engine import LocalRun
 from fedlit.prompts import Task, encode_context, prompt_template
 from fedlit.text_batch import FusedText
 from fedlit.trainer import FedTrainer
@@ -90,7 +90,7 @@ def test_lockstep_clients_take_exactly_their_own_steps(monkeypatch):
     monkeypatch.setattr(LocalRun, "step", counting)
     orch = _orchestrator("promptfl", 0)
     updates = orch.train_clients(list(range(6)), 0, orch.protocol.configure(0))
-    expected = {c.cid: 2 * len(orch.cfg.batch_starts(c.num_samples)) for c in orch.fed.clients}
+    expected = {c.cid: 2 * len(orch.plan.batch_starts(c.num_samples)) for c in orch.fed.clients}
     assert expected == {0: 8, 1: 4, 2: 2, 3: 8, 4: 2, 5: 4}
     assert steps == expected
     assert {u.cid: u.steps for u in updates} == expected
@@ -120,16 +120,16 @@ def test_lockstep_keeps_the_config_digest():  # a run resumes whatever lockstep 
 def test_a_raising_lockstep_group_falls_back_to_one_client_at_a_time(monkeypatch):
     """The group trained (steps taken, FedTPG's persistent momentum moved), then raised: its clients rerun one at a
     time from their untouched state and give the sequential round."""
-    from fedlit import local_training
+    from fedlit import engine
 
     def broken(fabric, runs):
-        local_training.train_lockstep(fabric, runs)
+        engine.train_lockstep(fabric, runs)
         raise RuntimeError("joint pass failed")
 
     seq, lock = _orchestrator("fedtpg", 1), _orchestrator("fedtpg", 0)
     for orch in (seq, lock):
         orch.train_round(0)
-    monkeypatch.setattr("fedlit.orchestrator.train_lockstep", broken)
+    monkeypatch.setattr("fedlit.engine.train_lockstep", broken)
     seq.train_round(1)
     updates = lock.train_clients(list(range(6)), 1, lock.protocol.configure(1))
     assert [u.cid for u in updates] == list(range(6)) and all(u.ok for u in updates)

@@ -17,7 +17,7 @@ Who runs what:
   :func:`~fedlit.rounds.shard`, the split ``--trainer.devices n`` uses). It builds the frozen backbone, the
   data and the method's component once per process (cached, keyed by the run's config; Flower's deployment
   runtime starts one ClientApp process per message, runtimes that keep it alive reuse the cache) and runs
-  :meth:`Orchestrator.safe_update` / the orchestrator's evaluator for its clients. Personal tensors (FedPGP's
+  :class:`fedlit.engine.Clients` (the client engine) / the evaluator for its clients. Personal tensors (FedPGP's
   U/V, FedOTP's local prompt, pFedPG's and VPT's heads, CoOp's context) and a client's optimiser state (FedTPG's
   persistent momentum and schedule step) live in Flower's per-node ``Context.state`` (``fedlit.personal.<cid>``,
   ``fedlit.optim.<cid>``) and never leave the SuperNode: only the method's shared tensors travel (the server
@@ -141,12 +141,11 @@ def _instruction(msg: Message, context: Context) -> tuple[Runtime, int, list[int
 def client_train(msg: Message, context: Context) -> Message:
     """Local update of each hosted client the server sampled; returns only the method's shared tensors."""
     rt, rnd, cids = _instruction(msg, context)
-    orch = rt.orchestrator
     received = {cid: from_record(msg.content.array_records[f"client.{cid}"]) for cid in cids}
     reply = RecordDict()
     for cid in cids:
-        restore_clients(orch.protocol, context, [cid])
-        update = orch.safe_update(cid, rnd, received[cid])
+        restore_clients(rt.states, context, [cid])
+        update = rt.clients.update(cid, rnd, received[cid], rt.states.state_of(cid))
         metrics = {"num-examples": int(update.num_samples), "loss": float(update.loss), "steps": int(update.steps)}
         if update.lr is not None:  # the client's learning rate this round (per-client schedules)
             metrics["lr"] = float(update.lr)
@@ -154,7 +153,7 @@ def client_train(msg: Message, context: Context) -> Message:
         if not update.ok:
             reply[f"error.{cid}"] = ConfigRecord({"error": str(update.error)})
             continue
-        leaked = [k for k in update.shared if not orch.method.is_shared(k)]
+        leaked = [k for k in update.shared if not rt.clients.rt.method.is_shared(k)]
         if leaked:  # cannot happen through ClientModule.export; a guard for custom methods
             raise FedlitError(f"client {cid} would send personal tensors {leaked}")
         reply[f"update.{cid}"] = to_record(update.shared)
@@ -169,12 +168,11 @@ def client_train(msg: Message, context: Context) -> Message:
 def client_evaluate(msg: Message, context: Context) -> Message:
     """Local / Base / Novel of each hosted client's own model (global ∪ its personal state)."""
     rt, rnd, cids = _instruction(msg, context)
-    orch = rt.orchestrator
     arrays = msg.content.array_records
-    orch.protocol.receive(from_record(arrays["global"]), {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
-                                                          if f"client.{cid}" in arrays})
-    restore_clients(orch.protocol, context, cids)
-    per_client = orch.evaluate_clients(cids)
+    rt.states.receive(from_record(arrays["global"]), {cid: from_record(arrays[f"client.{cid}"]) for cid in cids
+                                                      if f"client.{cid}" in arrays})
+    restore_clients(rt.states, context, cids)
+    per_client = rt.evaluate_clients(cids)
     reply = RecordDict({f"eval.{cid}": MetricRecord({k: float(v) for k, v in res.items()})
                         for cid, res in sorted(per_client.items())})
     return Message(reply, reply_to=msg)
@@ -191,7 +189,7 @@ class FedlitStrategy(Strategy):
     """
 
     def __init__(self, orchestrator, nodes: dict[int, int]):
-        if orchestrator.optim.policy == "chain":
+        if orchestrator.plan.optimizer_state == "chain":
             raise FedlitError(f"trainer.optimizer_state=chain ({orchestrator.method.name}'s official optimiser, handed "
                               f"from client to client) cannot cross SuperNodes; use --trainer.optimizer_state fresh")
         self.orch = orchestrator

@@ -63,8 +63,22 @@ class Runtime:
     parser: object
     cfg: object
     init: object
-    orchestrator: object
+    orchestrator: object  #: the server side (round protocol, logging); a SuperNode uses the three below
     identity: dict = field(default_factory=dict)
+
+    @property
+    def clients(self):
+        """The client engine (:class:`fedlit.engine.Clients`) a SuperNode trains its clients with."""
+        return self.orchestrator.clients
+
+    @property
+    def states(self):
+        """Where a SuperNode keeps its clients' state and what the server sent them (the node's round protocol)."""
+        return self.orchestrator.protocol
+
+    def evaluate_clients(self, cids: list[int]) -> dict[int, dict[str, float]]:
+        """Local / Base / Novel of the hosted clients ``cids`` (each its own model)."""
+        return self.orchestrator.evaluate_clients(cids)
 
 
 def build_runtime(config_text: str) -> Runtime:

@@ -279,7 +279,7 @@ class FedMethod:
 
     @property
     def lockstep(self) -> bool:
-        """Whether this method's clients can train in lock-step (``trainer.lockstep``, :mod:`fedlit.local_training`):
+        """Whether this method's clients can train in lock-step (``trainer.lockstep``, :mod:`fedlit.engine`):
         methods on cached image features/tokens, whose per-step cost is the text pass that lock-step shares. Methods
         that prompt the image tower (``image_input = "images"``: MaPLe, VPT, IVLP, FedVLP, pFedPG, pFedMMA) train one
         client at a time: the joint text pass would not save their image-tower passes on per-client prompts."""
