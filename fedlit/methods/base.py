@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aggregation import fedavg, uniform_mean
 from ..backbones import FrozenCLIP
 from ..errors import FedlitError
 from ..data.task import Task
+from .roles import ClientPolicy, FedAvg, ServerAlgorithm, fold_legacy_flags, legacy_property
 
 
 def fp32(t: torch.Tensor):
@@ -121,48 +121,48 @@ class FedMethod:
     eval_protocol: str = "personalized"
     #: False for methods whose classifier is not text (a linear head, pFedPG/VPT): no novel-class evaluation.
     text_classifier: bool = True
-    #: FedProx proximal weight μ: ``μ/2 · Σ‖θ − θ_global‖²`` over the shared tensors is added to the local
-    #: loss of any method where μ > 0 (``trainer.prox_mu`` sets it for any method; ``fedprox`` has it built in).
-    prox_mu: float = 0.0
-    #: Reproduce the official FedOTP-codebase FedProx bug: the term is computed on detached tensors
-    #: (``state_dict()``), so it changes the logged loss but contributes no gradient (spec §4.6).
-    prox_detached: bool = False
-    #: Keep each client's optimiser state (momentum buffers) across the rounds it participates in, as the
-    #: official FedTPG client does; the state is personal (never sent) and checkpointed with the client.
-    persistent_optimizer: bool = False
-    #: The optimiser lifecycle of the method's official loop (``trainer.optimizer_state: method`` picks it):
-    #: ``fresh`` (a new optimiser per client-round), ``chain`` (ONE optimiser for all clients and rounds, its state
-    #: handed from client to client in training order: the Dassl code bases, where one ``local_trainer`` trains every
-    #: client) or ``per_client``. A method with ``persistent_optimizer`` (FedTPG's code base) declares ``per_client``.
-    official_optimizer_state: str = "fresh"
-    #: The order the official loop trains a round's clients in, which only matters under ``chain``: ``drawn``
-    #: (``np.random.choice(K, m, replace=False)``: a random order every round, even at full participation; round 0
-    #: in index order where every client trains first) or ``sorted`` (client index order).
-    train_order: str = "sorted"
-    #: ``trainer.drop_last: method`` resolves to this: ``dassl`` (Dassl's loaders) or ``never`` (FedTPG's loaders).
-    default_drop_last: str = "dassl"
-    #: Training augmentation the method's official code uses (``trainer.augment: method`` picks it): ``dassl``
-    #: (random resized crop of the original image, scale (0.08, 1), bicubic, + horizontal flip, a fresh draw every
-    #: epoch: the FedPGP/FedOTP/PromptFL/CoOp/CoCoOp/MaPLe code bases) or ``none`` (FedTPG's code base).
-    default_augment: str = "dassl"
-    #: Start every local update from the initial personal tensors instead of the client's last ones (the official
-    #: FedPGP/FedOTP ``--model local`` CoOp baseline reloads the initial weights every round).
-    restart_personal: bool = False
-    #: ``constant``, or ``cosine``: each client's lr follows ``lr · (1 + cos(π t / schedule_rounds)) / 2`` with
-    #: ``t`` = its number of earlier participations (FedTPG's code base: CosineAnnealingLR stepped per participation).
-    lr_schedule: str = "constant"
-    schedule_rounds: int = 500
-    #: How the method federates when ``trainer.sync: method``: ``round`` (local epochs, then the server aggregates
-    #: the shared tensors: FedAvg) or ``step`` (every batch step, the clients' shared gradients are averaged and
-    #: applied by every client: FedSGD, :mod:`fedlit.steps`; DP-FPL). Any method runs in either mode.
-    sync: str = "round"
-    #: The method's official step-mode loop policies (``trainer.step_start`` / ``optimizer_state`` /
-    #: ``personal_grad`` when ``method``); missing keys: ``previous`` / ``per_client`` / ``own``.
-    loop_defaults: dict = {}
+    #: How its clients train (:class:`~fedlit.methods.roles.ClientPolicy`): the official loop's optimiser lifecycle
+    #: (``chain`` for the Dassl code bases, ``per_client`` for FedTPG's), training order, last-batch rule,
+    #: augmentation, restart rule, lr schedule, proximal term, round or step mode. ``trainer.*: method`` resolves to
+    #: it (:mod:`fedlit.run_plan`); the legacy flags below read and write it.
+    policy: ClientPolicy = ClientPolicy()
+    official_optimizer_state = legacy_property("optimizer_state", "the official optimiser lifecycle (policy)")
+    train_order = legacy_property("train_order", "the order a chained round trains its clients in (policy)")
+    default_drop_last = legacy_property("drop_last", "``trainer.drop_last: method`` (policy)")
+    default_augment = legacy_property("augment", "``trainer.augment: method`` (policy)")
+    restart_personal = legacy_property("restart_personal", "local training from the initial personal tensors")
+    lr_schedule = legacy_property("lr_schedule", "``constant`` or ``cosine`` over participations (policy)")
+    schedule_rounds = legacy_property("schedule_rounds", "the cosine schedule's length (policy)")
+    prox_mu = legacy_property("prox_mu", "FedProx's μ (policy; ``trainer.prox_mu`` overrides it)")
+    prox_detached = legacy_property("prox_detached", "the official zero-gradient FedProx term (policy)")
+    sync = legacy_property("sync", "``round`` or ``step`` under ``trainer.sync: method`` (policy)")
+
+    @property
+    def loop_defaults(self) -> dict:
+        """The official step-mode loop policies (``trainer.step_start`` / ``optimizer_state`` / ``personal_grad``)."""
+        return dict(self.policy.step_loop)
+
+    @property
+    def persistent_optimizer(self) -> bool:
+        """Each client keeps its optimiser state across its participations (FedTPG's client): ``per_client``."""
+        return self.policy.optimizer_state == "per_client"
+
+    @persistent_optimizer.setter
+    def persistent_optimizer(self, value: bool) -> None:
+        if value:
+            self.policy = self.policy.replace(optimizer_state="per_client")
+        elif self.policy.optimizer_state == "per_client":
+            self.policy = self.policy.replace(optimizer_state="fresh")
+
+    @property
+    def server(self) -> ServerAlgorithm:
+        """How uploads combine (:class:`~fedlit.methods.roles.FedAvg`, weighted by sample count or uniform)."""
+        return FedAvg(self.weighted)
 
     def __init_subclass__(cls, **kwargs):
         """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""
         super().__init_subclass__(**kwargs)
+        fold_legacy_flags(cls)  # ``official_optimizer_state = "chain"`` … on the class → its policy
         if "name" in cls.__dict__:
             other = METHODS.get(cls.name)
             if other is not None and other.__qualname__ != cls.__qualname__:
@@ -244,9 +244,7 @@ class FedMethod:
 
     def lr_at(self, participations: int) -> float:
         """Learning rate of a client in its ``participations``-th participation (0-based), see ``lr_schedule``."""
-        if self.lr_schedule == "cosine":
-            return 0.5 * self.lr * (1.0 + math.cos(math.pi * participations / self.schedule_rounds))
-        return self.lr
+        return self.policy.lr_at(self.lr, participations)
 
     def set_client_schedule(self, lr_schedule: str, schedule_rounds: int, persistent_optimizer: bool) -> None:
         """Validate and set the FedTPG-code-base client options (shared by FedTPG, FedVLP and FedKgCoOp)."""
@@ -260,7 +258,7 @@ class FedMethod:
     def optimizer_policy(self) -> str:
         """The official optimiser-state policy of this method as configured (``per_client`` where the method keeps
         a persistent optimiser per client)."""
-        return "per_client" if self.persistent_optimizer else self.official_optimizer_state
+        return self.policy.optimizer_state
 
     def augmentation(self, trainer) -> str:
         """The training augmentation a run of this method uses under ``trainer`` (``none`` / ``dassl`` /
@@ -331,10 +329,7 @@ class FedMethod:
 
     def aggregate(self, updates: Sequence[Update], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """New global shared state from the successful updates of a round."""
-        states = [u.shared for u in updates]
-        if not states or not states[0]:
-            return global_state
-        return fedavg(states, [u.num_samples for u in updates]) if self.weighted else uniform_mean(states)
+        return self.server.aggregate(updates, global_state)
 
     # ----------------------------------------------------------------------------- step-synchronous rounds
     def plan_steps(self, plan: StepPlan) -> None:
@@ -362,9 +357,7 @@ class FedMethod:
                         gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Step mode: the shared gradient every client applies, from the clients' shared gradients (in client
         order). Default: their mean, weighted by sample count when ``weighted`` (FedSGD)."""
-        if not grads or not grads[0]:
-            return {}
-        return fedavg(grads, num_samples) if self.weighted else uniform_mean(grads)
+        return self.server.combine_gradients(grads, num_samples)
 
     def run_report(self) -> dict:
         """Extra entries for ``results.json`` (DP-FPL: ``privacy``); default none."""

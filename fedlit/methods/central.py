@@ -40,7 +40,7 @@ class Central(CoOp):
     """
 
     name = "central"
-    persistent_optimizer = True  # one continuous SGD run over rounds × local epochs
+    policy = CoOp.policy.replace(optimizer_state="per_client")  # one continuous SGD run over rounds × local epochs
 
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, lr: float = 0.001, momentum: float = 0.9,
                  weight_decay: float = 5e-4, weighted: bool = True):

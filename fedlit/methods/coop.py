@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..prompts import ContextPrompt, Task
 from .base import FedMethod
+from .roles import DASSL_CHAIN
 
 
 class CoOp(FedMethod):
@@ -25,8 +26,9 @@ class CoOp(FedMethod):
     """
 
     name = "coop"
-    official_optimizer_state = "chain"  # one Dassl local_trainer for every client (FedOTP@9948611 federated_main.py:161)
-    train_order = "drawn"  # np.random.choice order every round (FedOTP federated_main.py:240-241, 447-448)
+    # one Dassl local_trainer for every client (FedOTP@9948611 federated_main.py:161), clients in np.random.choice
+    # order every round (FedOTP federated_main.py:240-241, 447-448)
+    policy = DASSL_CHAIN
 
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, persistent: bool = False, lr: float = 0.002,
                  momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):

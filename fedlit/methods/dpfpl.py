@@ -71,6 +71,7 @@ from ..prompts import Task, encode_context, prompt_template
 from ..aggregation import uniform_mean
 from ..privacy import clip_norm, clip_per_sample, gaussian, rdp_epsilon, rdp_orders
 from .base import FedMethod, StepPlan
+from .roles import ClientPolicy
 
 FACTORIZATIONS = ("promptfl", "fedotp", "fedpgp", "dplora", "dpfpl")
 #: which gradients get the local noise, by factorisation (spec §4.3)
@@ -134,8 +135,10 @@ class DPFPL(FedMethod):
     """
 
     name = "dpfpl"
-    sync = "step"
-    loop_defaults = {"step_start": "round", "optimizer_state": "chain", "personal_grad": "last_client"}
+    #: step-synchronous, every step from the round's weights, one chained optimiser, the last client's personal
+    #: gradient (DP-FPL's official loop, :class:`~fedlit.methods.roles.ClientPolicy`)
+    policy = ClientPolicy(sync="step", step_loop=(("optimizer_state", "chain"), ("personal_grad", "last_client"),
+                                                  ("step_start", "round")))
     per_sample_text_side = True  # the prompt reaches the loss only through the class text features
     neighbor_accuracy = True
 

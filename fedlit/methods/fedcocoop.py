@@ -28,6 +28,7 @@ from torch import nn
 from ..backbones import FrozenCLIP
 from ..prompts import Task, encode_context, init_context, prompt_template
 from .base import FedMethod, fp32
+from .roles import DASSL_CHAIN
 
 
 class CoCoOpPrompt(nn.Module):
@@ -70,8 +71,7 @@ class FedCoCoOp(FedMethod):
     """
 
     name = "fedcocoop"
-    official_optimizer_state = "chain"  # run in FedPGP's Dassl code base: one local_trainer for all clients
-    train_order = "drawn"
+    policy = DASSL_CHAIN  # run in FedPGP's Dassl code base: one local_trainer for all clients, drawn order
     image_input = "features"
 
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, meta_ratio: int = 16,

@@ -38,6 +38,7 @@ from ..backbones import FrozenCLIP
 from ..errors import FedlitError
 from ..prompts import PromptTemplate, Task, check_prompt_depth, clean_classname, encode_context, text_cache
 from .base import FedMethod
+from .roles import DASSL_CHAIN
 
 
 def prefixed_template(clip: FrozenCLIP, task: Task, prefix_text: str | None, n_ctx: int) -> PromptTemplate:
@@ -117,8 +118,7 @@ class FedMaPLe(FedMethod):
     """
 
     name = "fedmaple"
-    official_optimizer_state = "chain"  # run in FedPGP's Dassl code base: one local_trainer for all clients
-    train_order = "drawn"
+    policy = DASSL_CHAIN  # run in FedPGP's Dassl code base: one local_trainer for all clients, drawn order
     image_input = "images"
 
     def __init__(self, n_ctx: int = 2, ctx_init: str | None = "a photo of a", prompt_depth: int = 9,

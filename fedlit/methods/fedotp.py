@@ -39,6 +39,7 @@ from ..backbones import FrozenCLIP
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
 from .base import FedMethod
+from .roles import DASSL_CHAIN
 
 OTKind = Literal["cot", "sinkhorn"]
 OTPrecision = Literal["fp32_log", "official_fp16"]
@@ -248,8 +249,9 @@ class FedOTP(FedMethod):
     """
 
     name = "fedotp"
-    official_optimizer_state = "chain"  # FedOTP@9948611 federated_main.py:161 (one local_trainer)
-    train_order = "drawn"  # round 0 in index order, then np.random.choice order (federated_main.py:356-360)
+    # one local_trainer (FedOTP@9948611 federated_main.py:161); round 0 in index order, then np.random.choice order
+    # (federated_main.py:356-360)
+    policy = DASSL_CHAIN
     image_input = "tokens"
 
     def __init__(self, n_ctx: int = 16, num_prompts: int = 2, num_global: int = 1, ot: OTKind = "cot",

@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, handcrafted_features, prompt_template
 from .base import FedMethod
+from .roles import DASSL_CHAIN
 
 ANCHOR_TEMPLATE = "a photo of a {}."
 
@@ -89,8 +90,9 @@ class FedPGP(FedMethod):
     """
 
     name = "fedpgp"
-    official_optimizer_state = "chain"  # FedPGP@d43045b trainers/fedpgp.py:330-332, federated_main.py:170
-    train_order = "drawn"  # round 0 in index order, then np.random.choice order (federated_main.py:330-334)
+    # one SGD state handed on (FedPGP@d43045b trainers/fedpgp.py:330-332, federated_main.py:170); round 0 in index
+    # order, then np.random.choice order (federated_main.py:330-334)
+    policy = DASSL_CHAIN
     eval_protocol = "personalized"
 
     def __init__(self, n_ctx: int = 16, rank: int = 8, num_prompts: int = 1, mu: float = 0.5, tau: float = 0.5,

@@ -45,6 +45,7 @@ from ..errors import FedlitError
 from ..prompts import Task, prompt_template
 from .base import FedMethod
 from .fedpgp import encode_contexts
+from .roles import DASSL_FORK
 
 
 def projection_matrix(g: torch.Tensor, ratio: float, mode: str = "official") -> torch.Tensor:
@@ -110,7 +111,7 @@ class FedPHA(FedMethod):
     """
 
     name = "fedpha"
-    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
+    policy = DASSL_FORK  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
 
     def __init__(self, n_ctx: int = 16, local_lengths: list[int] | None = None, ratio: float = 0.8, alpha: float = 1.0,
                  lambda_pull: float = 1.0, lambda_push: float = 1.0,

@@ -44,6 +44,7 @@ from ..backbones import FrozenCLIP
 from ..errors import FedlitError
 from ..prompts import Task, clean_classname, text_cache
 from .base import FedMethod
+from .roles import DASSL_FORK
 
 TEMPLATE = "a photo of a {}."
 
@@ -126,7 +127,7 @@ class PFedMMA(FedMethod):
     """
 
     name = "pfedmma"
-    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
+    policy = DASSL_FORK  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
     image_input = "images"
 
     def __init__(self, adapter_start: int = 5, adapter_end: int = 12, adapter_dim: int = 32,

@@ -65,6 +65,7 @@ from torch import nn
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
 from .base import FedMethod, fp32
+from .roles import DASSL_FORK
 
 PROMPT_KEY = "ctx"
 EXPERTS_KEY = "experts"
@@ -149,7 +150,7 @@ class PFedMoAP(FedMethod):
     """
 
     name = "pfedmoap"
-    official_optimizer_state = "chain"  # Dassl fork: prompt and gating momentum carry (spec part 2 §0.3 Q-a)
+    policy = DASSL_FORK  # Dassl fork: prompt and gating momentum carry (spec part 2 §0.3 Q-a)
     server_bank = True
 
     def __init__(self, n_ctx: int = 16, lmbda: float = 0.5, scaling: float = 10.0, num_experts: int = 10,

@@ -31,6 +31,7 @@ from ..errors import FedlitError
 from ..prompts import Task
 from .base import FedMethod
 from .fedpgp import encode_contexts
+from .roles import DASSL_FORK
 
 
 def mix_features(t_global: torch.Tensor, t_local: torch.Tensor, frac: float, renormalize: bool = False) -> torch.Tensor:
@@ -60,7 +61,7 @@ class PromptFolio(FedMethod):
     """
 
     name = "promptfolio"
-    official_optimizer_state = "chain"  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
+    policy = DASSL_FORK  # Dassl fork: one optimiser for all clients (spec part 2 §0.3 Q-a)
 
     def __init__(self, n_ctx: int = 8, frac: float = 0.4, renormalize: bool = False, lr: float = 0.002,
                  momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):

@@ -1,0 +1,142 @@
+"""A method's roles besides its prompt model: how its clients train (:class:`ClientPolicy`) and what its server does
+(:class:`ServerAlgorithm`). A :class:`~fedlit.methods.base.FedMethod` is the prompt model (what is trained, how it
+classifies) and names one of each: ``policy = DASSL_CHAIN`` (the Dassl code bases' loop), ``server = FedAvg()``.
+
+- :class:`ClientPolicy` — frozen: the optimiser's lifecycle across clients and rounds, the training order, the
+  last-batch rule, the augmentation, the restart rule, the lr schedule, the proximal term, round or step mode and
+  the step loop. These are the method's *official* loop; the run plan (:mod:`fedlit.run_plan`) resolves the
+  trainer's ``method`` settings to them and applies the trainer's overrides (``trainer.optimizer_state``,
+  ``drop_last``, ``augment``, ``prox_mu``, ``privacy`` …), so every policy part combines with every prompt model.
+- :class:`ServerAlgorithm` — how uploads combine (:class:`FedAvg`: weighted by sample count or uniform) and the
+  shared gradient of a step-synchronous round; methods with a server of their own (pFedPG's generator, pFedMoAP's
+  expert bank, FedPHA's rank-wise write-back) override the method's server hooks.
+
+A method class may still set the legacy flags (``official_optimizer_state = "chain"``, ``train_order``,
+``default_drop_last``, ``default_augment``, ``restart_personal``, ``lr_schedule``, ``schedule_rounds``, ``prox_mu``,
+``prox_detached``, ``sync``, ``loop_defaults``, ``persistent_optimizer``): they are folded into its policy when the
+class is defined (:func:`fold_legacy_flags`), and read / written on an instance through the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..aggregation import fedavg, uniform_mean
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """How a method's clients train, as its official loop does (module docstring)."""
+
+    #: ``fresh`` (a new optimiser per client-round), ``chain`` (one optimiser state handed from client to client in
+    #: training order, across rounds: one Dassl ``local_trainer`` for every client) or ``per_client`` (each client
+    #: keeps its own across its participations: FedTPG's code base)
+    optimizer_state: str = "fresh"
+    #: ``sorted`` (client index order) or ``drawn`` (``np.random.choice`` order every round; round 0 in index order)
+    train_order: str = "sorted"
+    drop_last: str = "dassl"  #: ``dassl`` (Dassl's loaders) or ``never`` (FedTPG's loaders)
+    augment: str = "dassl"  #: ``dassl`` (random resized crop + flip, a fresh view every epoch) or ``none``
+    restart_personal: bool = False  #: every local update from the initial personal tensors (official CoOp baseline)
+    lr_schedule: str = "constant"  #: ``constant`` or ``cosine`` over a client's participations (FedTPG)
+    schedule_rounds: int = 500
+    prox_mu: float = 0.0  #: FedProx's μ (``trainer.prox_mu`` overrides it for any method)
+    prox_detached: bool = False  #: the official FedOTP-code-base term on detached tensors (no gradient)
+    sync: str = "round"  #: ``round`` (local epochs, then aggregation) or ``step`` (FedSGD: DP-FPL)
+    #: the official step-mode loop (``step_start`` / ``optimizer_state`` / ``personal_grad``), as (key, value) pairs
+    step_loop: tuple[tuple[str, str], ...] = ()
+
+    def lr_at(self, lr: float, participations: int) -> float:
+        """The learning rate of a client in its ``participations``-th participation (0-based)."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * lr * (1.0 + math.cos(math.pi * participations / self.schedule_rounds))
+        return lr
+
+    def replace(self, **changes) -> ClientPolicy:
+        return dataclasses.replace(self, **changes)
+
+
+#: the Dassl code bases (FedPGP, FedOTP, PromptFL, CoOp, FedCoCoOp, FedMaPLe …): one local_trainer for every client,
+#: clients trained in ``np.random.choice`` order
+DASSL_CHAIN = ClientPolicy(optimizer_state="chain", train_order="drawn")
+#: the Dassl forks of the 2025 methods (PromptFolio, FedPHA, pFedMoAP, pFedMMA): one optimiser, clients in index order
+DASSL_FORK = ClientPolicy(optimizer_state="chain")
+#: FedTPG's code base: per-client momentum and cosine lr over participations, no drop_last, no augmentation
+FEDTPG_CLIENT = ClientPolicy(optimizer_state="per_client", drop_last="never", augment="none", lr_schedule="cosine")
+
+
+class ServerAlgorithm:
+    """What the server does with a round's uploads (default: nothing is combined)."""
+
+    def aggregate(self, updates: Sequence, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return global_state
+
+    def combine_gradients(self, grads: Sequence[dict[str, torch.Tensor]],
+                          num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Step mode: the shared gradient every client applies."""
+        return {}
+
+
+@dataclass(frozen=True)
+class FedAvg(ServerAlgorithm):
+    """FedAvg: the mean of the uploads, weighted by each client's number of training samples (FedPGP/FedOTP) or
+    uniform (FedTPG); in step mode the same mean of the shared gradients (FedSGD)."""
+
+    weighted: bool = True
+
+    def aggregate(self, updates: Sequence, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        states = [u.shared for u in updates]
+        if not states or not states[0]:
+            return global_state
+        return fedavg(states, [u.num_samples for u in updates]) if self.weighted else uniform_mean(states)
+
+    def combine_gradients(self, grads: Sequence[dict[str, torch.Tensor]],
+                          num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
+        if not grads or not grads[0]:
+            return {}
+        return fedavg(grads, num_samples) if self.weighted else uniform_mean(grads)
+
+
+#: legacy flag → (policy field, how a value maps to it)
+LEGACY = {
+    "official_optimizer_state": "optimizer_state", "train_order": "train_order", "default_drop_last": "drop_last",
+    "default_augment": "augment", "restart_personal": "restart_personal", "lr_schedule": "lr_schedule",
+    "schedule_rounds": "schedule_rounds", "prox_mu": "prox_mu", "prox_detached": "prox_detached", "sync": "sync",
+}
+
+
+def fold_legacy_flags(cls) -> None:
+    """Move the legacy flags a method class sets (module docstring) into its ``policy``."""
+    changes = {}
+    for flag, key in LEGACY.items():
+        if flag in cls.__dict__ and not isinstance(cls.__dict__[flag], property):
+            changes[key] = cls.__dict__[flag]
+            delattr(cls, flag)
+    if "loop_defaults" in cls.__dict__ and not isinstance(cls.__dict__["loop_defaults"], property):
+        changes["step_loop"] = tuple(sorted(cls.__dict__["loop_defaults"].items()))
+        delattr(cls, "loop_defaults")
+    if "persistent_optimizer" in cls.__dict__ and not isinstance(cls.__dict__["persistent_optimizer"], property):
+        if cls.__dict__["persistent_optimizer"]:
+            changes["optimizer_state"] = "per_client"
+        delattr(cls, "persistent_optimizer")
+    if changes:
+        cls.policy = cls.policy.replace(**changes)
+
+
+def legacy_property(key: str, doc: str) -> property:
+    """``method.<flag>`` read from / written into the instance's policy."""
+    def get(self):
+        return getattr(self.policy, key)
+
+    def set_(self, value):
+        self.policy = self.policy.replace(**{key: value})
+
+    return property(get, set_, doc=doc)
+
+
+__all__ = ["ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FedAvg", "LEGACY", "ServerAlgorithm",
+           "fold_legacy_flags", "legacy_property"]
