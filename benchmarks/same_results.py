@@ -4,21 +4,18 @@
     python benchmarks/same_results.py capture --out /tmp/after                                 # this checkout
     python benchmarks/same_results.py compare /tmp/before /tmp/after        # exit 0: same numbers; 1: a difference
 
-``capture`` runs, one process at a time, ``python -m fedlit.cli fit --config configs/<name>.yaml --config
-configs/embedded.yaml`` with the small fixed overrides below (2 rounds, 3 clients, 2 shots, 1 thread, seed 1; the
-optimiser-state policy, sync mode and augmentation stay the method's, so the official loops are covered) for every
-registered method that has a config (``--methods`` picks some), then a few fixed CASES (OOD section, domain and
-cross-class partitions, lock-step, partial participation, 2 processes, the quickstart). The code run is the one in
-``--tree`` (default: the checkout this script is in), with ``PYTHONPATH=TREE`` and ``cwd=TREE``, so the same script
-captures an older checkout; the interpreter is the one running this script. Each run writes ``OUT/<name>/`` (a name
-that already holds ``results.json`` is kept, not rerun) and ``OUT/<name>.log``; ``OUT/capture.json`` lists commands,
-seconds and status. This script imports no fedlit: it must not mix the two trees.
+``capture`` runs ``python -m fedlit.cli fit --config configs/<name>.yaml --config configs/embedded.yaml`` + SMALL
+(2 rounds, 3 clients, 2 shots, 1 thread, seed 1; the method's optimiser-state policy, sync and augmentation: the
+official loops) for every registered method with a config, then the CASES, one process at a time (``--methods``
+picks some). It runs ``--tree`` (default: this checkout) with ``PYTHONPATH=TREE``, ``cwd=TREE`` and this
+interpreter, so it captures an older checkout too (this script imports no fedlit). Each run writes ``OUT/<name>/``
+(one already holding results.json is kept) and ``OUT/<name>.log``; ``OUT/capture.json``: commands, seconds, commit.
 
-``compare`` walks the numbers of each run's ``results.json`` (the FIELDS below) recursively: numbers equal within
-``--atol`` (default 0, bit-identical: right on the same machine and thread count), everything else equal. Wall time,
-the run dir, the config digest and keys only one side has (a new ``plan`` block) are not compared, but the one-sided
-keys are listed. Exit 1 on any difference (method / json path / before / after) or on a run of BEFORE missing in
-AFTER (a failed run leaves no results.json); runs only in AFTER are listed.
+``compare`` walks the FIELDS of every run's ``results.json`` and the tensors of its ``checkpoint.safetensors`` (the
+trained state: far finer than accuracies): numbers equal within ``--atol`` (default 0, bit-identical: right on the
+same machine and thread count), all else equal. Wall time, run dir, config digest and keys only one side has (a new
+``plan`` block) are not compared; one-sided keys are listed. Exit 1 on any difference (run, json path, before,
+after) or on a run of BEFORE missing in AFTER (a failed run has no results.json); runs only in AFTER are listed.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -45,66 +43,53 @@ SMALL = ["--trainer.rounds", "2", "--trainer.eval_every", "1", "--data.num_clien
          "--trainer.threads", "1", "--trainer.progress", "false", "--seed", "1"]
 
 #: per-method overrides the 2-layer toy backbone needs (as tests/test_all_methods.py)
-EXTRA = {
-    "fedmaple": ["--method.init_args.prompt_depth", "2"],
-    "pfedpg": ["--data.subsample", "all"],
-    "fedvpt": ["--data.subsample", "all"],
-    "localvpt": ["--data.subsample", "all"],
-    "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"],
-    "fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],
-    "promptsrc": ["--method.init_args.prompt_depth_text", "2", "--method.init_args.prompt_depth_vision", "2"],
-}
+EXTRA = {"fedmaple": ["--method.init_args.prompt_depth", "2"], "pfedpg": ["--data.subsample", "all"],
+         "fedvpt": ["--data.subsample", "all"], "localvpt": ["--data.subsample", "all"],
+         "pfedmma": ["--method.init_args.adapter_start", "1", "--method.init_args.adapter_end", "2"],
+         "fedpha": ["--method.init_args.local_lengths", "[4, 16, 8]"],
+         "promptsrc": ["--method.init_args.prompt_depth_text", "2", "--method.init_args.prompt_depth_vision", "2"]}
 
-#: paths of the loop no method config takes by default: name -> (config, overlays, overrides after SMALL)
+#: paths of the loop no method config takes by default: name -> (configs, overrides after SMALL)
+EMBEDDED = "configs/embedded.yaml"
 CASES = {
-    "focoop+ood": ("configs/focoop.yaml", ["configs/protocols/ood_embedded.yaml"], []),
-    "fedpgp+domains": ("configs/fedpgp.yaml", ["configs/protocols/embedded_domains.yaml"],
+    "focoop+ood": (["configs/focoop.yaml", EMBEDDED, "configs/protocols/ood_embedded.yaml"], []),
+    "fedpgp+domains": (["configs/fedpgp.yaml", EMBEDDED, "configs/protocols/embedded_domains.yaml"],
                        ["--data.num_clients", "1"]),
-    "fedtpg+cross_class": ("configs/fedtpg.yaml", ["configs/protocols/embedded_cross_class.yaml"], []),
-    "promptfl+lockstep": ("configs/promptfl.yaml", [], ["--trainer.lockstep", "0", "--trainer.optimizer_state", "fresh"]),
-    "promptfl+partial": ("configs/promptfl.yaml", [], ["--trainer.participation", "0.5"]),
-    "promptfl+2proc": ("configs/promptfl.yaml", [], ["--trainer.devices", "2", "--trainer.accelerator", "cpu",
-                                                      "--trainer.optimizer_state", "fresh"]),
-    "quickstart": ("configs/quickstart.yaml", [], []),
+    "fedtpg+cross_class": (["configs/fedtpg.yaml", EMBEDDED, "configs/protocols/embedded_cross_class.yaml"], []),
+    "fedprox_live": (["configs/fedprox_live.yaml", EMBEDDED], []),  # the proximal term with its gradient
+    "promptfl+lockstep": (["configs/promptfl.yaml", EMBEDDED], ["--trainer.lockstep", "0",
+                                                                "--trainer.optimizer_state", "fresh"]),
+    "promptfl+partial": (["configs/promptfl.yaml", EMBEDDED], ["--trainer.participation", "0.5"]),
+    "promptfl+2proc": (["configs/promptfl.yaml", EMBEDDED], ["--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                                                             "--trainer.optimizer_state", "fresh"]),
+    "quickstart": (["configs/quickstart.yaml"], []),  # the demo's config: cached features, fresh, 2 local epochs
 }
 
 
 # ----------------------------------------------------------------------------------------------- compare (pure)
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def diff(before, after, atol: float = 0.0, path: str = "") -> tuple[list[tuple[str, object, object]], list[str]]:
     """``(differences, one_sided)`` of two JSON values: differences as ``(path, before, after)``; one-sided as
     ``"path (only in before|after)"``. Numbers agree within ``atol`` (NaN equals NaN), lists by position."""
-    if _is_number(before) and _is_number(after):
-        same = (math.isnan(before) and math.isnan(after)) if (math.isnan(before) or math.isnan(after)) \
-            else abs(before - after) <= atol
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (before, after)):
+        same = math.isnan(before) == math.isnan(after) and (math.isnan(before) or abs(before - after) <= atol)
         return ([] if same else [(path, before, after)]), []
     if isinstance(before, dict) and isinstance(after, dict):
-        differences, one_sided = [], []
-        for key in sorted(set(before) | set(after), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in after:
-                one_sided.append(f"{sub} (only in before)")
-            elif key not in before:
-                one_sided.append(f"{sub} (only in after)")
-            else:
-                d, o = diff(before[key], after[key], atol, sub)
-                differences += d
-                one_sided += o
-        return differences, one_sided
-    if isinstance(before, list) and isinstance(after, list):
+        keys = sorted(set(before) | set(after), key=str)
+        one_sided = [f"{path}.{k}".lstrip(".") + f" (only in {'before' if k in before else 'after'})"
+                     for k in keys if (k in before) != (k in after)]
+        pairs = [(f"{path}.{k}".lstrip("."), before[k], after[k]) for k in keys if k in before and k in after]
+    elif isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
             return [(f"{path} (length)", len(before), len(after))], []
-        differences, one_sided = [], []
-        for i, (b, a) in enumerate(zip(before, after)):
-            d, o = diff(b, a, atol, f"{path}[{i}]")
-            differences += d
-            one_sided += o
-        return differences, one_sided
-    same = before == after and isinstance(before, bool) == isinstance(after, bool)  # True is not the number 1
-    return ([] if same else [(path, before, after)]), []
+        one_sided, pairs = [], [(f"{path}[{i}]", b, a) for i, (b, a) in enumerate(zip(before, after))]
+    else:
+        same = before == after and isinstance(before, bool) == isinstance(after, bool)  # True is not the number 1
+        return ([] if same else [(path, before, after)]), []
+    differences = []
+    for sub, b, a in pairs:
+        d, o = diff(b, a, atol, sub)
+        differences, one_sided = differences + d, one_sided + o
+    return differences, one_sided
 
 
 def compare_results(before: dict, after: dict, atol: float = 0.0, ignore: tuple[str, ...] = ()) -> tuple[list, list]:
@@ -113,114 +98,133 @@ def compare_results(before: dict, after: dict, atol: float = 0.0, ignore: tuple[
     fields = [f for f in FIELDS if f not in ignore]
     differences, one_sided = diff({k: before[k] for k in fields if k in before},
                                   {k: after[k] for k in fields if k in after}, atol)
-    one_sided += [f"{k} (only in before)" for k in sorted(set(before) - set(after) - set(fields))]
-    one_sided += [f"{k} (only in after)" for k in sorted(set(after) - set(before) - set(fields))]
+    one_sided += [f"{k} (only in {'before' if k in before else 'after'})" for k in sorted(set(before) ^ set(after))
+                  if k not in fields]
     return differences, one_sided
 
 
-def _runs(folder: Path) -> dict[str, Path]:
-    return {p.parent.name: p for p in sorted(folder.glob("*/results.json"))}
+_CODES = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B", "BOOL": "?"}
+
+
+def tensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """name -> (dtype, shape, raw bytes) of a safetensors file (stdlib: 8-byte header size, JSON header, data)."""
+    size = struct.unpack("<Q", (raw := path.read_bytes())[:8])[0]
+    header, data = json.loads(raw[8:8 + size]), raw[8 + size:]
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def values(dtype: str, data: bytes) -> tuple:
+    """The numbers of a tensor's little-endian bytes (of another dtype: its bytes)."""
+    return struct.unpack(f"<{len(data) // struct.calcsize(_CODES.get(dtype, 'B'))}{_CODES.get(dtype, 'B')}", data)
+
+
+def diff_tensors(before: dict, after: dict, atol: float = 0.0) -> tuple[list, list]:
+    """:func:`diff` of two :func:`tensors` dicts; a difference: ``("checkpoint:NAME", "K of N values differ", …)``."""
+    differences, one_sided = [], []
+    for name in sorted(set(before) | set(after)):
+        if name not in before or name not in after:
+            one_sided.append(f"checkpoint:{name} (only in {'before' if name in before else 'after'})")
+            continue
+        (db, sb, xb), (da, sa, xa) = before[name], after[name]
+        if (db, sb) != (da, sa):
+            differences.append((f"checkpoint:{name} (dtype, shape)", [db, sb], [da, sa]))
+        elif xb != xa:
+            gaps = [0.0 if p != p and q != q else abs(p - q) for p, q in zip(values(db, xb), values(da, xa))]
+            bad = [g for g in gaps if not g <= atol]  # NaN against a number is a difference
+            if bad:
+                differences.append((f"checkpoint:{name}", f"{len(bad)} of {len(gaps)} values differ",
+                                    f"max |diff| {max(bad):.3g}"))
+    return differences, one_sided
+
+
+def compare_run(before: Path, after: Path, atol: float = 0.0, ignore: tuple[str, ...] = ()) -> tuple[list, list]:
+    """Two run directories: results.json (:func:`compare_results`), checkpoint tensors (:func:`diff_tensors`)."""
+    differences, one_sided = compare_results(json.loads((before / "results.json").read_text()),
+                                             json.loads((after / "results.json").read_text()), atol, ignore)
+    ckpt = [d / "checkpoint.safetensors" for d in (before, after)]
+    if "checkpoint" not in ignore and any(c.exists() for c in ckpt):
+        d, o = diff_tensors(*[tensors(c) if c.exists() else {} for c in ckpt], atol)
+        differences, one_sided = differences + d, one_sided + o
+    return differences, one_sided
 
 
 def compare(before_dir: Path, after_dir: Path, atol: float = 0.0, ignore: tuple[str, ...] = (), out=print) -> int:
     """Compare every run in both folders; print what differs; 0 when nothing does, else 1."""
-    before, after = _runs(before_dir), _runs(after_dir)
-    if not before:
-        out(f"same_results: no */results.json under {before_dir}")
-        return 1
-    failed = False
-    for name in sorted(set(before) - set(after)):
-        out(f"{name}: MISSING in {after_dir} (the run failed or was not captured)")
-        failed = True
-    for name in sorted(set(after) - set(before)):
-        out(f"{name}: only in {after_dir} (not compared)")
+    before, after = ({p.parent.name: p.parent for p in d.glob("*/results.json")} for d in (before_dir, after_dir))
+    for name in sorted(set(before) ^ set(after)):  # a run missing after fails; a new one is only listed
+        out(f"{name}: MISSING in {after_dir} (it failed or was not captured)" if name in before
+            else f"{name}: only in {after_dir} (not compared)")
+    failed = not before or bool(set(before) - set(after))
     for name in sorted(set(before) & set(after)):
-        differences, one_sided = compare_results(json.loads(before[name].read_text()),
-                                                 json.loads(after[name].read_text()), atol, ignore)
+        differences, one_sided = compare_run(before[name], after[name], atol, ignore)
         for key in one_sided:
             out(f"{name}: key {key}")
         for path, b, a in differences:
-            out(f"{name}: {path}: before {b!r} after {a!r}")
+            out(f"{name}: {path}: " + (f"{b}, {a}" if path.startswith("checkpoint:") else f"before {b!r} after {a!r}"))
         failed |= bool(differences)
-        if not differences:
-            out(f"{name}: same")
-    both = len(set(before) & set(after))
-    out(f"same_results: {'DIFFERENT' if failed else 'same'} ({both} runs compared, atol {atol})")
+        out(f"{name}: same") if not differences else None
+    out(f"same_results: {'DIFFERENT' if failed else 'same'} ({len(set(before) & set(after))} runs compared, "
+        f"atol {atol}; {before_dir} holds {len(before)})")
     return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------- capture
-def registered_methods(tree: Path) -> list[str]:
-    """The method names the tree registers (asked of the tree itself, in a child process)."""
-    code = "import json; from fedlit.methods import list_methods; print(json.dumps(list(list_methods())))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=_env(tree), capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"same_results: cannot list the methods of {tree}: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _child(tree: Path, args: list[str], **kw) -> subprocess.CompletedProcess:
+    """``args`` run by this interpreter in ``tree`` on ``tree``'s fedlit."""
+    return subprocess.run([sys.executable, *args], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                          capture_output=True, text=True, **kw)
 
 
-def _env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree)}
+def plan(tree: Path, names: list[str] | None) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (configs, overrides) of each run: ``names`` (methods, CASES), else the tree's methods with a config."""
+    if not names:
+        done = _child(tree, ["-c", "from fedlit.methods import list_methods; print(*list_methods())"])
+        if done.returncode != 0:
+            sys.exit(f"same_results: cannot list the methods of {tree}: {done.stderr.strip()[-300:]}")
+        names = [m for m in done.stdout.split() if (tree / "configs" / f"{m}.yaml").exists()] + list(CASES)
+    for m in [m for m in names if m not in CASES and not (tree / "configs" / f"{m}.yaml").exists()][:1]:
+        sys.exit(f"same_results: {tree}/configs/{m}.yaml does not exist; pick a method of `fedlit methods` "
+                 f"or a case ({' '.join(CASES)})")
+    return {m: CASES[m] if m in CASES else ([f"configs/{m}.yaml", EMBEDDED], EXTRA.get(m, [])) for m in names}
 
 
-def plan(tree: Path, methods: list[str] | None, cases: bool) -> dict[str, tuple[str, list[str], list[str]]]:
-    """name -> (config, overlays, overrides) of every run to capture, methods first."""
-    names = methods or [m for m in registered_methods(tree) if (tree / "configs" / f"{m}.yaml").exists()]
-    for m in names:
-        if not (tree / "configs" / f"{m}.yaml").exists():
-            sys.exit(f"same_results: {tree}/configs/{m}.yaml does not exist; pick methods from `fedlit methods`")
-    runs = {m: (f"configs/{m}.yaml", [], EXTRA.get(m, [])) for m in names}
-    if cases:
-        runs.update(CASES)
-    return runs
-
-
-def command(config: str, overlays: list[str], extra: list[str], out_dir: Path) -> list[str]:
-    configs = [a for c in [config, "configs/embedded.yaml", *overlays] for a in ("--config", c)]
-    return [sys.executable, "-m", "fedlit.cli", "fit", *configs, *SMALL, *extra, "--out_dir", str(out_dir)]
-
-
-def capture(tree: Path, out: Path, methods: list[str] | None, cases: bool, timeout: float) -> int:
+def capture(tree: Path, out: Path, names: list[str] | None, timeout: float) -> int:
     """Run every planned run of ``tree`` into ``out``; one line each; 1 if any failed."""
     tree, out = tree.resolve(), out.resolve()
-    runs = plan(tree, methods, cases)
+    runs = plan(tree, names)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "capture.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update({"tree": str(tree), "commit": _commit(tree), "python": sys.executable})
-    manifest.setdefault("runs", {})
-    failed, t_all = [], time.time()
-    for name, (config, overlays, extra) in runs.items():
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"runs": {}}
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    manifest.update({"tree": str(tree), "commit": commit.strip() or None, "python": sys.executable})
+    failed, kept, t_all = [], [], time.time()
+    for name, (configs, extra) in runs.items():
         run = out / name
         if (run / "results.json").exists():
             print(f"{name:<20} kept (results.json already in {run})", flush=True)
+            kept.append(name)
             continue
-        if run.exists():  # an earlier capture stopped in it: no results to lose, start it afresh
-            shutil.rmtree(run)
-        cmd = command(config, overlays, extra, run)
+        shutil.rmtree(run, ignore_errors=True)  # an earlier capture stopped in it: no results to lose, start afresh
+        cmd = ["-m", "fedlit.cli", "fit", *[a for c in configs for a in ("--config", c)], *SMALL, *extra,
+               "--out_dir", str(run)]  # config paths relative to the tree
         t0 = time.time()
         try:
-            done = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=timeout)
+            done = _child(tree, cmd, timeout=timeout)
             rc, log = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, log = "timeout", f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s"
+        except subprocess.TimeoutExpired:
+            rc, log = "timeout", f"timed out after {timeout} s (--timeout)"
         seconds = round(time.time() - t0, 1)
         ok = rc == 0 and (run / "results.json").exists()
-        (out / f"{name}.log").write_text(log if isinstance(log, str) else str(log))
+        (out / f"{name}.log").write_text(log)
         last = "" if ok else "  " + (log.strip().splitlines() or ["(no output)"])[-1][:160]
         print(f"{name:<20} {seconds:7.1f} s  {'ok' if ok else 'FAILED'}{last}", flush=True)
-        manifest["runs"][name] = {"command": cmd[1:], "seconds": seconds, "ok": ok}
+        manifest["runs"][name] = {"command": cmd, "seconds": seconds, "ok": ok}
         manifest_path.write_text(json.dumps(manifest, indent=1))
-        if not ok:
-            failed.append(name)
-    print(f"same_results: {len(runs) - len(failed)}/{len(runs)} ok in {time.time() - t_all:.0f} s"
-          + (f"; failed: {' '.join(failed)} (see OUT/<name>.log)" if failed else ""))
+        failed += [] if ok else [name]
+    print(f"same_results: {len(runs) - len(failed) - len(kept)} ran ok, {len(kept)} kept, {len(failed)} failed"
+          f" in {time.time() - t_all:.0f} s" + (f": {' '.join(failed)} (see {out}/<name>.log)" if failed else ""))
     return 1 if failed else 0
-
-
-def _commit(tree: Path) -> str | None:
-    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,18 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("capture", help="run every method for 2 rounds into OUT/<name>/")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--tree", "--fedlit", type=Path, default=ROOT, help="the checkout to run (default: this one)")
-    c.add_argument("--methods", nargs="+", help="these methods only (default: all with a config; then the CASES)")
-    c.add_argument("--no-cases", action="store_true", help="methods only, without the extra CASES")
+    c.add_argument("--methods", nargs="+", help="these methods / CASES only (default: all with a config, the CASES)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take")
     k = sub.add_parser("compare", help="compare the results.json numbers of two captures")
-    k.add_argument("before", type=Path)
-    k.add_argument("after", type=Path)
+    for side in ("before", "after"):
+        k.add_argument(side, type=Path)
     k.add_argument("--atol", type=float, default=0.0, help="numbers may differ by this much (default 0)")
-    k.add_argument("--ignore", nargs="+", default=[], choices=FIELDS, help="fields not compared")
+    k.add_argument("--ignore", nargs="+", default=[], choices=[*FIELDS, "checkpoint"], help="fields not compared")
     a = p.parse_args(argv)
-    if a.cmd == "capture":
-        return capture(a.tree, a.out, a.methods, not a.no_cases and not a.methods, a.timeout)
-    return compare(a.before, a.after, a.atol, tuple(a.ignore))
+    return capture(a.tree, a.out, a.methods, a.timeout) if a.cmd == "capture" else \
+        compare(a.before, a.after, a.atol, tuple(a.ignore))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import struct
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # loaded by path, never as ``benchmarks.same_results``: opacus' wheel installs a top-level package ``benchmarks``
-_spec = importlib.util.spec_from_file_location("fedlit_benchmarks_same_results", ROOT / "benchmarks" / "same_results.py")
+_spec = importlib.util.spec_from_file_location("fedlit_benchmarks_same_results",
+                                               ROOT / "benchmarks" / "same_results.py")
 same = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(same)
 
@@ -105,3 +109,59 @@ def test_main_exit_codes(tmp_path, capsys):
     assert same.main(["compare", str(b), str(a)]) == 1
     assert "promptfl: per_client.1.local: before 48.0 after 47.0" in capsys.readouterr().out
     assert same.main(["compare", str(b), str(a), "--ignore", "per_client"]) == 0
+
+
+def _safetensors(path: Path, named: dict[str, list[float]]) -> None:
+    """A float32 safetensors file written by hand (8-byte header size, JSON header, little-endian data)."""
+    header, data = {"__metadata__": {"fedlit": "{}"}}, b""
+    for name, vals in named.items():
+        header[name] = {"dtype": "F32", "shape": [len(vals)], "data_offsets": [len(data), len(data) + 4 * len(vals)]}
+        data += struct.pack(f"<{len(vals)}f", *vals)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _with_checkpoints(tmp_path, before: dict, after: dict) -> tuple[Path, Path]:
+    b = _capture(tmp_path / "before", {"promptfl": RESULTS})
+    a = _capture(tmp_path / "after", {"promptfl": RESULTS})
+    _safetensors(b / "promptfl" / "checkpoint.safetensors", before)
+    _safetensors(a / "promptfl" / "checkpoint.safetensors", after)
+    return b, a
+
+
+def test_checkpoint_tensors_are_compared_value_by_value(tmp_path):
+    ctx = {"global/ctx": [0.5, -1.25, 3.0], "server/optim_chain/0/momentum_buffer": [0.0, 0.0, 1.0]}
+    b, a = _with_checkpoints(tmp_path, ctx, {**ctx, "global/ctx": [0.5, -1.25, 3.0000002]})
+    lines = []
+    assert same.compare(b, a, out=lines.append) == 1
+    assert "promptfl: checkpoint:global/ctx: 1 of 3 values differ, max |diff| 2.38e-07" in lines
+    assert same.compare(b, a, 1e-6, out=[].append) == 0
+    assert same.compare(b, a, ignore=("checkpoint",), out=[].append) == 0
+    b2, a2 = _with_checkpoints(tmp_path / "same", ctx, ctx)
+    assert same.compare(b2, a2, out=[].append) == 0
+
+
+def test_checkpoint_tensor_on_one_side_is_listed_and_shape_change_fails(tmp_path):
+    b, a = _with_checkpoints(tmp_path, {"global/ctx": [1.0, 2.0], "old": [1.0]},
+                             {"global/ctx": [1.0, 2.0], "new": [1.0]})
+    lines = []
+    assert same.compare(b, a, out=lines.append) == 0
+    assert "promptfl: key checkpoint:old (only in before)" in lines
+    assert "promptfl: key checkpoint:new (only in after)" in lines
+    b, a = _with_checkpoints(tmp_path / "shape", {"global/ctx": [1.0, 2.0]}, {"global/ctx": [1.0, 2.0, 0.0]})
+    lines = []
+    assert same.compare(b, a, out=lines.append) == 1
+    assert any("checkpoint:global/ctx (dtype, shape)" in line for line in lines)
+
+
+def test_tensors_reads_what_safetensors_writes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    ctx = torch.tensor([[0.1, -2.0], [3.5, 1e-8]], dtype=torch.float32)
+    save_file({"global/ctx": ctx, "steps": torch.tensor([3, 4], dtype=torch.int64)}, tmp_path / "c.safetensors",
+              metadata={"fedlit": "{}"})
+    read = same.tensors(tmp_path / "c.safetensors")
+    assert read["global/ctx"][:2] == ("F32", [2, 2])
+    assert same.values("F32", read["global/ctx"][2]) == tuple(ctx.flatten().tolist())
+    assert same.values("I64", read["steps"][2]) == (3, 4)
