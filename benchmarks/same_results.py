@@ -183,8 +183,9 @@ def plan(tree: Path, names: list[str] | None) -> dict[str, tuple[list[str], list
         if done.returncode != 0:
             sys.exit(f"same_results: cannot list the methods of {tree}: {done.stderr.strip()[-300:]}")
         names = [m for m in done.stdout.split() if (tree / "configs" / f"{m}.yaml").exists()] + list(CASES)
-    for m in [m for m in names if m not in CASES and not (tree / "configs" / f"{m}.yaml").exists()][:1]:
-        sys.exit(f"same_results: {tree}/configs/{m}.yaml does not exist; pick a method of `fedlit methods` "
+    missing = [m for m in names if m not in CASES and not (tree / "configs" / f"{m}.yaml").exists()]
+    if missing:
+        sys.exit(f"same_results: {tree}/configs/{missing[0]}.yaml does not exist; pick a method of `fedlit methods` "
                  f"or a case ({' '.join(CASES)})")
     return {m: CASES[m] if m in CASES else ([f"configs/{m}.yaml", EMBEDDED], EXTRA.get(m, [])) for m in names}
 
