@@ -172,7 +172,7 @@ class StepSync:
         task, classes = rt.federation.task_of(cid), rt.federation.held_classes(cid)
         x, y = rt.inputs(cid, rnd, epoch, self.subsets[cid][rows])
         sent = {k: v.to(rt.device) for k, v in shared.items()}
-        if method.per_sample_gradients and getattr(method, "per_sample_text_side", False) and not rt.plan.prox_mu:
+        if method.per_sample_gradients and method.per_sample_text_side and not rt.plan.prox_mu:
             with rt.fabric.autocast():  # one text forward, one batched backward (fedlit.privacy)
                 grads, per_loss = per_sample_gradients(m, x, y, task)
             m.prompt.zero_grad(set_to_none=True)

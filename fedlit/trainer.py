@@ -230,7 +230,7 @@ class FedTrainer:
     def step_policies(self, method) -> dict[str, str]:
         """The step-mode loop policies of a run of ``method`` (``method`` resolved to the method's defaults)."""
         own = {"step_start": "previous", "optimizer_state": "per_client", "personal_grad": "own",
-               **getattr(method, "loop_defaults", {})}
+               **method.loop_defaults}
         return {k: own[k] if getattr(self, k) == "method" else getattr(self, k) for k in
                 ("step_start", "optimizer_state", "personal_grad")}
 

@@ -197,13 +197,14 @@ def test_errors():
             DPFPL(**kw)
     with pytest.raises(FedlitError, match="trainer.sync"):
         FedTrainer(sync="async")
-    orch = SimpleNamespace(fabric=SimpleNamespace(world_size=2), method=PromptFL(), fed=None, cfg=FedTrainer(sync="step"))
+    from fedlit.run_plan import RunPlan
+
     with pytest.raises(FedlitError, match="one process"):
-        StepSync(orch)
-    orch = SimpleNamespace(method=DPFPL(), cfg=FedTrainer(sync="round"))
+        RunPlan.resolve(FedTrainer(sync="step"), PromptFL(), world_size=2)
     with pytest.raises(FedlitError, match="needs trainer.sync=step"):
-        make_stepper(orch)
-    assert make_stepper(SimpleNamespace(method=PromptFL(), cfg=FedTrainer())) is None
+        RunPlan.resolve(FedTrainer(sync="round"), DPFPL())
+    rt = SimpleNamespace(plan=RunPlan.resolve(FedTrainer(), PromptFL()))
+    assert make_stepper(rt, None, None) is None
 
 
 def test_server_optimiser_state_round_trips_through_the_checkpoint_entries():

@@ -124,13 +124,19 @@ def _finish_stub(run: Path, calls: list):
     real = logger.log_hyperparams
     logger.log_hyperparams = lambda *a, **k: (calls.append(1), real(*a, **k))
     method = types.SimpleNamespace(name="m", run_report=lambda: {})
+    from fedlit.callbacks import TensorBoard
+    from fedlit.methods.promptfl import PromptFL
+    from fedlit.run_plan import RunPlan
     from fedlit.trainer import FedTrainer
 
-    method.sync = "round"
+    tensorboard = TensorBoard()
+    tensorboard.logger = logger
+    cfg = FedTrainer(statistic="last_round")
     stub = types.SimpleNamespace(meta={}, method=method, seed=0, run_dir=run, history=[], best_eval={}, ood=None,
-                                 optim=types.SimpleNamespace(policy="fresh"), client_groups=lambda: {},
-                                 bank=types.SimpleNamespace(encoded=0), cfg=FedTrainer(statistic="last_round"),
-                                 fabric=types.SimpleNamespace(global_rank=0), logger=logger, hparams=lambda: {"a": 1})
+                                 plan=RunPlan.resolve(cfg, PromptFL()), client_groups=lambda: {},
+                                 bank=types.SimpleNamespace(encoded=0), cfg=cfg, callbacks=[tensorboard],
+                                 fabric=types.SimpleNamespace(global_rank=0), hparams=lambda: {"a": 1})
+    stub.call = lambda hook, **kw: Orchestrator.call(stub, hook, **kw)
     return lambda metrics: Orchestrator.finish(stub, metrics, 1.0)
 
 

@@ -346,6 +346,9 @@ class FedMethod:
     #: Step mode: :meth:`client_gradient` receives one gradient per sample (``[B, ...]``, each of a one-sample loss)
     #: instead of the batch's (DP-SGD's per-sample clipping; costs B backward passes).
     per_sample_gradients: bool = False
+    #: The prompt reaches the loss only through the class text features (``prepare``): per-sample gradients then
+    #: come from one text forward and one batched backward (:func:`fedlit.privacy.per_sample_gradients`; DP-FPL).
+    per_sample_text_side: bool = False
 
     def client_gradient(self, prompt: nn.Module | None, grads: dict[str, torch.Tensor],
                         gen: torch.Generator) -> dict[str, torch.Tensor]:
