@@ -276,7 +276,7 @@ def lockstep(args) -> dict:
     return {
         "method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "clients": len(fed.clients),
         "lockstep": args.lockstep, "batch": seq.cfg.batch_size, "rounds": args.rounds,
-        "steps_per_client_round": [len(seq.cfg.batch_starts(c.num_samples)) for c in fed.clients],
+        "steps_per_client_round": [len(seq.cfg.batch_starts(c.num_samples, seq.cfg.drop_last_of(seq.method))) for c in fed.clients],
         **{f"{k}_round_s": [round(t, 3) for t in v] for k, v in times.items()},
         **{f"{k}_steady_round_s": round(v, 3) for k, v in steady.items()},
         "speedup": round(steady["sequential"] / steady["lockstep"], 2),

@@ -53,7 +53,7 @@ class LocalRun:
         for epoch in range(cfg.local_epochs):
             draw = (orch.seed, self.rnd, self.cid, epoch)
             order = np.random.default_rng(list(draw)).permutation(client.num_samples)
-            for s in cfg.batch_starts(len(order)):
+            for s in cfg.batch_starts(len(order), cfg.drop_last_of(orch.method)):
                 rows = order[s : s + cfg.batch_size]
                 x = orch.bank.inputs("train", client.train_idx[rows],
                                      views=orch.bank.train_views(draw, client.num_samples, rows))

@@ -52,7 +52,6 @@ class Orchestrator:
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
                  trainer: FedTrainer, seed: int, meta: dict | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
-        trainer.bind(method)  # per-method defaults (drop_last: method)
         self.optim = OptimizerLifecycle(checked_policy(trainer, method), method)  # trainer.optimizer_state
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})

@@ -98,7 +98,7 @@ class StepSync:
         if self.n < 1:
             raise FedlitError("trainer.sync=step needs training data on every client (a client holds none)")
         self.subsets = {c.cid: subset(orch.seed, c.cid, c.num_samples, self.n) for c in fed.clients}
-        self.starts = list(cfg.batch_starts(self.n))
+        self.starts = list(cfg.batch_starts(self.n, cfg.drop_last_of(method)))
         self.steps_per_round = cfg.local_epochs * len(self.starts)
         self.server_optim: Tensors = {}
         self.policies = cfg.step_policies(method)

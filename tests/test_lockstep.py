@@ -90,7 +90,7 @@ def test_lockstep_clients_take_exactly_their_own_steps(monkeypatch):
     monkeypatch.setattr(LocalRun, "step", counting)
     orch = _orchestrator("promptfl", 0)
     updates = orch.train_clients(list(range(6)), 0, orch.protocol.configure(0))
-    expected = {c.cid: 2 * len(orch.cfg.batch_starts(c.num_samples)) for c in orch.fed.clients}
+    expected = {c.cid: 2 * len(orch.cfg.batch_starts(c.num_samples, orch.cfg.drop_last_of(orch.method))) for c in orch.fed.clients}
     assert expected == {0: 8, 1: 4, 2: 2, 3: 8, 4: 2, 5: 4}
     assert steps == expected
     assert {u.cid: u.steps for u in updates} == expected
