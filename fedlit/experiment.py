@@ -323,22 +323,29 @@ def _claim(path: Path, overwrite: bool, name: str) -> Path | None:
     return None
 
 
-_NOT_IN_DIGEST = ("rounds", "devices", "num_nodes", "strategy", "accelerator", "progress", "checkpoint_every",
-                  "feature_cache", "cache_dir", "threads", "lockstep")
+def trainer_class(parser) -> type:
+    """The settings class of the parser's ``trainer:`` section (:class:`~fedlit.trainer.FedTrainer`)."""
+    from .trainer import FedTrainer
+
+    return getattr(parser.groups.get("trainer"), "group_class", FedTrainer)
 
 
 def config_digest(parser, cfg) -> str:
-    """Digest of the settings that change results (not the run directory, the round count or the devices)."""
+    """Digest of the settings that change results (not the run directory, the round count or the devices): every
+    section but ``trainer:`` whole, of ``trainer:`` the fields :func:`~fedlit.trainer.digest_fields` names."""
     import hashlib
     import json
 
     import yaml
 
+    from .trainer import digest_fields
+
     d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
-    for key in _NOT_IN_DIGEST:  # never change the numbers beyond kernel rounding
-        d.get("trainer", {}).pop(key, None)
+    if isinstance(d.get("trainer"), dict):
+        keep = set(digest_fields(trainer_class(parser)))
+        d["trainer"] = {k: v for k, v in d["trainer"].items() if k in keep}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -399,6 +406,7 @@ def fit(parser, cfg, init) -> int:
     """Build, pick (or resume) the run directory, run the federation, print the final line. Returns 0."""
     from . import checkpoint as ckpt
     from .orchestrator import format_final
+    from .trainer import not_in_digest
 
     method, data = init.method, init.data
     orchestrator, identity = build(parser, cfg, init)
@@ -411,8 +419,8 @@ def fit(parser, cfg, init) -> int:
         try:
             if resume is not None:
                 state = ckpt.load(resume)
-                ckpt.check_identity(resume, state.identity, identity,
-                                    ckpt.config_diff(path / "config.yaml", text, _NOT_IN_DIGEST))
+                free = not_in_digest(trainer_class(parser))  # the trainer: keys a resumed run may change
+                ckpt.check_identity(resume, state.identity, identity, ckpt.config_diff(path / "config.yaml", text, free))
             # the config this run finishes with (a resumed run may have been given more rounds)
             atomic_write(path / "config.yaml", lambda f: f.write(text), mode="w")
         except BaseException:

@@ -50,7 +50,6 @@ class Orchestrator:
     def __init__(self, fabric: L.Fabric, clip: FrozenCLIP, federation: Federation, method: FedMethod,
                  trainer: FedTrainer, seed: int, meta: dict | None = None, callbacks: list | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
-        trainer.bind(method)  # per-method defaults (drop_last: method) for code that reads the settings
         self.plan = plan = RunPlan.resolve(trainer, method, world_size=fabric.world_size, clip=clip,
                                            train_rows=len(federation.data.train))
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer

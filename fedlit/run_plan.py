@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .errors import FedlitError
 from .methods.base import FedMethod
 from .metrics import statistic_of
-from .trainer import FedTrainer
+from .trainer import FedTrainer, result_fields
 
 NUMBERS = {"results": True}  #: field metadata: the field changes the numbers of a run
 SPEED = {"results": False}  #: field metadata: the field changes only how fast / where a run computes
@@ -95,12 +95,9 @@ class RunPlan:
 
     # ------------------------------------------------------------------------------------ what it says
     def batch_starts(self, n: int) -> range:
-        """Start rows of a client's training batches over ``n`` samples under :attr:`drop_last`: ``dassl`` drops
-        the last incomplete batch whenever one full batch exists, ``never`` keeps it."""
-        bs = self.settings.batch_size
-        if self.drop_last == "dassl" and n >= bs:
-            return range(0, n - bs + 1, bs)
-        return range(0, n, bs)
+        """Start rows of a client's training batches over ``n`` samples under :attr:`drop_last`
+        (:meth:`~fedlit.trainer.FedTrainer.batch_starts`)."""
+        return self.settings.batch_starts(n, self.drop_last)
 
     def as_dict(self) -> dict:
         """The plan for ``results.json``: every field but the raw settings and the notes (JSON types)."""
@@ -138,12 +135,9 @@ def _changes_results(cls, name: str) -> bool:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("results", True)
 
 
-def _result_settings(trainer) -> list[str]:
-    """The trainer settings that change the numbers: the fields marked so where the settings are a dataclass,
-    else (a plain settings object) every public attribute."""
-    if dataclasses.is_dataclass(trainer):
-        return [f.name for f in dataclasses.fields(trainer) if f.metadata.get("results", True)]
-    return sorted(k for k in vars(trainer) if not k.startswith("_"))
+def _result_settings(trainer) -> tuple[str, ...]:
+    """The trainer settings that change the numbers (their field metadata, :func:`fedlit.trainer.result_fields`)."""
+    return result_fields(type(trainer))
 
 
 def _check_step_mode(trainer: FedTrainer, method: FedMethod, world_size: int) -> None:

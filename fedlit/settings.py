@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 
-#: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run.
-NOT_NUMBERS = {"seed", "out_dir", "overwrite", "config", "print_config", "data.root",
-               *(f"trainer.{k}" for k in ("devices", "num_nodes", "strategy", "accelerator", "progress",
-                                           "checkpoint_every", "feature_cache", "cache_dir", "threads", "lockstep",
-                                           "eval_batch_size"))}
+from .trainer import FedTrainer, result_fields
+
+#: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run;
+#: the ``trainer.`` ones are the :class:`~fedlit.trainer.FedTrainer` fields whose metadata says ``results: False``.
+NOT_NUMBERS = frozenset({"seed", "out_dir", "overwrite", "config", "print_config", "data.root",
+                         *(f"trainer.{f.name}" for f in fields(FedTrainer) if f.name not in result_fields(FedTrainer))})
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -79,7 +81,7 @@ def hparams(method, trainer, meta: dict, seed: int, plan=None) -> dict[str, int 
     partition, no ``classes_per_client`` outside ``contiguous`` — :func:`fedlit.settings.inapplicable`), the
     method's constructor arguments (``method_args/…``), the trainer settings that change the numbers
     (``trainer/…``: rounds, local epochs, batch, …; not devices, caches or the progress bar —
-    :data:`fedlit.settings.NOT_NUMBERS`), ``identity/…`` (config digest, backbone weights) and ``plan/…`` (what the
+    :func:`fedlit.trainer.result_fields`), ``identity/…`` (config digest, backbone weights) and ``plan/…`` (what the
     run plan resolved those to: the optimiser policy, the augmentation, FedProx's μ in use …)."""
     import inspect
 
@@ -92,7 +94,7 @@ def hparams(method, trainer, meta: dict, seed: int, plan=None) -> dict[str, int 
 
     init = inspect.signature(type(method).__init__).parameters
     args = {p: getattr(method, p) for p in init if p != "self" and hasattr(method, p)}
-    settings = {k: v for k, v in vars(trainer).items() if not k.startswith("_") and f"trainer.{k}" not in NOT_NUMBERS}
+    settings = {k: getattr(trainer, k) for k in result_fields(type(trainer))}
     meta = dict(meta)  # identity/… only where it adds something (config digest, backbone weights)
     meta["identity"] = {k: v for k, v in meta.get("identity", {}).items() if k not in ("method", "seed", "dataset")}
     if isinstance(meta.get("data"), dict):

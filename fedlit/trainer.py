@@ -1,24 +1,68 @@
 """The ``trainer:`` section of a config: how the round loop runs (rounds, participation, local work,
-evaluation cadence, precision, devices, feature cache, checkpoints, failing clients)."""
+evaluation cadence, precision, devices, feature cache, checkpoints, failing clients).
+
+:class:`FedTrainer` is a frozen dataclass; each field says in its metadata whether it changes a run's numbers
+(``{"results": True}``: :data:`NUMBERS`) or only where and how fast the run computes (``{"results": False}``:
+:data:`SPEED`: devices, caches, threads, lock-step, progress, checkpoint cadence — the same numbers up to kernel
+rounding). The run digest (:func:`fedlit.experiment.config_digest`), TensorBoard's HParams and the report groups
+(:mod:`fedlit.settings`) are derived from that metadata (:func:`result_fields`, :func:`digest_fields`), so a new
+option that changes results is one field here and the code where it acts.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import typing
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Literal
-
-import lightning as L
-import torch
 
 from .errors import FedlitError
 
-OPTIMIZER_STATES = ("method", "chain", "fresh", "per_client")
-
+#: metadata of a field that changes the numbers of a run (in the run digest, HParams and report groups).
+NUMBERS = MappingProxyType({"results": True})
+#: metadata of a field that changes the numbers but not what a run *is*: a resumed run may extend it (``rounds``:
+#: rerunning with more rounds continues the run), so it is in HParams and report groups, not in the digest.
+EXTENDS = MappingProxyType({"results": True, "digest": False})
+#: metadata of a field that changes where and how fast a run computes, not its numbers (beyond kernel rounding).
+SPEED = MappingProxyType({"results": False})
 
 #: ``trainer.precision`` values (Lightning's, plus ``auto``: bf16-mixed on CUDA, 32-true elsewhere).
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
               "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
 
 
+def result_fields(cls) -> tuple[str, ...]:
+    """The fields of settings class ``cls`` whose metadata says they change results (``results``; a field that
+    says nothing counts as changing them), in declaration order."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("results", True))
+
+
+def digest_fields(cls) -> tuple[str, ...]:
+    """The :func:`result_fields` that identify a run for resuming (all but those a resumed run may extend)."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("results", True) and f.metadata.get("digest", True))
+
+
+def not_in_digest(cls) -> tuple[str, ...]:
+    """The fields of ``cls`` the run digest leaves out (speed only, or extended by a resumed run: ``rounds``)."""
+    keep = digest_fields(cls)
+    return tuple(f.name for f in fields(cls) if f.name not in keep)
+
+
+@functools.cache
+def _literals(cls) -> dict[str, tuple]:
+    """``{field: allowed values}`` of the ``Literal``-typed fields of ``cls`` (``X | None`` included)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        options = [hint] if typing.get_origin(hint) is Literal else list(typing.get_args(hint))
+        allowed = [a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)]
+        if allowed:
+            out[name] = tuple(allowed) + ((None,) if type(None) in typing.get_args(hint) else ())
+    return out
+
+
+@dataclass(frozen=True)
 class FedTrainer:
     """Federation settings (the ``trainer:`` section of a config).
 
@@ -114,114 +158,75 @@ class FedTrainer:
             288-289``), which fedlit does not take for the Table-1 rows (README "Training as the papers trained").
     """
 
-    def __init__(
-        self,
-        rounds: int = 10,
-        participation: float = 1.0,
-        local_epochs: int = 1,
-        batch_size: int = 16,
-        eval_every: int = 1,
-        first_round_all: bool = True,
-        eval_batch_size: int = 256,
-        precision: str = "auto",
-        accelerator: str = "auto",
-        devices: int = 1,
-        num_nodes: int = 1,
-        strategy: str = "auto",
-        prox_mu: float = 0.0,
-        checkpoint_every: int = 1,
-        on_client_failure: Literal["skip", "stop"] = "skip",
-        progress: bool | None = None,
-        feature_cache: Literal["memory", "disk"] = "memory",
-        cache_dir: str | None = None,
-        augment: Literal["method", "dassl", "none"] = "method",
-        augment_views: int = 0,
-        threads: int | None = None,
-        drop_last: Literal["method", "dassl", "never"] = "method",
-        sync: Literal["method", "round", "step"] = "method",
-        lockstep: int = 1,
-        eval_last: int = 0,
-        statistic: Literal["method", "last_round", "best_local", "max", "last5_mean"] = "method",
-        step_start: Literal["method", "previous", "round"] = "method",
-        optimizer_state: Literal["method", "chain", "fresh", "per_client"] = "method",
-        personal_grad: Literal["method", "own", "last_client"] = "method",
-        eval_from: int = 1,
-        skip_clients: list[int] | None = None,
-    ):
-        checks = [
-            (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
-            (0 < participation <= 1, f"trainer.participation={participation}: a fraction in (0, 1]"),
-            (local_epochs >= 1, f"trainer.local_epochs={local_epochs}: needs at least 1"),
-            (batch_size >= 1, f"trainer.batch_size={batch_size}: needs at least 1"),
-            (eval_every >= 1, f"trainer.eval_every={eval_every}: needs at least 1"),
-            (devices >= 1, f"trainer.devices={devices}: needs at least 1"),
-            (prox_mu >= 0, f"trainer.prox_mu={prox_mu}: must be >= 0"),
-            (checkpoint_every >= 0, f"trainer.checkpoint_every={checkpoint_every}: must be >= 0 (0 = never)"),
-            (feature_cache in ("memory", "disk"), f"trainer.feature_cache={feature_cache!r}: use 'memory' or 'disk'"),
-            (threads is None or threads >= 1, f"trainer.threads={threads}: use null (torch's choice) or >= 1"),
-            (augment_views >= 0,
-             f"trainer.augment_views={augment_views}: use 0 (no augmentation) or a number of views"),
-            (augment in ("method", "dassl", "none"), f"trainer.augment={augment!r}: use 'method', 'dassl' or 'none'"),
-            (drop_last in ("method", "dassl", "never"),
-             f"trainer.drop_last={drop_last!r}: use 'method', 'dassl' or 'never'"),
-            (eval_from >= 1, f"trainer.eval_from={eval_from}: the first round evaluated, >= 1"),
-            (optimizer_state in OPTIMIZER_STATES,
-             f"trainer.optimizer_state={optimizer_state!r}: use 'method', 'chain', 'fresh' or 'per_client'"),
-            (sync in ("method", "round", "step"), f"trainer.sync={sync!r}: use 'method', 'round' or 'step'"),
-            (eval_last >= 0, f"trainer.eval_last={eval_last}: use 0 (off) or the number of final rounds to evaluate"),
-            (statistic in ("method", "last_round", "best_local", "max", "last5_mean"),
-             f"trainer.statistic={statistic!r}: use 'method', 'last_round', 'best_local', 'max' or 'last5_mean'"),
-            (lockstep >= 0, f"trainer.lockstep={lockstep}: use 1 (one client at a time), M > 1 (groups of M) "
-                            f"or 0 (all of the process's clients)"),
-            (str(precision) in PRECISIONS, f"trainer.precision={precision!r}: use one of {', '.join(PRECISIONS)}"),
-            (step_start in ("method", "previous", "round"),
-             f"trainer.step_start={step_start!r}: use 'method', 'previous' or 'round'"),
-            (personal_grad in ("method", "own", "last_client"),
-             f"trainer.personal_grad={personal_grad!r}: use 'method', 'own' or 'last_client'"),
+    rounds: int = field(default=10, metadata=EXTENDS)
+    participation: float = field(default=1.0, metadata=NUMBERS)
+    local_epochs: int = field(default=1, metadata=NUMBERS)
+    batch_size: int = field(default=16, metadata=NUMBERS)
+    eval_every: int = field(default=1, metadata=NUMBERS)
+    first_round_all: bool = field(default=True, metadata=NUMBERS)
+    eval_batch_size: int = field(default=256, metadata=NUMBERS)
+    precision: Literal[PRECISIONS] = field(default="auto", metadata=NUMBERS)
+    accelerator: str = field(default="auto", metadata=SPEED)
+    devices: int = field(default=1, metadata=SPEED)
+    num_nodes: int = field(default=1, metadata=SPEED)
+    strategy: str = field(default="auto", metadata=SPEED)
+    prox_mu: float = field(default=0.0, metadata=NUMBERS)
+    checkpoint_every: int = field(default=1, metadata=SPEED)
+    on_client_failure: Literal["skip", "stop"] = field(default="skip", metadata=NUMBERS)
+    progress: bool | None = field(default=None, metadata=SPEED)
+    feature_cache: Literal["memory", "disk"] = field(default="memory", metadata=SPEED)
+    cache_dir: str | None = field(default=None, metadata=SPEED)
+    augment: Literal["method", "dassl", "none"] = field(default="method", metadata=NUMBERS)
+    augment_views: int = field(default=0, metadata=NUMBERS)
+    threads: int | None = field(default=None, metadata=SPEED)
+    drop_last: Literal["method", "dassl", "never"] = field(default="method", metadata=NUMBERS)
+    sync: Literal["method", "round", "step"] = field(default="method", metadata=NUMBERS)
+    lockstep: int = field(default=1, metadata=SPEED)
+    eval_last: int = field(default=0, metadata=NUMBERS)
+    statistic: Literal["method", "last_round", "best_local", "max", "last5_mean"] = field(default="method",
+                                                                                         metadata=NUMBERS)
+    step_start: Literal["method", "previous", "round"] = field(default="method", metadata=NUMBERS)
+    optimizer_state: Literal["method", "chain", "fresh", "per_client"] = field(default="method", metadata=NUMBERS)
+    personal_grad: Literal["method", "own", "last_client"] = field(default="method", metadata=NUMBERS)
+    eval_from: int = field(default=1, metadata=NUMBERS)
+    skip_clients: list[int] | None = field(default=None, metadata=NUMBERS)
+
+    def __post_init__(self):
+        """The checks a type cannot express (ranges), one line each naming the fix; then the value of every
+        ``Literal`` field against its type (the CLI's parser checks those first, in its own words)."""
+        ranges = [
+            (self.rounds >= 1, f"trainer.rounds={self.rounds}: needs at least 1 round"),
+            (0 < self.participation <= 1, f"trainer.participation={self.participation}: a fraction in (0, 1]"),
+            (self.local_epochs >= 1, f"trainer.local_epochs={self.local_epochs}: needs at least 1"),
+            (self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: needs at least 1"),
+            (self.eval_batch_size >= 1, f"trainer.eval_batch_size={self.eval_batch_size}: needs at least 1"),
+            (self.eval_every >= 1, f"trainer.eval_every={self.eval_every}: needs at least 1"),
+            (self.devices >= 1, f"trainer.devices={self.devices}: needs at least 1"),
+            (self.num_nodes >= 1, f"trainer.num_nodes={self.num_nodes}: needs at least 1"),
+            (self.prox_mu >= 0, f"trainer.prox_mu={self.prox_mu}: must be >= 0"),
+            (self.checkpoint_every >= 0, f"trainer.checkpoint_every={self.checkpoint_every}: must be >= 0 (0 = never)"),
+            (self.threads is None or self.threads >= 1,
+             f"trainer.threads={self.threads}: use null (torch's choice) or >= 1"),
+            (self.augment_views >= 0,
+             f"trainer.augment_views={self.augment_views}: use 0 (no augmentation) or a number of views"),
+            (self.eval_from >= 1, f"trainer.eval_from={self.eval_from}: the first round evaluated, >= 1"),
+            (self.eval_last >= 0,
+             f"trainer.eval_last={self.eval_last}: use 0 (off) or the number of final rounds to evaluate"),
+            (self.lockstep >= 0, f"trainer.lockstep={self.lockstep}: use 1 (one client at a time), M > 1 (groups of "
+                                 f"M) or 0 (all of the process's clients)"),
         ]
-        for ok, msg in checks:
+        for ok, msg in ranges:
             if not ok:
                 raise FedlitError(msg)
-        self.rounds = rounds
-        self.participation = participation
-        self.local_epochs = local_epochs
-        self.batch_size = batch_size
-        self.eval_every = eval_every
-        self.first_round_all = first_round_all
-        self.eval_batch_size = eval_batch_size
-        self.precision = precision
-        self.accelerator = accelerator
-        self.devices = devices
-        self.num_nodes = num_nodes
-        self.strategy = strategy
-        self.prox_mu = prox_mu
-        self.checkpoint_every = checkpoint_every
-        self.on_client_failure = on_client_failure
-        self.progress = progress
-        self.feature_cache = feature_cache
-        self.cache_dir = cache_dir
-        self.augment = augment
-        self.augment_views = augment_views
-        self.threads = threads
-        self.drop_last = drop_last
-        self.sync = sync
-        self.lockstep = lockstep
-        self.eval_last = eval_last
-        self.statistic = statistic
-        self.step_start = step_start
-        self.personal_grad = personal_grad
-        self.optimizer_state = optimizer_state
-        self.eval_from = eval_from
-        self.skip_clients = sorted(set(skip_clients or []))
-        self._drop_rule = "dassl" if drop_last == "method" else drop_last  # bind() resolves ``method``
+        for name, allowed in _literals(type(self)).items():
+            value = getattr(self, name)
+            if value not in allowed and str(value) not in allowed:
+                raise FedlitError(f"trainer.{name}={value!r}: use one of {', '.join(map(str, allowed))}")
+        object.__setattr__(self, "skip_clients", sorted(set(self.skip_clients or [])))
 
     def drop_last_of(self, method) -> str:
         """The last-batch rule (``dassl`` / ``never``) a run of ``method`` uses under these settings."""
         return method.default_drop_last if self.drop_last == "method" else self.drop_last
-
-    def bind(self, method) -> None:
-        """Resolve the per-method settings for a run of ``method`` (``drop_last: method``)."""
-        self._drop_rule = self.drop_last_of(method)
 
     def sync_of(self, method) -> str:
         """``round`` or ``step``: the mode a run of ``method`` uses under these settings."""
@@ -241,16 +246,20 @@ class FedTrainer:
             return "step"
         return method.optimizer_policy() if self.optimizer_state == "method" else self.optimizer_state
 
-    def batch_starts(self, n: int) -> range:
-        """Start rows of a client's training batches over ``n`` samples (see ``drop_last``)."""
+    def batch_starts(self, n: int, rule: str) -> range:
+        """Start rows of a client's training batches over ``n`` samples under the resolved last-batch ``rule``
+        (``dassl`` / ``never``: :meth:`drop_last_of`)."""
         bs = self.batch_size
-        if self._drop_rule == "dassl" and n >= bs:
+        if rule == "dassl" and n >= bs:
             return range(0, n - bs + 1, bs)
         return range(0, n, bs)
 
     def make_fabric(self) -> L.Fabric:
         """The run's Fabric (not launched). With ``threads`` set, this process and every process Fabric
         launches compute with that many intra-op threads."""
+        import lightning as L
+        import torch
+
         if self.threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.threads)  # inherited by launched processes; Lightning keeps it
             torch.set_num_threads(self.threads)

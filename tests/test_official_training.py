@@ -32,10 +32,10 @@ def _orchestrator(*argv):
 # ------------------------------------------------------------------------------------------ drop_last
 def test_dassl_drop_last_rule():
     t = FedTrainer(batch_size=16)
-    assert list(t.batch_starts(40)) == [0, 16]          # ≥ one full batch: the short last one is dropped
-    assert list(t.batch_starts(32)) == [0, 16]
-    assert list(t.batch_starts(10)) == [0]              # fewer than a batch: its one short batch is kept
-    assert list(FedTrainer(batch_size=16, drop_last="never").batch_starts(40)) == [0, 16, 32]
+    assert list(t.batch_starts(40, "dassl")) == [0, 16]          # ≥ one full batch: the short last one is dropped
+    assert list(t.batch_starts(32, "dassl")) == [0, 16]
+    assert list(t.batch_starts(10, "dassl")) == [0]              # fewer than a batch: its one short batch is kept
+    assert list(t.batch_starts(40, "never")) == [0, 16, 32]
     with pytest.raises(FedlitError, match="drop_last"):
         FedTrainer(drop_last="sometimes")
 

@@ -30,18 +30,8 @@ import numpy as np
 
 from ..errors import FedlitError
 from .task import Task
-from .protocol import (
-    base_novel_classes,
-    class_histogram,
-    format_histogram,
-    partition_contiguous,
-    partition_dirichlet_train_test,
-    partition_disjoint,
-    partition_iid,
-    partition_labeldir100,
-    relabel,
-    sample_kshot,
-)
+from .partitioners import PARTITIONERS, PartitionSpec, get_partitioner
+from .protocol import base_novel_classes, class_histogram, format_histogram, relabel
 from .concat import concat_datasets
 from .registry import ClassificationData, get_dataset
 
@@ -125,11 +115,11 @@ class FederatedData:
         shots: training images per class and client (K-shot); ``-1`` uses every image.
         num_clients: number of clients per dataset (per domain for ``partition: domain``); ignored by
             ``contiguous``, whose client count follows from ``classes_per_client``.
-        partition: ``disjoint`` (pathological classes, FedPGP/FedOTP), ``dirichlet`` (label skew ``beta``,
-            FedOTP ``noniid-labeldir``), ``labeldir100`` (two-level Dirichlet over train+test, FedOTP CIFAR-100;
-            needs coarse labels), ``contiguous`` (FedTPG: ``classes_per_client`` consecutive classes per client) or
-            ``domain`` (every dataset of the list is a domain with the same classes; ``num_clients`` iid clients
-            per domain).
+        partition: a registered partitioner (:data:`fedlit.data.partitioners.PARTITIONERS`): ``disjoint``
+            (pathological classes, FedPGP/FedOTP), ``dirichlet`` (label skew ``beta``, FedOTP ``noniid-labeldir``),
+            ``labeldir100`` (two-level Dirichlet over train+test, FedOTP CIFAR-100; needs coarse labels),
+            ``contiguous`` (FedTPG: ``classes_per_client`` consecutive classes per client) or ``domain`` (every
+            dataset of the list is a domain with the same classes; ``num_clients`` iid clients per domain).
         beta: Dirichlet concentration for ``dirichlet`` / ``labeldir100``.
         classes_per_client: classes per client for ``contiguous`` (20 cross-class, 5 cross-data).
         subsample: ``base`` trains on the base half of the classes and evaluates base and novel;
@@ -151,7 +141,7 @@ class FederatedData:
         root: str | None = None,
         shots: int = 16,
         num_clients: int = 10,
-        partition: Literal["disjoint", "dirichlet", "labeldir100", "contiguous", "domain"] = "disjoint",
+        partition: str = "disjoint",
         beta: float = 0.3,
         classes_per_client: int = 20,
         subsample: Literal["base", "all"] = "base",
@@ -161,6 +151,8 @@ class FederatedData:
         leave_out: list[str] | None = None,
         dataset_args: dict | None = None,
     ):
+        if partition not in PARTITIONERS:
+            get_partitioner(partition)  # an unknown name: one line listing the registered partitioners
         if shots == 0 or shots < -1:
             raise FedlitError(f"data.shots={shots}: use a positive number of images per class, or -1 for all")
         if num_clients < 1:
@@ -181,7 +173,7 @@ class FederatedData:
         if both:
             raise FedlitError(f"{', '.join(both)} is both trained (data.dataset) and in data.eval_datasets; "
                               f"keep it in one of them")
-        if leave_out and partition != "domain":
+        if leave_out and PARTITIONERS[partition].layout != "domains":
             raise FedlitError("data.leave_out needs data.partition: domain (it names domains that get no client)")
         unknown = sorted(set(leave_out) - set(names))
         if unknown:
@@ -217,7 +209,7 @@ class FederatedData:
         datasets = {n: get_dataset(n, root=root, seed=seed, **self.dataset_args)
                     for n in self.names + self.eval_datasets}
         pseed = seed if self.partition_seed is None else self.partition_seed
-        if self.partition == "domain":
+        if get_partitioner(self.partition).layout == "domains":
             return self._domains(datasets, pseed)
         return self._classes(datasets, pseed)
 
@@ -267,57 +259,21 @@ class FederatedData:
                           client_evals=client_evals, groups=list(self.names))
 
     def _partition(self, ds: ClassificationData, g: str, train_classes: list[int], pseed: int):
-        """Per client of one dataset: (classes, train indices, test indices), indices into ``ds``'s splits."""
-        tr_labels, te_labels = ds.train.labels, ds.test.labels
-        where = f" of {g}" if len(self.names) > 1 else ""
+        """Per client of one dataset: (classes, train indices, test indices), indices into ``ds``'s splits
+        (the registered partitioner ``data.partition``: :data:`fedlit.data.partitioners.PARTITIONERS`)."""
+        tr_labels = ds.train.labels
         fewest = int(np.bincount(tr_labels, minlength=max(train_classes) + 1)[train_classes].min()) if train_classes else 0
         if 0 < fewest < self.shots:
             print(f"fedlit: data.shots={self.shots}, but {g} has only {fewest} training images in its smallest class: "
                   f"classes with fewer than {self.shots} images use all of them (set data.shots={fewest} or -1 to "
                   "say so)")
-        if self.partition in ("disjoint", "contiguous"):
-            if self.partition == "disjoint":
-                try:
-                    groups = partition_disjoint(train_classes, self.num_clients, pseed)
-                except FedlitError as e:
-                    raise FedlitError(f"data{where}: {e} (data.num_clients)") from None
-            else:
-                groups = partition_contiguous(train_classes, self.classes_per_client)
-            train_parts = [sample_kshot(tr_labels, c, self._shots(), pseed) for c in groups]
-            test_parts = [np.flatnonzero(np.isin(te_labels, c)) for c in groups]
-            return groups, train_parts, test_parts
-        if self.partition == "labeldir100":
-            return self._labeldir100(ds, g, train_classes, pseed)
-        pool = np.flatnonzero(np.isin(tr_labels, train_classes))
-        if self.shots > 0:
-            pool = sample_kshot(tr_labels, train_classes, self.shots, pseed)
-        test_pool = np.flatnonzero(np.isin(te_labels, train_classes))
-        tr_parts, te_parts = partition_dirichlet_train_test(
-            tr_labels[pool], te_labels[test_pool], self.num_clients, self.beta, pseed, self.min_samples)
-        train_parts = [pool[p] for p in tr_parts]
-        groups = [sorted(set(tr_labels[p].tolist())) for p in train_parts]
-        return groups, train_parts, [test_pool[p] for p in te_parts]
+        return get_partitioner(self.partition)(ds, train_classes, self._spec(g), pseed)
 
-    def _labeldir100(self, ds: ClassificationData, g: str, train_classes: list[int], pseed: int):
-        """Two-level Dirichlet over the train+test pool of the training classes; pool rows map back to splits."""
-        coarse = [getattr(s, "meta", {}).get("coarse") for s in (ds.train, ds.test)]
-        if any(c is None for c in coarse):
-            raise FedlitError(f"data.partition=labeldir100 needs coarse labels (split.meta['coarse']); dataset "
-                              f"'{g}' has none — use cifar100, or partition: dirichlet")
-        tr_rows = np.flatnonzero(np.isin(ds.train.labels, train_classes))
-        te_rows = np.flatnonzero(np.isin(ds.test.labels, train_classes))
-        fine = np.concatenate([ds.train.labels[tr_rows], ds.test.labels[te_rows]])
-        coarse_pool = np.concatenate([coarse[0][tr_rows], coarse[1][te_rows]])
-        parts = partition_labeldir100(fine, coarse_pool, self.num_clients, self.beta, pseed)
-        n_tr = len(tr_rows)
-        train_parts = [tr_rows[p[p < n_tr]] for p in parts]
-        test_parts = [te_rows[p[p >= n_tr] - n_tr] for p in parts]
-        small = [i for i, p in enumerate(train_parts) if len(p) == 0]
-        if small:
-            raise FedlitError(f"labeldir100 left client(s) {small[:5]} without training images "
-                              f"({len(fine)} samples over {self.num_clients} clients); lower data.num_clients")
-        groups = [sorted(set(ds.train.labels[p].tolist())) for p in train_parts]
-        return groups, train_parts, test_parts
+    def _spec(self, g: str) -> PartitionSpec:
+        """What a partitioner reads of these settings, for dataset (or domain) ``g``."""
+        return PartitionSpec(num_clients=self.num_clients, shots=self.shots, beta=self.beta,
+                             classes_per_client=self.classes_per_client, min_samples=self.min_samples, dataset=g,
+                             where=f" of {g}" if len(self.names) > 1 else "")
 
     def _domains(self, datasets: dict[str, ClassificationData], pseed: int) -> Federation:
         """One client (or ``num_clients`` iid clients) per domain; novel = the other / left-out domains."""
@@ -344,20 +300,10 @@ class FederatedData:
         clients, client_evals = [], {}
         for d in trained:
             ds = datasets[d]
-            pool = np.flatnonzero(np.isin(ds.train.labels, train_classes))
-            if self.shots > 0:
-                pool = sample_kshot(ds.train.labels, train_classes, self.shots, pseed)
-            test_pool = evals[d].idx - te_off[d]
-            try:
-                tr_parts = partition_iid(len(pool), self.num_clients, pseed)
-                te_parts = partition_iid(len(test_pool), self.num_clients, pseed + 1)
-            except FedlitError as e:
-                raise FedlitError(f"domain {d}: {e}; lower data.num_clients") from None
-            for tp, ep in zip(tr_parts, te_parts):
+            for held, tr, te in zip(*get_partitioner(self.partition)(ds, train_classes, self._spec(d), pseed)):
                 cid = len(clients)
-                tr, te = pool[tp], test_pool[ep]
                 clients.append(ClientData(
-                    cid=cid, classes=sorted(set(ds.train.labels[tr].tolist())),
+                    cid=cid, classes=held,
                     train_idx=tr + tr_off[d], train_y=relabel(ds.train.labels[tr], train_classes),
                     test_idx=te + te_off[d], test_y=relabel(ds.test.labels[te], train_classes),
                     group=d, task=task))
@@ -365,9 +311,6 @@ class FederatedData:
                 client_evals[cid] = ClientEvals(base=[], novel=list(others), home=d)
         return Federation(data=data, clients=clients, train_task=task, evals=evals, client_evals=client_evals,
                           groups=trained)
-
-    def _shots(self) -> int:
-        return self.shots if self.shots > 0 else 10**9
 
 
 def _offsets(order: list[str], size) -> dict[str, int]:

@@ -214,7 +214,7 @@ class FedSEPT(FedMethod):
         self._plan = {"rounds": trainer.rounds, "local_epochs": trainer.local_epochs,
                       "batch_size": trainer.batch_size, "participation": min(trainer.participation, 1.0),
                       "first_round_all": trainer.first_round_all, "steps_per_epoch":
-                          [max(len(trainer.batch_starts(n)), 1) for n in num_samples], "num_samples": list(num_samples)}
+                          [max(len(trainer.batch_starts(n, trainer.drop_last_of(self))), 1) for n in num_samples], "num_samples": list(num_samples)}
 
     def client_plan(self, cid: int) -> dict:
         """σ_i, q_i and T_i of client ``cid`` (§1.4)."""

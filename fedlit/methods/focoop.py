@@ -240,7 +240,7 @@ class FOCoOp(FedMethod):
 
     def plan_rounds(self, trainer, num_samples) -> None:
         bs = trainer.batch_size
-        self._batches = [max(sum(1 for s in trainer.batch_starts(n) if min(bs, n - s) > 1), 1) for n in num_samples]
+        self._batches = [max(sum(1 for s in trainer.batch_starts(n, trainer.drop_last_of(self)) if min(bs, n - s) > 1), 1) for n in num_samples]
 
     def build(self, clip):
         if not self._classes:
