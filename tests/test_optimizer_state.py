@@ -93,16 +93,19 @@ def test_chain_refuses_parallel_clients_with_the_fix():
         _orchestrator("--trainer.lockstep", "0", "--trainer.optimizer_state", "chain")
 
 
+CHAIN = ("--trainer.optimizer_state", "chain")  # the quickstart trains fresh
+
+
 @pytest.mark.slow  # the default suite covers it in tests/test_reliability.py (CoOp, chain, SIGKILL + resume)
 def test_a_resumed_run_continues_the_chain(tmp_path):
     """Killed after round 1 and resumed = uninterrupted: the chained state travels in the checkpoint."""
     from fedlit import checkpoint as ckpt
 
-    ref = _orchestrator("--trainer.rounds", "2").fit(tmp_path / "ref")
+    ref = _orchestrator("--trainer.rounds", "2", *CHAIN).fit(tmp_path / "ref")
     assert ref["optimizer_state"] == "chain"
-    half = _orchestrator("--trainer.rounds", "1")  # stops after round 1 with its checkpoint, as a run killed there would
+    half = _orchestrator("--trainer.rounds", "1", *CHAIN)  # stops after round 1 with its checkpoint, as a run killed there would
     half.fit(tmp_path / "half")
     state = ckpt.load(tmp_path / "half" / ckpt.NAME)
     assert any(k.startswith("optim_chain/") and k.endswith("momentum_buffer") for k in state.server)
-    resumed = _orchestrator("--trainer.rounds", "2").fit(tmp_path / "resumed", resume=state)
+    resumed = _orchestrator("--trainer.rounds", "2", *CHAIN).fit(tmp_path / "resumed", resume=state)
     assert resumed["history"] == ref["history"] and resumed["per_client"] == ref["per_client"]

@@ -109,15 +109,15 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path, capsys):
 
 def _flaky(monkeypatch):
     """Makes PromptFL's loss raise for client 1 and be NaN for client 2 (the client being trained is noted by a
-    wrapper around the orchestrator's local update: the loss itself is not told the client id)."""
+    wrapper around the client engine's LocalRun: the loss itself is not told the client id)."""
+    from fedlit import engine
     from fedlit.methods.promptfl import PromptFL
-    from fedlit.orchestrator import Orchestrator
 
-    current, local_update, loss = [None], Orchestrator.local_update, PromptFL.loss
+    current, loss, run_init = [None], PromptFL.loss, engine.LocalRun.__init__
 
-    def noting(self, cid, rnd, sent=None):
+    def noting(self, rt, module, cid, *args, **kwargs):
         current[0] = cid
-        return local_update(self, cid, rnd, sent)
+        run_init(self, rt, module, cid, *args, **kwargs)
 
     def flaky(self, module, x, y, task, classes=None):
         if current[0] == 1:
@@ -125,7 +125,7 @@ def _flaky(monkeypatch):
         out = loss(self, module, x, y, task, classes)
         return out * float("nan") if current[0] == 2 else out
 
-    monkeypatch.setattr(Orchestrator, "local_update", noting)
+    monkeypatch.setattr(engine.LocalRun, "__init__", noting)
     monkeypatch.setattr(PromptFL, "loss", flaky)
 
 

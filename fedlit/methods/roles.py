@@ -113,7 +113,7 @@ def fold_legacy_flags(cls) -> None:
     """Move the legacy flags a method class sets (module docstring) into its ``policy``."""
     changes = {}
     for flag, key in LEGACY.items():
-        if flag in cls.__dict__ and not isinstance(cls.__dict__[flag], property):
+        if flag in cls.__dict__ and not isinstance(cls.__dict__[flag], property | legacy_property):
             changes[key] = cls.__dict__[flag]
             delattr(cls, flag)
     if "loop_defaults" in cls.__dict__ and not isinstance(cls.__dict__["loop_defaults"], property):
@@ -127,15 +127,18 @@ def fold_legacy_flags(cls) -> None:
         cls.policy = cls.policy.replace(**changes)
 
 
-def legacy_property(key: str, doc: str) -> property:
-    """``method.<flag>`` read from / written into the instance's policy."""
-    def get(self):
-        return getattr(self.policy, key)
+class legacy_property:
+    """``method.<flag>`` (and ``MethodClass.<flag>``) read from / written into the policy: an instance writes its
+    own policy, the class keeps its own."""
 
-    def set_(self, value):
-        self.policy = self.policy.replace(**{key: value})
+    def __init__(self, key: str, doc: str):
+        self.key, self.__doc__ = key, doc
 
-    return property(get, set_, doc=doc)
+    def __get__(self, obj, cls=None):
+        return getattr((cls if obj is None else obj).policy, self.key)
+
+    def __set__(self, obj, value) -> None:
+        obj.policy = obj.policy.replace(**{self.key: value})
 
 
 __all__ = ["ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FedAvg", "LEGACY", "ServerAlgorithm",
