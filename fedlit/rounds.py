@@ -1,6 +1,6 @@
 """The round protocol: every decision of a federated round, in one place, for every runtime.
 
-    select the round's clients → what each is sent (the method's ``client_state``) → [clients train] →
+    select the round's clients → what each is sent (the method's ``payload_for``) → [clients train] →
     check the updates (failure policy) → aggregate them in client order → keep each client's own state →
     is an evaluation due?
 
@@ -60,7 +60,7 @@ class RoundProtocol:
     """The server's view of a federation: global state, per-client state, and the round's decisions.
 
     Args:
-        method: the method (sampling-independent hooks: ``client_state``, ``aggregate``).
+        method: the method (sampling-independent hooks: ``payload_for``, ``aggregate``).
         trainer: the trainer settings (participation, evaluation cadence, failure policy).
         seed: the run's seed (client sampling).
         num_samples: each client's number of training samples (weights of failed updates, aggregation).
@@ -99,11 +99,11 @@ class RoundProtocol:
         return [cid for cid in range(self.num_clients) if cid not in self.cfg.skip_clients]
 
     def payload(self, cid: int) -> Tensors:
-        """The tensors client ``cid`` is sent (server: the method's ``client_state`` plus its ``server_payload``;
+        """The tensors client ``cid`` is sent (server: the method's ``payload_for`` plus its ``server_payload``;
         node: what arrived)."""
         if cid in self.received:
             return self.received[cid]
-        state = self.method.client_state(cid, self.global_state)
+        state = self.method.payload_for(cid, self.global_state)
         extra = self.method.server_payload(cid, self.global_state, self.bank, self.seed)
         clash = set(extra) & set(state)
         if clash:

@@ -269,7 +269,7 @@ def test_fedpha_shares_global_only_and_sends_each_client_its_length(toy):
     shared, personal = module.export()
     assert set(personal) == {"local_ctx"} and "local_ctx" not in shared
     assert module.prompt.local_ctx.shape[0] == 6
-    sent = m.client_state(0, shared)
+    sent = m.payload_for(0, shared)
     assert int(sent["local_len"]) == 2 and "local_ctx" not in sent
     module.load_prompt_state(sent, personal)
     assert module.prompt.local().shape[0] == 2

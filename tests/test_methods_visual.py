@@ -128,24 +128,24 @@ def test_client_state_differs_per_client_and_is_deterministic(clip):
     torch.manual_seed(0)
     m = _method(PFedPG, num_clients=3)
     gs = {"prompt": torch.zeros(10, clip.vision_width)}
-    sent = [m.client_state(c, gs)["prompt"] for c in range(3)]
+    sent = [m.payload_for(c, gs)["prompt"] for c in range(3)]
     assert all(tuple(s.shape) == (10, clip.vision_width) and not s.requires_grad for s in sent)
     assert not torch.allclose(sent[0], sent[1]) and not torch.allclose(sent[1], sent[2])
-    assert torch.equal(sent[0], m.client_state(0, gs)["prompt"])  # pure read
+    assert torch.equal(sent[0], m.payload_for(0, gs)["prompt"])  # pure read
     torch.manual_seed(0)
     m2 = _method(PFedPG, num_clients=3)
-    assert torch.equal(m2.client_state(2, gs)["prompt"], sent[2])  # same seed, same server
+    assert torch.equal(m2.payload_for(2, gs)["prompt"], sent[2])  # same seed, same server
 
 
 def _one_server_step(m, cid, delta, width, other=None):
     gs = {"prompt": torch.zeros(10, width)}
-    sent = m.client_state(cid, gs)
+    sent = m.payload_for(cid, gs)
     upd = [Update(cid, {"prompt": sent["prompt"] + delta}, {}, 8, 0.0, sent=sent)]
     if other is not None:
-        s2 = m.client_state(other, gs)
+        s2 = m.payload_for(other, gs)
         upd.append(Update(other, {"prompt": s2["prompt"]}, {}, 8, 0.0, sent=s2))
     out = m.aggregate(upd, gs)
-    return sent["prompt"], m.client_state(cid, gs)["prompt"], out
+    return sent["prompt"], m.payload_for(cid, gs)["prompt"], out
 
 
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
@@ -169,7 +169,7 @@ def test_sgd_server_step_is_the_vjp_with_sent_minus_trained():
     m = PFedPG(server_optimizer="sgd", server_lr=0.1)
     m.setup_federation(TASK, 2)
     gs = {"prompt": torch.zeros(10, width)}
-    m.client_state(0, gs)
+    m.payload_for(0, gs)
     before = {k: v.detach().clone() for k, v in m.generator.named_parameters()}
     delta = torch.randn(10, width)
     p = m.generator(0)
@@ -190,7 +190,7 @@ def test_clients_gradients_are_averaged_and_descriptors_only_get_their_own():
     m = PFedPG(server_optimizer="sgd", server_lr=0.1)
     m.setup_federation(TASK, 3)
     gs = {"prompt": torch.zeros(10, width)}
-    m.client_state(0, gs)
+    m.payload_for(0, gs)
     d0, d2 = m.generator.descriptors[0].detach().clone(), m.generator.descriptors[2].detach().clone()
     delta = torch.randn(10, width)
     g_d0 = torch.autograd.grad(m.generator(0), m.generator.descriptors[0], grad_outputs=delta)[0]
@@ -221,11 +221,11 @@ def test_server_state_round_trips():
     fresh.load_server_state_dict(state)  # builds the server from the checkpoint's shapes
     gs = {"prompt": torch.zeros(10, width)}
     for c in range(3):
-        assert torch.equal(fresh.client_state(c, gs)["prompt"], m.client_state(c, gs)["prompt"])
+        assert torch.equal(fresh.payload_for(c, gs)["prompt"], m.payload_for(c, gs)["prompt"])
     # the same next step from both (optimizer state restored too)
     delta = 0.1 * torch.randn(10, width)
     _one_server_step(m, 2, delta, width)
     _one_server_step(fresh, 2, delta, width)
-    assert torch.allclose(fresh.client_state(2, gs)["prompt"], m.client_state(2, gs)["prompt"], atol=1e-7)
+    assert torch.allclose(fresh.payload_for(2, gs)["prompt"], m.payload_for(2, gs)["prompt"], atol=1e-7)
     with pytest.raises(FedlitError):
         PFedPG().load_server_state_dict({"optimizer.x.step": torch.tensor(1.0)})

@@ -234,7 +234,7 @@ def test_logits_and_losses_are_fp32_under_bf16_autocast(name, toy):
     method.setup_federation(task, 2)
     module = ClientModule(clip, method)
     shared, _ = module.export()
-    received = method.client_state(0, shared)
+    received = method.payload_for(0, shared)
     x = FeatureBank(clip, splits, kind=method.image_input).inputs("train", [0, 1, 2])
     y = torch.tensor([0, 1, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -106,3 +106,14 @@ def test_the_client_policy_schedule_and_fedavg_by_hand():
     assert FedAvg(True).aggregate(ups, {})["w"].item() == pytest.approx(2.0)  # (0·1 + 3·2) / 3
     assert FedAvg(False).aggregate(ups, {})["w"].item() == pytest.approx(1.5)
     assert FedAvg().combine_gradients([], []) == {}
+
+
+def test_the_old_payload_hook_name_still_works():
+    from fedlit.methods.promptfl import PromptFL
+
+    class OldStyle(PromptFL):  # overrides the hook under its old name (it collided with rounds.ClientState)
+        def client_state(self, cid, global_state):
+            return {"cid": cid}
+
+    assert OldStyle().payload_for(3, {}) == {"cid": 3} and OldStyle().client_specific
+    assert not PromptFL().client_specific

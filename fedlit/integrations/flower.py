@@ -221,7 +221,7 @@ class FedlitStrategy(Strategy):
 
     # ------------------------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """The protocol's round: its clients, each sent its payload (``method.client_state(cid, global)``)."""
+        """The protocol's round: its clients, each sent its payload (``method.payload_for(cid, global)``)."""
         o, rnd = self.orch, server_round - 1
         self._sent, self._expected = {}, {}
         if not o.method.trainable:

@@ -13,7 +13,7 @@ A method is one small subclass of :class:`FedMethod` that overrides a few hooks:
 - :meth:`FedMethod.aggregate` — how the server combines the shared tensors (default: FedAvg weighted by
   each client's number of training samples, as FedPGP/FedOTP do).
 - :meth:`FedMethod.arrange_clients` — the federation it trains on (Central pools the clients' data).
-- :meth:`FedMethod.client_state` — what the server sends a given client (default: the global shared
+- :meth:`FedMethod.payload_for` — what the server sends a given client (default: the global shared
   state; pFedPG sends each client its own generated prompt). Server-side modules live on the method
   and are saved through :meth:`server_state_dict` / :meth:`load_server_state_dict`.
 - :meth:`FedMethod.server_payload` / :meth:`FedMethod.receive_payload` — extra tensors the server builds for a client
@@ -163,6 +163,8 @@ class FedMethod:
         """A subclass that sets its own ``name`` is registered under it (:func:`fedlit.methods.method_class`)."""
         super().__init_subclass__(**kwargs)
         fold_legacy_flags(cls)  # ``official_optimizer_state = "chain"`` … on the class → its policy
+        if "client_state" in cls.__dict__:  # the hook's old name (it collided with rounds.ClientState)
+            cls.payload_for = cls.__dict__["client_state"]
         if "name" in cls.__dict__:
             other = METHODS.get(cls.name)
             if other is not None and other.__qualname__ != cls.__qualname__:
@@ -270,7 +272,7 @@ class FedMethod:
         return self.default_augment if trainer.augment == "method" else trainer.augment
 
     # ----------------------------------------------------------------------------- server side
-    def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def payload_for(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The shared tensors the server sends to client ``cid`` this round (its *payload*; what a client keeps
         between rounds is :class:`fedlit.rounds.ClientState`)."""
         return global_state
@@ -285,9 +287,9 @@ class FedMethod:
 
     @property
     def client_specific(self) -> bool:
-        """Whether clients are sent different tensors (the method overrides :meth:`client_state`, pFedPG, or
+        """Whether clients are sent different tensors (the method overrides :meth:`payload_for`, pFedPG, or
         :meth:`server_payload`, pFedMoAP)."""
-        return (type(self).client_state is not FedMethod.client_state
+        return (type(self).payload_for is not FedMethod.payload_for
                 or type(self).server_payload is not FedMethod.server_payload)
 
     #: Keep every client's last uploaded shared tensors on the server (:attr:`fedlit.rounds.RoundProtocol.bank`,

@@ -143,9 +143,9 @@ class FedPHA(FedMethod):
         return PHAPrompt(clip.text_width, self.n_ctx, max(self.local_lengths or [self.n_ctx]))
 
     def is_shared(self, key: str) -> bool:
-        return key in ("global_ctx", "local_len")  # local_len: the client's length, set by client_state
+        return key in ("global_ctx", "local_len")  # local_len: the client's length, set by payload_for
 
-    def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def payload_for(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.local_lengths is None:
             return global_state
         return {**global_state, "local_len": torch.tensor(self.local_lengths[cid])}

@@ -15,7 +15,7 @@ follow all three re-implementations, spec §2.2/§5 [inferred]). Update (pFedHN 
 ΔP_n = P̃_n − P_n is the surrogate of −γ∇L, so φ = {G, P_base, D} receives the vector-Jacobian product
 ``(∂P_n/∂φ)ᵀ (P_n − P̃_n)`` (averaged over the round's clients [inferred]) and takes one optimiser step
 (Adam, lr 0.001, §2.5; the optimiser type is not stated [inferred]). Evaluation uses the generated P_n with the
-client's head (what the orchestrator loads through :meth:`client_state`; spec §2.4 leaves this open).
+client's head (what the orchestrator loads through :meth:`payload_for`; spec §2.4 leaves this open).
 
 Inferred / unknown in the paper (constructor defaults here): one descriptor vector per client
 (``descriptor_tokens=1``), single head (``n_heads=1``), l_k = l_v = l (``attn_dim=None``), biasless Q/K/V and a
@@ -198,7 +198,7 @@ class PFedPG(VPTMethod):
             self._optimizer.state[params[name]][field] = v.clone()
 
     # ------------------------------------------------------------------------------ server side
-    def client_state(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def payload_for(self, cid: int, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Client ``cid``'s generated prompt P_cid = G(d_cid, P_base) (detached, CPU)."""
         ref = global_state[PROMPT_KEY]
         gen = self._ensure_server(tuple(ref.shape))
