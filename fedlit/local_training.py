@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .methods.base import Update
+from .dp_sgd import client_sizes, noise_generator, private_backward, sigma_of, with_steps
+from .methods.base import FedMethod, Update
 from .text_batch import FusedText
 
 
@@ -92,6 +93,8 @@ class LocalRun:
 
 def train_alone(fabric, run: LocalRun) -> Update:
     """The sequential loop: one client's steps, one after the other."""
+    if run.orch.cfg.privacy is not None:
+        return train_private(fabric, run)
     for batch in run.batches:
         with fabric.autocast():
             loss = run.loss(batch)
@@ -100,6 +103,38 @@ def train_alone(fabric, run: LocalRun) -> Update:
         fabric.backward(loss)
         run.step(loss)
     return run.update()
+
+
+# ------------------------------------------------------------------------------------------------ trainer.privacy
+def train_private(fabric, run: LocalRun) -> Update:
+    """:func:`train_alone` under client-side DP-SGD (``trainer.privacy``, :mod:`fedlit.dp_sgd`): every step's
+    gradient is the clipped per-sample sum plus noise; the client's DP step count goes into its ``optim`` state."""
+    o = run.orch
+    settings, method = o.cfg.privacy, o.method
+    sigma = sigma_of(settings, o.cfg, tuple(client_sizes(o.cfg, o.fed.clients).values()))
+    for batch in run.batches:
+        gen = noise_generator(o.seed, run.rnd, run.cid, run.steps)
+        with fabric.autocast():
+            loss = private_backward(run.module, batch, run.steps, run.task, run.classes, run.received, settings,
+                                    sigma, gen, text_side=text_side(method))
+        if run.diverged(loss):
+            break
+        run.step(loss)
+    update = run.update()
+    if update.ok:
+        update.optim = with_steps(update.optim, run.own.optim, run.steps)
+    return update
+
+
+def text_side(method: FedMethod) -> bool:
+    """Whether a method's per-sample gradients come from one text forward and one batched backward
+    (:func:`fedlit.privacy.per_sample_gradients`): it declares ``per_sample_text_side``, or its loss is the base
+    cross-entropy of CLIP logits on cached features against its text features (FedProx's term is added apart)."""
+    if method.image_input == "images":
+        return False
+    plain = all(getattr(type(method), h) is getattr(FedMethod, h) for h in ("loss", "logits", "prepare",
+                                                                           "image_features"))
+    return bool(getattr(method, "per_sample_text_side", False)) or plain
 
 
 def train_lockstep(fabric, runs: list[LocalRun]) -> list[Update]:
@@ -135,4 +170,4 @@ def _autocast_loss(fabric, run: LocalRun, batch) -> torch.Tensor:
         return run.loss(batch)
 
 
-__all__ = ["LocalRun", "train_alone", "train_lockstep"]
+__all__ = ["LocalRun", "text_side", "train_alone", "train_lockstep", "train_private"]

@@ -26,6 +26,7 @@ from .atomic import write_json_atomic
 from .backbones import FrozenCLIP
 from .client import ClientModule
 from .data.federation import Federation
+from .dp_sgd import client_sizes, privacy_report
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank, view_caching
@@ -36,7 +37,7 @@ from .progress import Progress
 from .methods.base import FedMethod, Update
 from .metrics import STATISTIC_LABELS, harmonic_mean, history_statistics, selected_values, statistic_of
 from .optimizer_state import OptimizerLifecycle, training_order
-from .run_plan import checked_policy, fallback_notes
+from .run_plan import check_privacy, checked_policy, fallback_notes
 from .rounds import ClientState, RoundProtocol, shard
 from .steps import make_stepper
 from .trainer import FedTrainer
@@ -54,6 +55,7 @@ class Orchestrator:
         federation = method.arrange_clients(federation)  # Central: pooled training data
         trainer.bind(method)  # per-method defaults (drop_last: method)
         self.optim = OptimizerLifecycle(checked_policy(trainer, method), method)  # trainer.optimizer_state
+        check_privacy(trainer, method)  # trainer.privacy: client-side DP-SGD (fedlit.dp_sgd)
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None
@@ -372,6 +374,7 @@ class Orchestrator:
             "optimizer_state": self.optim.policy,
             **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
             **self.method.run_report(),
+            **privacy_report(self.cfg, client_sizes(self.cfg, self.fed.clients), self.protocol.clients),
             **(self.ood.report() if self.ood is not None else {}),
         }
         if self.fabric.global_rank == 0:

@@ -25,6 +25,30 @@ def checked_policy(trainer: FedTrainer, method: FedMethod) -> str:
     return policy
 
 
+#: methods with their own DP mechanism (method.init_args), which trainer.privacy does not stack on
+OWN_DP = {"dpfpl": "DP-FPL", "fedsept": "FedSEPT"}
+
+
+def check_privacy(trainer: FedTrainer, method: FedMethod) -> None:
+    """Refuse, in one line each, the runs client-side DP-SGD (``trainer.privacy``, :mod:`fedlit.dp_sgd`) cannot be."""
+    if trainer.privacy is None:
+        return
+    if method.name in OWN_DP:
+        raise FedlitError(f"trainer.privacy: {OWN_DP[method.name]} has its own DP (method.init_args); drop "
+                          "trainer.privacy or use another method")
+    if not method.trainable:
+        raise FedlitError(f"trainer.privacy: {method.name} does not train; drop trainer.privacy")
+    if trainer.sync_of(method) == "step":
+        raise FedlitError("trainer.privacy is DP-SGD on round-mode clients, not trainer.sync=step; use "
+                          "trainer.sync=round (DP-FPL is the step-mode private method)")
+    if trainer.lockstep != 1:
+        raise FedlitError(f"trainer.privacy computes per-sample gradients one client at a time, not in lock-step "
+                          f"(trainer.lockstep={trainer.lockstep}); use trainer.lockstep=1")
+    if str(trainer.precision) in ("16-mixed", "16"):
+        raise FedlitError(f"trainer.privacy writes the private gradient itself, which the fp16 loss scaler of "
+                          f"trainer.precision={trainer.precision} would rescale; use bf16-mixed or 32-true")
+
+
 def fallback_notes(method, trainer) -> list[str]:
     """Settings of ``trainer`` that ``method`` runs without (speed only, or nothing to act on): one line each,
     printed once when the run is built; the README lists them. Settings that would change numbers are refused."""
@@ -42,4 +66,4 @@ def fallback_notes(method, trainer) -> list[str]:
     return notes
 
 
-__all__ = ["checked_policy", "fallback_notes"]
+__all__ = ["check_privacy", "checked_policy", "fallback_notes"]

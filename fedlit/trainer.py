@@ -9,6 +9,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from .dp_sgd import PrivacySettings
 from .errors import FedlitError
 
 OPTIMIZER_STATES = ("method", "chain", "fresh", "per_client")
@@ -112,6 +113,10 @@ class FedTrainer:
         skip_clients: clients that neither train nor are evaluated (default none). ``[5]`` reproduces FedPGP's
             released ``fedavg``/``local`` branches (PromptFL, CoOp: ``idxs_users.pop(5)``, ``federated_main.py:236-237,
             288-289``), which fedlit does not take for the Table-1 rows (README "Training as the papers trained").
+        privacy: client-side DP-SGD (:class:`~fedlit.dp_sgd.PrivacySettings`; default off): every local step clips
+            each sample's joint gradient norm to ``clip``, adds N(0, σ²C²) to the sum, and ``results.json`` reports
+            each client's ε (Opacus' RDP accountant). ``--trainer.privacy.clip 1.0
+            --trainer.privacy.noise_multiplier 1.1`` (or ``target_epsilon``); round mode, one client at a time.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class FedTrainer:
         personal_grad: Literal["method", "own", "last_client"] = "method",
         eval_from: int = 1,
         skip_clients: list[int] | None = None,
+        privacy: PrivacySettings | None = None,
     ):
         checks = [
             (rounds >= 1, f"trainer.rounds={rounds}: needs at least 1 round"),
@@ -213,6 +219,7 @@ class FedTrainer:
         self.optimizer_state = optimizer_state
         self.eval_from = eval_from
         self.skip_clients = sorted(set(skip_clients or []))
+        self.privacy = privacy
         self._drop_rule = "dassl" if drop_last == "method" else drop_last  # bind() resolves ``method``
 
     def drop_last_of(self, method) -> str:
