@@ -132,7 +132,8 @@ def noise_generator(seed: int, rnd: int, cid: int, step: int) -> torch.Generator
 
 
 # ------------------------------------------------------------------------------------------------ the mechanism
-def sample_gradients(module, batch, step: int, task, classes, received, text_side: bool) -> tuple[Tensors, torch.Tensor]:
+def sample_gradients(module, batch, step: int, task, classes, received,
+                     text_side: bool) -> tuple[Tensors, torch.Tensor]:
     """Per-sample gradients ``{name: [B, ...]}`` of the prompt's trainable tensors (those that get one) and the
     per-sample losses ``[B]`` (module docstring, step 1)."""
     x, y = batch
@@ -224,13 +225,14 @@ def privacy_report(trainer, sizes: dict[int, int], states: dict) -> dict:
     eps = {c: (epsilon_of(sigma, sample_rate(trainer.batch_size, sizes[c]), t, settings.delta)
                if sigma > 0 or t == 0 else None) for c, t in steps.items()}
     finite = [e for e in eps.values() if e is not None]
+    rates = {str(c): sample_rate(trainer.batch_size, n) for c, n in sizes.items()}
     return {"privacy": {"mechanism": "dp-sgd", **asdict(settings), "noise_multiplier": sigma,
                         "calibrated": settings.target_epsilon is not None,
                         "epsilon": max(finite) if len(finite) == len(eps) else None,
                         "epsilon_per_client": {str(c): e for c, e in eps.items()},
                         "steps_per_client": {str(c): t for c, t in steps.items()},
-                        "sample_rate_per_client": {str(c): sample_rate(trainer.batch_size, n) for c, n in sizes.items()}}}
+                        "sample_rate_per_client": rates}}
 
 
-__all__ = ["PrivacySettings", "STEPS_KEY", "client_sizes", "epsilon_of", "noise_generator", "privacy_report", "private_backward",
-           "private_gradients", "sample_gradients", "sample_rate", "sigma_of", "with_steps"]
+__all__ = ["PrivacySettings", "STEPS_KEY", "client_sizes", "epsilon_of", "noise_generator", "privacy_report",
+           "private_backward", "private_gradients", "sample_gradients", "sample_rate", "sigma_of", "with_steps"]

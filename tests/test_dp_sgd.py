@@ -224,3 +224,20 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys, config, extra
     err = capsys.readouterr().err
     assert rc == 2 and res is None and says in err, err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+def test_flower_server_refuses_privacy_in_one_line(tmp_path):
+    """Under Flower the DP step counts stay with the clients on the SuperNodes: the server cannot report ε yet."""
+    pytest.importorskip("flwr", minversion="1.21")
+    import tomllib
+
+    from fedlit.integrations import flower as fl
+
+    app = tmp_path / "app"
+    assert main(["flower", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.optimizer_state", "fresh",
+                 *DP, "--out_dir", str(tmp_path / "run"), "--app_dir", str(app)]) == 0
+    run_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    with pytest.raises(FedlitError, match="not available under Flower") as e:
+        fl.run_server(None, run_config)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "results.json").exists()
