@@ -71,11 +71,13 @@ def _batch(toy, n=5, seed=0):
 
 
 def _ordinary(module, batch, received=None):
+    """The ordinary batch gradient and loss."""
     module.prompt.zero_grad(set_to_none=True)
-    module.training_step(batch, 0, TASK, None, received).backward()
+    loss = module.training_step(batch, 0, TASK, None, received)
+    loss.backward()
     out = {k: p.grad.clone() for k, p in module.prompt.named_parameters() if p.grad is not None}
     module.prompt.zero_grad(set_to_none=True)
-    return out
+    return out, loss.detach()
 
 
 def _private(module, batch, settings, sigma=0.0, received=None, side=False):
@@ -100,7 +102,7 @@ def test_no_noise_and_huge_clip_is_the_ordinary_gradient(toy, make):
     assert text_side(method) == (not isinstance(method, FedPGP))  # FedPGP's loss has its contrastive term
     for mu in (0.0, 0.1):
         method.prox_mu = mu
-        want, loss_want = _ordinary(module, batch, received), module.training_step(batch, 0, TASK, None, received)
+        want, loss_want = _ordinary(module, batch, received)
         for side in (False, True) if text_side(method) else (False,):
             got, loss = _private(module, batch, huge, received=received, side=side)
             assert set(got) == set(want)
@@ -114,7 +116,7 @@ def test_shared_tensors_only_noise_what_is_sent(toy):
     mean gradient; ``all`` noises them too."""
     module = _module(toy, FedPGP(n_ctx=4, rank=2, num_prompts=1))
     batch = _batch(toy)
-    plain = _ordinary(module, batch)
+    plain, _ = _ordinary(module, batch)
     shared, _ = _private(module, batch, PrivacySettings(clip=1.0, noise_multiplier=1.0, tensors="shared"), 1.0)
     every, _ = _private(module, batch, PrivacySettings(clip=1.0, noise_multiplier=1.0), 1.0)
     assert not torch.allclose(shared["sigma"], plain["sigma"], atol=1e-3)
@@ -168,7 +170,9 @@ def _fit(out: Path, config: str, *args, rounds: int = 2) -> tuple[int, dict | No
 DP = ("--trainer.privacy.clip", "1.0", "--trainer.privacy.noise_multiplier", "1.0")
 
 
-@pytest.mark.parametrize("config", ["promptfl.yaml", "fedpgp.yaml", "promptfolio.yaml"])
+#: the default suite runs PromptFL's; FedPGP's (B one-sample passes) and PromptFolio's are ``slow`` (~10 s each)
+@pytest.mark.parametrize("config", ["promptfl.yaml", pytest.param("fedpgp.yaml", marks=pytest.mark.slow),
+                                    pytest.param("promptfolio.yaml", marks=pytest.mark.slow)])
 def test_methods_run_private_by_configuration_with_and_without_fedprox(tmp_path, config):
     rc, res = _fit(tmp_path / "dp", config, *DP, rounds=1)
     assert rc == 0
@@ -186,6 +190,7 @@ def test_methods_run_private_by_configuration_with_and_without_fedprox(tmp_path,
     assert any(not torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
 
 
+@pytest.mark.slow
 def test_no_noise_run_equals_the_ordinary_run_and_epsilon_is_none(tmp_path):
     args = ("--trainer.optimizer_state", "per_client")
     rc, plain = _fit(tmp_path / "plain", "promptfl.yaml", *args, rounds=1)
@@ -197,6 +202,7 @@ def test_no_noise_run_equals_the_ordinary_run_and_epsilon_is_none(tmp_path):
     assert any(k.endswith(STEPS_KEY) for k in b.personal[0]) and not any(k.endswith(STEPS_KEY) for k in a.personal[0])
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_epsilon_accounting(tmp_path):
     """A 2-round run = 1 round + a resumed round: same steps, same ε (more than after 1 round), same tensors."""
     rc, full = _fit(tmp_path / "full", "promptfl.yaml", *DP)
