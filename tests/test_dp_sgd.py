@@ -31,6 +31,7 @@ from fedlit.trainer import FedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = Task("tiny", ("circle", "square", "red_triangle", "star"))
+DP = ("--trainer.privacy.clip", "1.0", "--trainer.privacy.noise_multiplier", "1.0")
 
 
 # ============================================================================================ the mechanism by hand
@@ -157,6 +158,24 @@ def test_bad_settings_one_line(kw, says):
 
 
 # ============================================================================================ by configuration alone
+def test_settings_parse_from_yaml_and_dotted_flags(tmp_path, capsys):
+    yaml = tmp_path / "dp.yaml"
+    yaml.write_text("trainer:\n  privacy:\n    clip: 0.5\n    target_epsilon: 2.0\n    tensors: shared\n")
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(yaml),
+              "--trainer.privacy.delta", "1e-6", "--print_config"])
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "privacy:\n    clip: 0.5\n    noise_multiplier: null\n    target_epsilon: 2.0\n" in out
+    assert "delta: 1.0e-06\n    tensors: shared" in out
+    from fedlit.experiment import fit_parser
+
+    parser = fit_parser()
+    cfg = parser.parse_args(["--config", str(ROOT / "configs" / "quickstart.yaml"), *DP])
+    settings = parser.instantiate(cfg).trainer.privacy
+    assert settings == PrivacySettings(clip=1.0, noise_multiplier=1.0)
+
+
 def _fit(out: Path, config: str, *args, rounds: int = 2) -> tuple[int, dict | None]:
     rc = main(["fit", "--config", str(ROOT / "configs" / config), "--config", str(ROOT / "configs" / "embedded.yaml"),
                "--data.num_clients", "2", "--data.shots", "1", "--method.init_args.n_ctx", "4",
@@ -166,8 +185,6 @@ def _fit(out: Path, config: str, *args, rounds: int = 2) -> tuple[int, dict | No
     res = out / "results.json"
     return rc, json.loads(res.read_text()) if res.exists() else None
 
-
-DP = ("--trainer.privacy.clip", "1.0", "--trainer.privacy.noise_multiplier", "1.0")
 
 
 #: the default suite runs PromptFL's; FedPGP's (B one-sample passes) and PromptFolio's are ``slow`` (~10 s each)
