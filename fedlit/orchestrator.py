@@ -374,7 +374,8 @@ class Orchestrator:
             "optimizer_state": self.optim.policy,
             **({"step_loop": self.cfg.step_policies(self.method)} if self.cfg.sync_of(self.method) == "step" else {}),
             **self.method.run_report(),
-            **privacy_report(self.cfg, client_sizes(self.cfg, self.fed.clients), self.protocol.clients),
+            **(privacy_report(self.cfg, client_sizes(self.cfg, self.fed.clients), self.protocol.clients)
+               if self.cfg.privacy is not None else {}),  # trainer.privacy: each client's ε (fedlit.dp_sgd)
             **(self.ood.report() if self.ood is not None else {}),
         }
         if self.fabric.global_rank == 0:
