@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .dp_sgd import noise_generator, private_backward, with_steps
 from .errors import FedlitError
 from .heap import release_free_memory
 from .methods.base import FedMethod, Update
@@ -143,7 +144,10 @@ class LocalRun:
 
 
 def train_alone(fabric, run: LocalRun) -> Update:
-    """The sequential loop: one client's steps, one after the other."""
+    """The sequential loop: one client's steps, one after the other (under ``trainer.privacy``:
+    :func:`train_private`)."""
+    if run.rt.plan.privacy is not None:
+        return train_private(fabric, run)
     for batch in run.batches:
         with fabric.autocast():
             loss = run.loss(batch)
@@ -152,6 +156,36 @@ def train_alone(fabric, run: LocalRun) -> Update:
         fabric.backward(loss)
         run.step(loss)
     return run.update()
+
+
+def train_private(fabric, run: LocalRun) -> Update:
+    """:func:`train_alone` under client-side DP-SGD (``trainer.privacy``, :mod:`fedlit.dp_sgd`): every step's
+    gradient is the clipped per-sample sum plus noise; the client's DP step count goes into its ``optim`` state."""
+    rt = run.rt
+    settings, side = rt.plan.privacy, text_side(rt.method)
+    for batch in run.batches:
+        gen = noise_generator(rt.seed, run.rnd, run.cid, run.steps)
+        with fabric.autocast():
+            loss = private_backward(run.module, batch, run.steps, run.task, run.classes, run.received, settings,
+                                    rt.plan.noise_multiplier, gen, text_side=side)
+        if run.diverged(loss):
+            break
+        run.step(loss)
+    update = run.update()
+    if update.ok:
+        update.optim = with_steps(update.optim, run.own.optim, run.steps)
+    return update
+
+
+def text_side(method: FedMethod) -> bool:
+    """Whether a method's per-sample gradients come from one text forward and one batched backward
+    (:func:`fedlit.privacy.per_sample_gradients`): it declares ``per_sample_text_side``, or its loss is the base
+    cross-entropy of CLIP logits on cached features against its text features (FedProx's term is added apart)."""
+    if method.image_input == "images":
+        return False
+    plain = all(getattr(type(method), h) is getattr(FedMethod, h) for h in ("loss", "logits", "prepare",
+                                                                           "image_features"))
+    return method.per_sample_text_side or plain
 
 
 def train_lockstep(fabric, runs: list[LocalRun]) -> list[Update]:
@@ -264,4 +298,5 @@ class Clients:
         return [self.module, *self._lanes[: count - 1]]
 
 
-__all__ = ["ClientRuntime", "Clients", "LocalRun", "check", "failed", "train_alone", "train_lockstep"]
+__all__ = ["ClientRuntime", "Clients", "LocalRun", "check", "failed", "text_side", "train_alone", "train_lockstep",
+           "train_private"]

@@ -27,6 +27,7 @@ from .callbacks import TensorBoard, default_callbacks
 from .client import ClientModule
 from .data.federation import Federation
 from .engine import ClientRuntime, Clients, LocalRun, train_alone
+from .dp_sgd import client_sizes, privacy_report
 from .errors import FedlitError
 from .evaluation import Evaluator, summarize_clients
 from .features import FeatureBank
@@ -51,7 +52,8 @@ class Orchestrator:
                  trainer: FedTrainer, seed: int, meta: dict | None = None, callbacks: list | None = None):
         federation = method.arrange_clients(federation)  # Central: pooled training data
         self.plan = plan = RunPlan.resolve(trainer, method, world_size=fabric.world_size, clip=clip,
-                                           train_rows=len(federation.data.train))
+                                           train_rows=len(federation.data.train),
+                                           client_sizes=tuple(client_sizes(trainer, federation.clients).values()))
         self.fabric, self.clip, self.fed, self.method, self.cfg = fabric, clip, federation, method, trainer
         self.seed, self.meta = seed, dict(meta or {})
         self.run_dir: Path | None = None
@@ -317,6 +319,9 @@ class Orchestrator:
             "plan": self.plan.as_dict(),
             "plan_digest": self.plan.digest(),
             **self.method.run_report(),
+            **(privacy_report(self.cfg, client_sizes(self.cfg, self.fed.clients), self.protocol.clients,
+                              self.plan.noise_multiplier)
+               if self.cfg.privacy is not None else {}),  # trainer.privacy: each client's ε (fedlit.dp_sgd)
             **(self.ood.report() if self.ood is not None else {}),
         }
         if self.fabric.global_rank == 0:

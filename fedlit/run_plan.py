@@ -53,6 +53,10 @@ class RunPlan:
     prox_detached: bool = field(metadata=NUMBERS)  #: the official zero-gradient FedProx term (FedOTP code base)
     on_client_failure: str = field(metadata=NUMBERS)  #: ``skip`` / ``stop`` (step mode: always ``stop``)
     statistic: str = field(metadata=NUMBERS)  #: the statistic reported as ``final``
+    #: client-side DP-SGD (``trainer.privacy``, :mod:`fedlit.dp_sgd`) and its noise multiplier σ (resolved from a
+    #: target ε for the run's clients, or as given); ``None`` / 0: off
+    privacy: object = field(metadata=NUMBERS)
+    noise_multiplier: float = field(metadata=NUMBERS)
     lockstep: int = field(metadata=SPEED)  #: clients trained together: 1 = one at a time, 0 = all of a process's
     cache_views: bool = field(metadata=SPEED)  #: every augmented view encoded once into the cache
     settings: FedTrainer = field(metadata=NUMBERS, repr=False)  #: the trainer settings the plan was resolved from
@@ -61,9 +65,10 @@ class RunPlan:
     # ------------------------------------------------------------------------------------ resolution
     @classmethod
     def resolve(cls, trainer: FedTrainer, method: FedMethod, *, world_size: int = 1, clip=None,
-                train_rows: int = 0) -> RunPlan:
+                train_rows: int = 0, client_sizes: tuple[int, ...] = ()) -> RunPlan:
         """The plan of a run of ``method`` under ``trainer`` on ``world_size`` processes (``clip`` and
-        ``train_rows``: the backbone and the number of training images, for the view-cache decision)."""
+        ``train_rows``: the backbone and the number of training images, for the view-cache decision;
+        ``client_sizes``: the training clients' sample counts, for a DP noise calibrated to a target ε)."""
         from .features import view_caching
 
         sync = trainer.sync_of(method)
@@ -74,6 +79,7 @@ class RunPlan:
         if sync == "step" and method.trainable:
             _check_step_mode(trainer, method, world_size)
             step_loop = StepLoop(**trainer.step_policies(method))
+        check_privacy(trainer, method)
         augment = method.augmentation(trainer)
         views = trainer.rounds * trainer.local_epochs if augment == "dassl" else 0
         cache_views, note = (view_caching(clip, method.image_input, train_rows, views, trainer.participation)
@@ -89,7 +95,8 @@ class RunPlan:
             prox_mu=float(trainer.prox_mu if trainer.prox_mu > 0 else method.prox_mu),
             prox_detached=bool(method.prox_detached),
             on_client_failure="stop" if step_loop is not None else trainer.on_client_failure,
-            statistic=statistic_of(method.name, trainer.statistic),
+            statistic=statistic_of(method.name, trainer.statistic), privacy=trainer.privacy,
+            noise_multiplier=_sigma(trainer, method, client_sizes),
             lockstep=(trainer.lockstep if method.lockstep and step_loop is None else 1),
             cache_views=cache_views, settings=trainer, notes=tuple(notes))
 
@@ -103,6 +110,7 @@ class RunPlan:
         """The plan for ``results.json``: every field but the raw settings and the notes (JSON types)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("settings", "notes")}
         out["step_loop"] = dataclasses.asdict(self.step_loop) if self.step_loop is not None else None
+        out["privacy"] = dataclasses.asdict(self.privacy) if self.privacy is not None else None
         return out
 
     def digest(self) -> str:
@@ -126,9 +134,21 @@ class RunPlan:
                   *([f"prox_mu={self.prox_mu:g}" + (" (detached)" if self.prox_detached else "")]
                     if self.prox_mu > 0 else []),
                   *(["restart_personal"] if self.restart_personal else []),
+                  *([f"privacy=dp-sgd (C={self.privacy.clip:g}, sigma={self.noise_multiplier:.4g}, "
+                     f"{self.privacy.tensors} tensors)"] if self.privacy is not None else []),
                   f"lockstep={self.lockstep}", f"on_client_failure={self.on_client_failure}",
                   f"statistic={self.statistic}"]
         return f"plan: {self.method}: " + ", ".join(parts)
+
+
+def _sigma(trainer: FedTrainer, method: FedMethod, sizes: tuple[int, ...]) -> float:
+    """DP-SGD's σ for the run (0 without ``trainer.privacy``)."""
+    if trainer.privacy is None:
+        return 0.0
+    from .dp_sgd import sigma_of
+
+    rule = trainer.drop_last_of(method)
+    return sigma_of(trainer.privacy, trainer, tuple(sizes), lambda n: trainer.batch_starts(n, rule))
 
 
 def _changes_results(cls, name: str) -> bool:
@@ -168,6 +188,30 @@ def checked_policy(trainer: FedTrainer, method: FedMethod) -> str:
     return policy
 
 
+#: methods with their own DP mechanism (method.init_args), which trainer.privacy does not stack on
+OWN_DP = {"dpfpl": "DP-FPL", "fedsept": "FedSEPT"}
+
+
+def check_privacy(trainer: FedTrainer, method: FedMethod) -> None:
+    """Refuse, in one line each, the runs client-side DP-SGD (``trainer.privacy``, :mod:`fedlit.dp_sgd`) cannot be."""
+    if trainer.privacy is None:
+        return
+    if method.name in OWN_DP:
+        raise FedlitError(f"trainer.privacy: {OWN_DP[method.name]} has its own DP (method.init_args); drop "
+                          "trainer.privacy or use another method")
+    if not method.trainable:
+        raise FedlitError(f"trainer.privacy: {method.name} does not train; drop trainer.privacy")
+    if trainer.sync_of(method) == "step":
+        raise FedlitError("trainer.privacy is DP-SGD on round-mode clients, not trainer.sync=step; use "
+                          "trainer.sync=round (DP-FPL is the step-mode private method)")
+    if trainer.lockstep != 1:
+        raise FedlitError(f"trainer.privacy computes per-sample gradients one client at a time, not in lock-step "
+                          f"(trainer.lockstep={trainer.lockstep}); use trainer.lockstep=1")
+    if str(trainer.precision) in ("16-mixed", "16"):
+        raise FedlitError(f"trainer.privacy writes the private gradient itself, which the fp16 loss scaler of "
+                          f"trainer.precision={trainer.precision} would rescale; use bf16-mixed or 32-true")
+
+
 def fallback_notes(method, trainer) -> list[str]:
     """Settings of ``trainer`` that ``method`` runs without (speed only, or nothing to act on): one line each,
     printed once when the run is built; the README lists them. Settings that would change numbers are refused."""
@@ -188,4 +232,4 @@ def fallback_notes(method, trainer) -> list[str]:
     return notes
 
 
-__all__ = ["RunPlan", "StepLoop", "checked_policy", "fallback_notes"]
+__all__ = ["RunPlan", "StepLoop", "check_privacy", "checked_policy", "fallback_notes"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Literal
 
+
+from .dp_sgd import PrivacySettings
 from .errors import FedlitError
 
 #: metadata of a field that changes the numbers of a run (in the run digest, HParams and report groups).
@@ -156,6 +158,10 @@ class FedTrainer:
         skip_clients: clients that neither train nor are evaluated (default none). ``[5]`` reproduces FedPGP's
             released ``fedavg``/``local`` branches (PromptFL, CoOp: ``idxs_users.pop(5)``, ``federated_main.py:236-237,
             288-289``), which fedlit does not take for the Table-1 rows (README "Training as the papers trained").
+        privacy: client-side DP-SGD (:class:`~fedlit.dp_sgd.PrivacySettings`; default off): every local step clips
+            each sample's joint gradient norm to ``clip``, adds N(0, σ²C²) to the sum, and ``results.json`` reports
+            each client's ε (Opacus' RDP accountant). ``--trainer.privacy.clip 1.0
+            --trainer.privacy.noise_multiplier 1.1`` (or ``target_epsilon``); round mode, one client at a time.
     """
 
     rounds: int = field(default=10, metadata=EXTENDS)
@@ -190,6 +196,7 @@ class FedTrainer:
     personal_grad: Literal["method", "own", "last_client"] = field(default="method", metadata=NUMBERS)
     eval_from: int = field(default=1, metadata=NUMBERS)
     skip_clients: list[int] | None = field(default=None, metadata=NUMBERS)
+    privacy: PrivacySettings | None = field(default=None, metadata=NUMBERS)
 
     def __post_init__(self):
         """The checks a type cannot express (ranges), one line each naming the fix; then the value of every

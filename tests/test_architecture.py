@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "fedlit"
 LAYERS = [
     ("base", ["fedlit.errors", "fedlit.atomic", "fedlit.aggregation", "fedlit.metrics", "fedlit.trainer",
               "fedlit.checkpoint", "fedlit.figures", "fedlit.heap",
-              "fedlit.progress", "fedlit.catalog", "fedlit.lazy", "fedlit.settings", "fedlit.privacy"]),
+              "fedlit.progress", "fedlit.catalog", "fedlit.lazy", "fedlit.settings", "fedlit.privacy", "fedlit.dp_sgd"]),
     ("data", ["fedlit.data"]),
     ("backbones", ["fedlit.backbones", "fedlit.prompts", "fedlit.text_batch", "fedlit.features", "fedlit.feature_store"]),
     ("methods", ["fedlit.methods"]),

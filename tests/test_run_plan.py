@@ -117,3 +117,17 @@ def test_the_old_payload_hook_name_still_works():
 
     assert OldStyle().payload_for(3, {}) == {"cid": 3} and OldStyle().client_specific
     assert not PromptFL().client_specific
+
+
+def test_privacy_is_in_the_plan_with_its_resolved_noise():
+    from fedlit.dp_sgd import PrivacySettings
+
+    p = plan("fedpgp", privacy=PrivacySettings(clip=1.0, noise_multiplier=1.1), optimizer_state="fresh")
+    assert p.privacy.clip == 1.0 and p.noise_multiplier == 1.1 and "privacy=dp-sgd (C=1, sigma=1.1" in p.describe()
+    assert p.as_dict()["privacy"]["tensors"] == "all" and p.digest() != plan("fedpgp", optimizer_state="fresh").digest()
+    calibrated = RunPlan.resolve(FedTrainer(rounds=2, privacy=PrivacySettings(clip=1.0, target_epsilon=3.0)),
+                                 method_class("promptfl")(), client_sizes=(32, 64))
+    assert calibrated.noise_multiplier > 0
+    assert plan("promptfl").noise_multiplier == 0.0 and plan("promptfl").privacy is None
+    with pytest.raises(FedlitError, match="trainer.lockstep=1"):
+        plan("promptfl", privacy=PrivacySettings(clip=1.0, noise_multiplier=1.0), lockstep=2, optimizer_state="fresh")

@@ -371,6 +371,9 @@ def run_server(grid: Grid, run_config) -> dict:
     if o.stepper is not None:
         raise FedlitError(f"trainer.sync=step ({method.name}: gradients exchanged every batch step) is not available "
                           f"under Flower yet; run it with fedlit fit")
+    if o.cfg.privacy is not None:  # the DP step counts stay in the clients' state on the SuperNodes
+        raise FedlitError("trainer.privacy is not available under Flower yet (the server cannot report the clients' "
+                          "ε); run it with fedlit fit")
     out = str(run_config.get(OUT_KEY, "")) or None
     run_dir, resume = experiment.run_dir(out, method.name, data.label, rt.cfg.seed,
                                          bool(run_config.get(OVERWRITE_KEY, False)))
