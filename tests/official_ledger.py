@@ -4,12 +4,14 @@ exactly as `fedlit fit` does, without building a model. Used by tests/test_offic
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import yaml
 
 from fedlit import experiment, features
+from fedlit.methods.roles import legacy_property
 from fedlit.metrics import statistic_of
 from fedlit.apps.table1 import PAPER_BACKBONE, fit_command
 
@@ -70,9 +72,13 @@ def resolve(argv: list[str]) -> dict:
             if not key.startswith("_") and (isinstance(value, SCALARS) or
                                             isinstance(value, (list, tuple)) and all(isinstance(x, SCALARS) for x in value)):
                 out[f"{section}.{key}"] = _plain(value)
-    for key in dir(type(m)):  # class-level settings (e.g. `trainable`), not methods
-        if not key.startswith("_") and f"method.{key}" not in out and isinstance(getattr(type(m), key), SCALARS):
-            out[f"method.{key}"] = getattr(m, key)
+    for key in dir(type(m)):  # class-level settings (e.g. `trainable`) and the policy's flags, not methods
+        if key.startswith("_") or f"method.{key}" in out:
+            continue
+        declared = inspect.getattr_static(type(m), key)
+        value = getattr(m, key) if isinstance(declared, property | legacy_property) else getattr(type(m), key)
+        if isinstance(value, SCALARS):
+            out[f"method.{key}"] = value
     if out.get("data.partition_seed") is None:
         out["data.partition_seed"] = "run"  # null = the run's seed
     out["trainer.precision"] = PRECISION.get(t.precision, t.precision)
