@@ -45,11 +45,15 @@ def _finish(method: str, statistic: str = "method") -> dict:
     """Orchestrator.finish on a hand-made history (rank 1: nothing written)."""
     per = {r: {"round": r, "mean": h, "per_client": {0: {"local": h["local"]}}} for r, h in
            ((h["round"], h) for h in HISTORY)}
+    from fedlit.methods import method_class
+    from fedlit.run_plan import RunPlan
+
+    cfg = FedTrainer(rounds=6, statistic=statistic)
     fake = SimpleNamespace(history=HISTORY, best_eval=per[4], meta={}, seed=1, run_dir="x",
                            method=SimpleNamespace(name=method, run_report=lambda: {}, sync="round"),
-                           cfg=FedTrainer(rounds=6, statistic=statistic), fabric=SimpleNamespace(global_rank=1),
-                           bank=SimpleNamespace(encoded=0), client_groups=lambda: {}, ood=None,
-                           optim=SimpleNamespace(policy="chain"))
+                           cfg=cfg, plan=RunPlan.resolve(cfg, method_class(method)()),
+                           fabric=SimpleNamespace(global_rank=1),
+                           bank=SimpleNamespace(encoded=0), client_groups=lambda: {}, ood=None)
     return Orchestrator.finish(fake, per[6], 1.0)
 
 
