@@ -121,6 +121,10 @@ class OODEvaluator:
         if "neglabel" in cfg.scores and not orch.method.text_classifier:
             raise FedlitError(f"ood.scores: neglabel needs a text classifier; method '{orch.method.name}' has a "
                               f"linear head — drop neglabel")
+        if "neglabel" in cfg.scores and not orch.method.encodes_any_label(cfg.words()):
+            raise FedlitError(f"ood.scores: neglabel scores the method's prompts on negative labels, and method "
+                              f"'{orch.method.name}' cannot build a class prompt for them (FedMVP: no attribute "
+                              f"phrases for them in method.init_args.attributes_dir) — drop neglabel from ood.scores")
         self.neg_task = Task("neglabels", cfg.words()) if "neglabel" in cfg.scores else None
         rng = np.random.default_rng(42)
         pick = (lambda n: np.sort(rng.choice(n, size=max(1, int(round(cfg.subset * n))), replace=False))

@@ -230,7 +230,24 @@ def _text_prompt_methods() -> list[str]:
 def test_ood_protocol_runs_for_every_text_prompt_method(tmp_path, name):
     from test_all_methods import EXTRA
 
+    if name == "fedmvp":  # no attribute phrases for the negative labels: NegLabel refused, the other scores run
+        res = _fit_ood(tmp_path, name, *EXTRA.get(name, []), "--ood.scores", "[msp, energy]")
+        assert all(f"ood/{s}/auroc" in res["final"] for s in ("msp", "energy")) and "ood/neglabel/auroc" not in res["final"]
+        assert 0 <= res["final"]["ood/cacc"] <= 100
+        return
     _check_ood_results(_fit_ood(tmp_path, name, *EXTRA.get(name, [])))
+
+
+def test_neglabel_is_refused_in_one_line_where_the_method_cannot_prompt_the_labels(tmp_path, capsys):
+    from fedlit.methods import method_class
+
+    assert not method_class("fedmvp")().encodes_any_label(["table", "cloud"])
+    assert method_class("fedmvp")().encodes_any_label(["red circle"]) and method_class("promptfl")().encodes_any_label(
+        ["table"])
+    rc = main(["fit", "--config", str(ROOT / "configs" / "fedmvp.yaml"), "--config", str(ROOT / "configs" / "embedded.yaml"),
+               "--config", str(OVERLAY), *SMALL, "--out_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "drop neglabel from ood.scores" in err and not (tmp_path / "r" / "results.json").exists()
 
 
 def test_summarize_adds_the_ood_columns(tmp_path):

@@ -121,6 +121,11 @@ class FedMethod:
     eval_protocol: str = "personalized"
     #: False for methods whose classifier is not text (a linear head, pFedPG/VPT): no novel-class evaluation.
     text_classifier: bool = True
+
+    def encodes_any_label(self, classnames) -> bool:
+        """Whether the method can build class text features for these names (the OOD protocol's NegLabel words);
+        FedMVP needs attribute phrases for every class."""
+        return self.text_classifier
     #: How its clients train (:class:`~fedlit.methods.roles.ClientPolicy`): the official loop's optimiser lifecycle
     #: (``chain`` for the Dassl code bases, ``per_client`` for FedTPG's), training order, last-batch rule,
     #: augmentation, restart rule, lr schedule, proximal term, round or step mode. ``trainer.*: method`` resolves to

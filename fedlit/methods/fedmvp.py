@@ -180,6 +180,12 @@ class FedMVP(FedMethod):
         return True
 
     # ----------------------------------------------------------------------------- descriptions
+    def encodes_any_label(self, classnames) -> bool:
+        """Only classes with attribute phrases (the user's files, or the embedded shapes classes)."""
+        if self._attributes is None:
+            return shapes_attributes(classnames) is not None
+        return all(clean_classname(c).lower() in self._attributes for c in classnames)
+
     def phrases(self, task: Task) -> list[list[str]]:
         """The attribute phrases of every class of ``task`` (checked: every class present, the same count)."""
         if self._attributes is None:
