@@ -38,7 +38,7 @@ from .errors import FedlitError
 from .heap import release_free_memory
 from .methods.base import FedMethod, Update
 from .optimizer_state import OptimizerLifecycle
-from .rounds import ClientState
+from .rounds import ClientState, check_failures, failed_update
 from .run_plan import RunPlan
 from .text_batch import FusedText
 
@@ -77,7 +77,7 @@ class ClientRuntime:
         client = self.federation.clients[cid]
         x = self.bank.inputs("train", client.train_idx[rows],
                              views=self.bank.train_views((self.seed, rnd, cid, epoch), client.num_samples, rows))
-        return x, torch.as_tensor(client.train_y, device=self.device)[rows]
+        return x, torch.as_tensor(client.train_y[rows], device=self.device)
 
     def optimizer(self, module, own: ClientState):
         """The optimiser of one client-round on ``module`` under the plan's optimiser-state policy
@@ -221,20 +221,6 @@ def _autocast_loss(fabric, run: LocalRun, batch) -> torch.Tensor:
         return run.loss(batch)
 
 
-def failed(cid: int, error: str, num_samples: int) -> Update:
-    """The update of a client that raised (``on_client_failure``)."""
-    return Update(cid, {}, {}, num_samples, float("nan"), error=error)
-
-
-def check(plan: RunPlan, updates: list[Update], rnd: int) -> None:
-    """The failure policy: with ``on_client_failure=stop`` the first failed client stops the run."""
-    bad = sorted((u for u in updates if not u.ok), key=lambda u: u.cid)
-    if bad and plan.on_client_failure == "stop":
-        u = bad[0]
-        raise FedlitError(f"client {u.cid} failed in round {rnd + 1}: {u.error} "
-                          f"(trainer.on_client_failure=skip leaves such clients out instead)")
-
-
 class Clients:
     """A process's clients of a round on one runtime: one at a time, or in lock-step groups of the plan's
     ``lockstep`` (0 = all of them); a client that raises becomes a failed update (``on_client_failure``).
@@ -254,8 +240,8 @@ class Clients:
         except FedlitError:
             raise
         except Exception as e:  # a bug or bad data in one client must not kill a long grid
-            update = failed(cid, f"{type(e).__name__}: {e}", self.rt.federation.clients[cid].num_samples)
-        check(self.rt.plan, [update], rnd)
+            update = failed_update(cid, f"{type(e).__name__}: {e}", self.rt.federation.clients[cid].num_samples)
+        check_failures(self.rt.plan.on_client_failure, [update], rnd)
         release_free_memory()  # the step buffers' pages: resident memory stays flat with many clients
         return update
 
@@ -285,7 +271,7 @@ class Clients:
                       f"({type(e).__name__}: {str(e)[:160]}); its clients are retrained one at a time "
                       "(said once per run)")
             return [self.update(cid, rnd, sent[cid], state_of(cid)) for cid in cids]
-        check(self.rt.plan, updates, rnd)
+        check_failures(self.rt.plan.on_client_failure, updates, rnd)
         release_free_memory()
         return updates
 
@@ -298,5 +284,5 @@ class Clients:
         return [self.module, *self._lanes[: count - 1]]
 
 
-__all__ = ["ClientRuntime", "Clients", "LocalRun", "check", "failed", "text_side", "train_alone", "train_lockstep",
+__all__ = ["ClientRuntime", "Clients", "LocalRun", "text_side", "train_alone", "train_lockstep",
            "train_private"]

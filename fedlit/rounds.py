@@ -43,6 +43,20 @@ def shard(items: list[int], rank: int, world_size: int) -> list[int]:
     return items[rank::world_size]
 
 
+def failed_update(cid: int, error: str, num_samples: int) -> Update:
+    """The update of a client that failed (raised, diverged, or never answered)."""
+    return Update(cid, {}, {}, num_samples, float("nan"), error=error)
+
+
+def check_failures(on_client_failure: str, updates: list[Update], rnd: int) -> None:
+    """The failure policy: with ``on_client_failure=stop`` the first failed client stops the run."""
+    failed = sorted((u for u in updates if not u.ok), key=lambda u: u.cid)
+    if failed and on_client_failure == "stop":
+        u = failed[0]
+        raise FedlitError(f"client {u.cid} failed in round {rnd + 1}: {u.error} "
+                          f"(trainer.on_client_failure=skip leaves such clients out instead)")
+
+
 @dataclass
 class ClientState:
     """What one client keeps between rounds, never sent to the server: its personal tensors (FedPGP's U/V, a
@@ -135,16 +149,11 @@ class RoundProtocol:
 
     # ------------------------------------------------------------------------------------ updates
     def failed(self, cid: int, error: str, num_samples: int | None = None) -> Update:
-        n = self.num_samples[cid] if num_samples is None else num_samples
-        return Update(cid, {}, {}, n, float("nan"), error=error)
+        return failed_update(cid, error, self.num_samples[cid] if num_samples is None else num_samples)
 
     def check(self, updates: list[Update], rnd: int) -> None:
-        """The failure policy: with ``on_client_failure=stop`` the first failed client stops the run."""
-        failed = sorted((u for u in updates if not u.ok), key=lambda u: u.cid)
-        if failed and self.cfg.on_client_failure == "stop":
-            u = failed[0]
-            raise FedlitError(f"client {u.cid} failed in round {rnd + 1}: {u.error} "
-                              f"(trainer.on_client_failure=skip leaves such clients out instead)")
+        """The failure policy (:func:`check_failures`) of the run's ``on_client_failure``."""
+        check_failures(self.cfg.on_client_failure, updates, rnd)
 
     def aggregate(self, updates: list[Update]) -> list[Update]:
         """Sort by client, aggregate the successful updates (each with what it was sent) into the global state,

@@ -116,7 +116,7 @@ class RunPlan:
     def digest(self) -> str:
         """12 hex digits of the fields that change the numbers (metadata ``results``; the trainer's likewise)."""
         numbers = {k: v for k, v in self.as_dict().items() if _changes_results(type(self), k)}
-        numbers["settings"] = {k: getattr(self.settings, k) for k in _result_settings(self.settings)}
+        numbers["settings"] = {k: getattr(self.settings, k) for k in result_fields(type(self.settings))}
         return hashlib.sha256(json.dumps(numbers, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
@@ -153,11 +153,6 @@ def _sigma(trainer: FedTrainer, method: FedMethod, sizes: tuple[int, ...]) -> fl
 
 def _changes_results(cls, name: str) -> bool:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("results", True)
-
-
-def _result_settings(trainer) -> tuple[str, ...]:
-    """The trainer settings that change the numbers (their field metadata, :func:`fedlit.trainer.result_fields`)."""
-    return result_fields(type(trainer))
 
 
 def _check_step_mode(trainer: FedTrainer, method: FedMethod, world_size: int) -> None:

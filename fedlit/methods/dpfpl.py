@@ -68,7 +68,6 @@ from torch import nn
 
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
-from ..aggregation import uniform_mean
 from ..privacy import clip_norm, clip_per_sample, gaussian, rdp_epsilon, rdp_orders
 from .base import FedMethod, StepPlan
 from .roles import ClientPolicy
@@ -266,7 +265,7 @@ class DPFPL(FedMethod):
 
     def server_gradient(self, grads, num_samples, gen: torch.Generator):
         """The clients' mean g_G (unweighted by default) + N(0, (σ_loc / K)²) when ε > 0."""
-        mean = super().server_gradient(grads, num_samples, gen) if self.weighted else uniform_mean(grads)
+        mean = super().server_gradient(grads, num_samples, gen)  # FedAvg's mean (weighted only if ``weighted``)
         if self.epsilon > 0:
             std = self.local_std / len(grads)
             mean = {k: v + torch.randn(v.shape, generator=gen).to(v) * std for k, v in mean.items()}

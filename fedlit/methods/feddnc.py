@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FedlitError
-from ..aggregation import fedavg, uniform_mean
 from ..prompts import Task, encode_context, handcrafted_features, prompt_template
 from .base import FedMethod, fp32
 
@@ -146,10 +145,9 @@ class FedDnC(FedMethod):
 
     # ------------------------------------------------------------------ server
     def aggregate(self, updates, global_state):
-        states = [u.shared for u in updates]
-        if not states:
+        if not updates:
             return global_state
-        avg = fedavg(states, [u.num_samples for u in updates]) if self.weighted else uniform_mean(states)
+        avg = dict(super().aggregate(updates, global_state))  # FedAvg (weighted or uniform), then P_n's EMA
         if self._aggregations > 0:
             eta = ema_rate(self.ema_alpha, self.shots)
             avg["ctx_n"] = (1 - eta) * global_state["ctx_n"].to(avg["ctx_n"]) + eta * avg["ctx_n"]
