@@ -332,20 +332,21 @@ def trainer_class(parser) -> type:
 
 def config_digest(parser, cfg) -> str:
     """Digest of the settings that change results (not the run directory, the round count or the devices): every
-    section but ``trainer:`` whole, of ``trainer:`` the fields :func:`~fedlit.trainer.digest_fields` names."""
+    section but ``trainer:`` whole, of ``trainer:`` the fields :func:`~fedlit.trainer.digest_fields` names (an
+    option added later, :data:`~fedlit.trainer.ADDED`, only where it differs from its default)."""
     import hashlib
     import json
 
     import yaml
 
-    from .trainer import digest_fields
+    from .trainer import default_not_in_digest, digest_fields
 
     d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
     if isinstance(d.get("trainer"), dict):
-        keep = set(digest_fields(trainer_class(parser)))
-        d["trainer"] = {k: v for k, v in d["trainer"].items() if k in keep}
+        keep, added = set(digest_fields(trainer_class(parser))), default_not_in_digest(trainer_class(parser))
+        d["trainer"] = {k: v for k, v in d["trainer"].items() if k in keep and not (k in added and v == added[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

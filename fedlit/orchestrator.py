@@ -26,6 +26,7 @@ from .backbones import FrozenCLIP
 from .callbacks import TensorBoard, default_callbacks
 from .client import ClientModule
 from .data.federation import Federation
+from .data.registry import unnormalised
 from .engine import ClientRuntime, Clients, LocalRun, train_alone
 from .dp_sgd import client_sizes, privacy_report
 from .errors import FedlitError
@@ -71,7 +72,8 @@ class Orchestrator:
         if fabric.global_rank == 0:
             for line in (plan.describe(), *plan.notes):
                 print(f"fedlit: {line}")
-        self.bank = FeatureBank(clip, {"train": federation.data.train, "test": federation.data.test},
+        train = federation.data.train if trainer.train_pixel_norm == "clip" else unnormalised(federation.data.train)
+        self.bank = FeatureBank(clip, {"train": train, "test": federation.data.test},
                                 autocast=fabric.autocast,
                                 kind=method.image_input, cache=trainer.feature_cache, cache_dir=trainer.cache_dir,
                                 augment_views=trainer.augment_views, seed=seed, local_epochs=trainer.local_epochs,

@@ -131,6 +131,8 @@ class RunPlan:
             parts.append(f"optimizer_state={self.optimizer_state}{order}")
         parts += [f"drop_last={self.drop_last}",
                   f"augment={self.augment}" + (" (views cached)" if self.cache_views and self.epoch_views else ""),
+                  *(["train_pixel_norm=none (training images not normalised: FLiP F1)"]
+                    if self.settings.train_pixel_norm == "none" else []),
                   *([f"prox_mu={self.prox_mu:g}" + (" (detached)" if self.prox_detached else "")]
                     if self.prox_mu > 0 else []),
                   *(["restart_personal"] if self.restart_personal else []),

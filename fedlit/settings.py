@@ -12,12 +12,16 @@ import hashlib
 import json
 from dataclasses import fields
 
-from .trainer import FedTrainer, result_fields
+from .trainer import FedTrainer, default_not_in_digest, result_fields
 
 #: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run;
 #: the ``trainer.`` ones are the :class:`~fedlit.trainer.FedTrainer` fields whose metadata says ``results: False``.
 NOT_NUMBERS = frozenset({"seed", "out_dir", "overwrite", "config", "print_config", "data.root",
                          *(f"trainer.{f.name}" for f in fields(FedTrainer) if f.name not in result_fields(FedTrainer))})
+
+#: Options added after runs existed (:data:`~fedlit.trainer.ADDED`): at their default they are left out, so a run
+#: from before the option groups with one that sets it to the default.
+ADDED_AT_DEFAULT = {f"trainer.{k}": v for k, v in default_not_in_digest(FedTrainer).items()}
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -50,7 +54,7 @@ def report_config(config: dict) -> dict:
     unused = {f"data.{k}" for k in inapplicable(config.get("data") or {})}
     out = {}
     for k, v in flat.items():
-        if k in NOT_NUMBERS or k in unused:
+        if k in NOT_NUMBERS or k in unused or (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k]):
             continue
         k = k.replace("method.init_args.", "method.")
         out[k] = json.dumps(v) if isinstance(v, (list, tuple)) else v

@@ -27,6 +27,9 @@ NUMBERS = MappingProxyType({"results": True})
 #: metadata of a field that changes the numbers but not what a run *is*: a resumed run may extend it (``rounds``:
 #: rerunning with more rounds continues the run), so it is in HParams and report groups, not in the digest.
 EXTENDS = MappingProxyType({"results": True, "digest": False})
+#: metadata of a field that changes the numbers and was added after runs existed: at its default value it is left
+#: out of the run digest (:func:`fedlit.experiment.config_digest`), so earlier runs are still found and resumed.
+ADDED = MappingProxyType({"results": True, "digest_default": False})
 #: metadata of a field that changes where and how fast a run computes, not its numbers (beyond kernel rounding).
 SPEED = MappingProxyType({"results": False})
 
@@ -44,6 +47,11 @@ def result_fields(cls) -> tuple[str, ...]:
 def digest_fields(cls) -> tuple[str, ...]:
     """The :func:`result_fields` that identify a run for resuming (all but those a resumed run may extend)."""
     return tuple(f.name for f in fields(cls) if f.metadata.get("results", True) and f.metadata.get("digest", True))
+
+
+def default_not_in_digest(cls) -> dict[str, object]:
+    """The fields of ``cls`` (metadata :data:`ADDED`) left out of the run digest at their default: name -> default."""
+    return {f.name: f.default for f in fields(cls) if f.metadata.get("digest_default", True) is False}
 
 
 def not_in_digest(cls) -> tuple[str, ...]:
@@ -103,6 +111,13 @@ class FedTrainer:
             image (scale (0.08, 1), bicubic) + flip, one fresh view per image and local epoch (the view bank of
             :mod:`fedlit.features`); ``none``: no augmentation — exact cached features, fastest, but it changes the
             numbers of the Dassl-family methods. Evaluation is never augmented.
+        train_pixel_norm: how training images reach the image tower: ``clip`` (default) resized and mean/std
+            normalised like the test images; ``none`` resized only, values left in [0, 1] — FLiP's quirk F1 (its
+            training transform has the ``Normalize`` line commented out while its test transform normalises,
+            flip@ec3a848 ``imageloader.py:131-153``, spec 3c §0.7), which every FLiP row ran with. Test images and
+            zero-shot references are unchanged; features computed on training images (ProGrad's and PromptSRC's
+            teachers included) see the un-normalised pixels, as in FLiP. Not combinable with a dataset's own
+            pre-processing (``data.dataset_args.preprocess: official``).
         augment_views: legacy K-view augmentation, overrides ``augment``: 0 = off (default); K > 0 = K fixed
             random-resized-crop + flip views per training image (cut from the stored image), one drawn per sample
             and step from (seed, round, client, epoch).
@@ -184,6 +199,7 @@ class FedTrainer:
     cache_dir: str | None = field(default=None, metadata=SPEED)
     augment: Literal["method", "dassl", "none"] = field(default="method", metadata=NUMBERS)
     augment_views: int = field(default=0, metadata=NUMBERS)
+    train_pixel_norm: Literal["clip", "none"] = field(default="clip", metadata=ADDED)
     threads: int | None = field(default=None, metadata=SPEED)
     drop_last: Literal["method", "dassl", "never"] = field(default="method", metadata=NUMBERS)
     sync: Literal["method", "round", "step"] = field(default="method", metadata=NUMBERS)

@@ -355,7 +355,7 @@ class FrozenCLIP(nn.Module):
         """Float images [B, 3, H, W] in [0, 1] -> resized (bicubic, antialiased) to ``image_size`` and mean/std
         normalised, on the model's device. ``pixel_norm`` (a dataset's own pre-processing, see
         :class:`~fedlit.data.registry.ImageSplit`) replaces that: its mean/std at the native size, then its resize
-        (torchvision's tensor ``Resize``: antialiased, no clamp)."""
+        (torchvision's tensor ``Resize``: antialiased, no clamp unless it says ``clamp``)."""
         x = x.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -366,6 +366,8 @@ class FrozenCLIP(nn.Module):
             if tuple(x.shape[-2:]) != self._size_hw:
                 x = F.interpolate(x, size=self._size_hw, mode=pixel_norm["resize"], antialias=True,
                                   align_corners=False)
+                if pixel_norm.get("clamp"):
+                    x = x.clamp(0.0, 1.0)
             return x
         if tuple(x.shape[-2:]) != self._size_hw:
             x = F.interpolate(x, size=self._size_hw, mode="bicubic", antialias=True, align_corners=False)

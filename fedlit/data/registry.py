@@ -76,6 +76,26 @@ def _digest_value(h, name: str, value: Any) -> None:
         h.update(f"{type(value).__name__}:{value!r}".encode())
 
 
+#: The backbone's bicubic resize (antialiased, clamped to [0, 1]) without the mean/std step: FLiP's training
+#: pre-processing (spec 3c §0.7, quirk F1; ``trainer.train_pixel_norm: none``).
+UNNORMALISED = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "resize": "bicubic", "clamp": True}
+
+
+def unnormalised(split: "ImageSplit") -> "ImageSplit":
+    """A shallow copy of ``split`` whose images reach the tower resized but not normalised (:data:`UNNORMALISED`;
+    its own cache key). A split with its own pre-processing is refused: the two do not compose."""
+    import copy
+
+    if split.pixel_norm is not None:
+        raise FedlitError("trainer.train_pixel_norm=none replaces the backbone's normalisation, but this dataset "
+                          "has its own pre-processing (data.dataset_args.preprocess: official); use "
+                          "train_pixel_norm: clip, or preprocess: clip")
+    out = copy.copy(split)
+    out.__dict__.pop("_cache_key_memo", None)  # the copy's images differ: its own key
+    out.pixel_norm = dict(UNNORMALISED)
+    return out
+
+
 @dataclass
 class ImageSplit(abc.ABC):
     """One split: labels, and a way to get images. Subclasses decide where images live.
@@ -85,7 +105,8 @@ class ImageSplit(abc.ABC):
         pixel_norm: ``None`` (the backbone's own resize and mean/std) or a dataset-specific pre-processing that
             replaces it, ``{"mean": (3,), "std": (3,), "resize": "bilinear"}``: normalise at the native size, then
             resize (what FedPGP/FedOTP's CIFAR code does). Set as an instance attribute, so it is part of
-            :meth:`cache_key`.
+            :meth:`cache_key`. :data:`UNNORMALISED` (FLiP's training images, ``trainer.train_pixel_norm: none``)
+            is the backbone's own resize without the mean/std.
     """
 
     labels: np.ndarray
