@@ -53,6 +53,8 @@ class RunPlan:
     step_per: str = field(metadata=NUMBERS)
     #: ``constant`` / ``cosine`` (over participations: FedTPG) / ``cosine_steps`` (per step: FedLAPT)
     lr_schedule: str = field(metadata=NUMBERS)
+    #: the sets that give Base / Novel: ``full_split`` or ``official_client0`` (FedDnC's code: client 0's sets)
+    global_eval_set: str = field(metadata=NUMBERS)
     prox_mu: float = field(metadata=NUMBERS)  #: FedProx's μ in use (``trainer.prox_mu``, else the method's)
     prox_detached: bool = field(metadata=NUMBERS)  #: the official zero-gradient FedProx term (FedOTP code base)
     on_client_failure: str = field(metadata=NUMBERS)  #: ``skip`` / ``stop`` (step mode: always ``stop``)
@@ -101,6 +103,7 @@ class RunPlan:
             train_order=method.train_order, step_loop=step_loop, drop_last=trainer.drop_last_of(method),
             augment=augment, epoch_views=views, restart_personal=method.restart_personal,
             step_per=method.policy.step_per, lr_schedule=method.lr_schedule,
+            global_eval_set=method.global_eval_set,
             prox_mu=float(trainer.prox_mu if trainer.prox_mu > 0 else method.prox_mu),
             prox_detached=bool(method.prox_detached),
             on_client_failure="stop" if step_loop is not None else trainer.on_client_failure,
@@ -145,6 +148,7 @@ class RunPlan:
                   *(["restart_personal"] if self.restart_personal else []),
                   *([f"step_per={self.step_per}"] if self.step_per != "batch" else []),
                   *([f"lr_schedule={self.lr_schedule}"] if self.lr_schedule != "constant" else []),
+                  *([f"global_eval_set={self.global_eval_set}"] if self.global_eval_set != "full_split" else []),
                   *([f"privacy=dp-sgd (C={self.privacy.clip:g}, sigma={self.noise_multiplier:.4g}, "
                      f"{self.privacy.tensors} tensors)"] if self.privacy is not None else []),
                   f"lockstep={self.lockstep}", f"on_client_failure={self.on_client_failure}",
