@@ -102,6 +102,7 @@ class LocalRun:
         # ``cosine_steps``: the client's optimiser steps before this round, and its schedule's length
         self.lr_step0 = int(own.optim.get("lr_steps", 0))
         self.lr_total = rt.plan.settings.local_epochs * len(rt.plan.batch_starts(self.client.num_samples))
+        self.last_lr = self.lr
         self.losses: list[float] = []
         self.steps = 0
         self.error: str | None = None
@@ -140,6 +141,7 @@ class LocalRun:
             lr = self.rt.method.policy.lr_at_step(self.lr, self.lr_step0 + self.steps, self.lr_total)
             for group in self.optimizer.param_groups:
                 group["lr"] = group.get("fixed_lr", lr)
+            self.last_lr = lr  # what the round reports (``train/lr``): its last step's
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
@@ -152,7 +154,7 @@ class LocalRun:
         shared, personal = self.module.export()
         optim = self.rt.optim.finish(self.optimizer, self.own, self.steps)  # chain: the state goes on to the next client
         return Update(self.cid, shared, personal, n, float(np.mean(self.losses)) if self.losses else float("nan"),
-                      self.steps, optim=optim, lr=self.lr)
+                      self.steps, optim=optim, lr=self.last_lr)
 
 
 def train_alone(fabric, run: LocalRun) -> Update:

@@ -160,6 +160,7 @@ def test_optimizer_steps_per_epoch_and_the_per_step_lr(monkeypatch, step_per):
     total = 2 * batches  # E · len(loader)
     assert lrs == pytest.approx([FEDLAPT_CLIENT.lr_at_step(0.001, k, total) for k in range(2 * per_epoch)])
     assert int(up.optim["lr_steps"]) == up.steps and any(k.endswith("momentum_buffer") for k in up.optim)
+    assert up.lr == pytest.approx(lrs[-1])  # the round reports its last step's lr
     orch.apply([up])  # the client's schedule runs on in its next round
     lrs.clear()
     up2 = orch.local_update(0, 1)
