@@ -99,6 +99,10 @@ class LocalRun:
         self.task, self.classes = rt.federation.task_of(cid), rt.federation.held_classes(cid)
         module.train()
         self.optimizer, self.tracked, self.lr = rt.optimizer(module, own)
+        # ``cosine_steps``: the client's optimiser steps before this round, and its schedule's length
+        self.lr_step0 = int(own.optim.get("lr_steps", 0))
+        self.lr_total = rt.plan.settings.local_epochs * len(rt.plan.batch_starts(self.client.num_samples))
+        self.last_lr = self.lr
         self.losses: list[float] = []
         self.steps = 0
         self.error: str | None = None
@@ -106,10 +110,15 @@ class LocalRun:
 
     def _batches(self):
         """The client's batches ``(x, y)`` over all its local epochs, in order; the method's ``end_local_epoch``
-        after each epoch's last step (the generator resumes once the epoch is done)."""
+        after each epoch's last step (the generator resumes once the epoch is done). Under the plan's
+        ``step_per: epoch_last_batch`` only each epoch's last batch (FedLAPT's code steps once per epoch, on the
+        last batch; the forwards of the other batches change nothing and are not run)."""
         epochs = self.rt.plan.settings.local_epochs
         for epoch in range(epochs):
-            for rows in self.rt.epoch_rows(self.cid, self.rnd, epoch):
+            batches = self.rt.epoch_rows(self.cid, self.rnd, epoch)
+            if self.rt.plan.step_per == "epoch_last_batch":
+                batches = list(batches)[-1:]
+            for rows in batches:
                 yield self.rt.inputs(self.cid, self.rnd, epoch, rows)
             if self.error is None:
                 self.rt.method.end_local_epoch(self.module.prompt, epoch, epochs)
@@ -128,6 +137,11 @@ class LocalRun:
         """The optimiser step after the gradient of ``loss`` is in the client's tensors (the method's
         :meth:`~fedlit.methods.base.FedMethod.before_optimizer_step` may change it first)."""
         self.rt.method.before_optimizer_step(self.module.prompt)
+        if self.rt.plan.lr_schedule == "cosine_steps":  # a per-step schedule (FedLAPT's LambdaLR)
+            lr = self.rt.method.policy.lr_at_step(self.lr, self.lr_step0 + self.steps, self.lr_total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("fixed_lr", lr)
+            self.last_lr = lr  # what the round reports (``train/lr``): its last step's
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
@@ -138,9 +152,9 @@ class LocalRun:
         if self.error is not None:
             return Update(self.cid, {}, {}, n, float("nan"), self.steps, error=self.error)
         shared, personal = self.module.export()
-        optim = self.rt.optim.finish(self.optimizer, self.own)  # chain: the state goes on to the next client
+        optim = self.rt.optim.finish(self.optimizer, self.own, self.steps)  # chain: the state goes on to the next client
         return Update(self.cid, shared, personal, n, float(np.mean(self.losses)) if self.losses else float("nan"),
-                      self.steps, optim=optim, lr=self.lr)
+                      self.steps, optim=optim, lr=self.last_lr)
 
 
 def train_alone(fabric, run: LocalRun) -> Update:

@@ -386,7 +386,7 @@ def build(parser, cfg, init):
     fabric = trainer.make_fabric()
     fabric.launch()
     L.seed_everything(cfg.seed, verbose=False)
-    federation = data.setup(cfg.seed)
+    federation = data.setup(cfg.seed, global_eval_set=method.global_eval_set)
     clip = load_backbone(init.backbone.name, init.backbone.pretrained, device=fabric.device)
     if clip.has_text:
         clip.set_text_path(init.backbone.text_path)

@@ -59,14 +59,19 @@ class OptimizerLifecycle:
             group["lr"] = group.get("fixed_lr", lr)
         return optimizer, lr
 
-    def finish(self, optimizer: torch.optim.Optimizer, own) -> dict[str, torch.Tensor] | None:
-        """After a successful client-round: hand the state on (``chain``) and return the client's own ``optim``."""
+    def finish(self, optimizer: torch.optim.Optimizer, own, steps: int = 0) -> dict[str, torch.Tensor] | None:
+        """After a successful client-round of ``steps`` optimiser steps: hand the state on (``chain``) and return
+        the client's own ``optim`` (with ``lr_steps``, its steps over all rounds, under a ``cosine_steps``
+        schedule)."""
         if self.policy == "chain":
             self.chain = optimizer_state_tensors(optimizer)
         if not self.tracked:
             return None
-        return {**(optimizer_state_tensors(optimizer) if self.policy == "per_client" else {}),
-                "participations": own.optim.get("participations", torch.tensor(0)) + 1}
+        out = {**(optimizer_state_tensors(optimizer) if self.policy == "per_client" else {}),
+               "participations": own.optim.get("participations", torch.tensor(0)) + 1}
+        if self.method.lr_schedule == "cosine_steps":
+            out["lr_steps"] = own.optim.get("lr_steps", torch.tensor(0)) + steps
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
         """The chained state for the checkpoint's server section."""

@@ -49,6 +49,12 @@ class RunPlan:
     augment: str = field(metadata=NUMBERS)  #: ``none`` / ``dassl`` / ``views-K``
     epoch_views: int = field(metadata=NUMBERS)  #: fresh views a training image gets over the run (``dassl``)
     restart_personal: bool = field(metadata=NUMBERS)  #: local training restarts from the initial personal tensors
+    #: ``batch`` (a step per batch) or ``epoch_last_batch`` (one step per local epoch on its last batch: FedLAPT)
+    step_per: str = field(metadata=NUMBERS)
+    #: ``constant`` / ``cosine`` (over participations: FedTPG) / ``cosine_steps`` (per step: FedLAPT)
+    lr_schedule: str = field(metadata=NUMBERS)
+    #: the sets that give Base / Novel: ``full_split`` or ``official_client0`` (FedDnC's code: client 0's sets)
+    global_eval_set: str = field(metadata=NUMBERS)
     prox_mu: float = field(metadata=NUMBERS)  #: FedProx's μ in use (``trainer.prox_mu``, else the method's)
     prox_detached: bool = field(metadata=NUMBERS)  #: the official zero-gradient FedProx term (FedOTP code base)
     on_client_failure: str = field(metadata=NUMBERS)  #: ``skip`` / ``stop`` (step mode: always ``stop``)
@@ -78,6 +84,10 @@ class RunPlan:
                               f"trainer.sync=step (or method), not {trainer.sync!r}")
         if sync == "step" and method.trainable:
             _check_step_mode(trainer, method, world_size)
+            if method.policy.step_per != "batch":
+                raise FedlitError(f"method '{method.name}' steps once per local epoch (step_per="
+                                  f"{method.policy.step_per}); trainer.sync=step steps every batch: use "
+                                  "trainer.sync=round, or method.init_args.step_per=batch")
             step_loop = StepLoop(**trainer.step_policies(method))
         check_privacy(trainer, method)
         augment = method.augmentation(trainer)
@@ -92,6 +102,8 @@ class RunPlan:
             method=method.name, sync=sync, optimizer_state=checked_policy(trainer, method),
             train_order=method.train_order, step_loop=step_loop, drop_last=trainer.drop_last_of(method),
             augment=augment, epoch_views=views, restart_personal=method.restart_personal,
+            step_per=method.policy.step_per, lr_schedule=method.lr_schedule,
+            global_eval_set=method.global_eval_set,
             prox_mu=float(trainer.prox_mu if trainer.prox_mu > 0 else method.prox_mu),
             prox_detached=bool(method.prox_detached),
             on_client_failure="stop" if step_loop is not None else trainer.on_client_failure,
@@ -136,6 +148,9 @@ class RunPlan:
                   *([f"prox_mu={self.prox_mu:g}" + (" (detached)" if self.prox_detached else "")]
                     if self.prox_mu > 0 else []),
                   *(["restart_personal"] if self.restart_personal else []),
+                  *([f"step_per={self.step_per}"] if self.step_per != "batch" else []),
+                  *([f"lr_schedule={self.lr_schedule}"] if self.lr_schedule != "constant" else []),
+                  *([f"global_eval_set={self.global_eval_set}"] if self.global_eval_set != "full_split" else []),
                   *([f"privacy=dp-sgd (C={self.privacy.clip:g}, sigma={self.noise_multiplier:.4g}, "
                      f"{self.privacy.tensors} tensors)"] if self.privacy is not None else []),
                   f"lockstep={self.lockstep}", f"on_client_failure={self.on_client_failure}",

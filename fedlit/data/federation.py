@@ -12,6 +12,11 @@ A federation is made of one or more *groups* — a dataset or a domain — each 
   average clients per dataset, then datasets.
 - **Unseen datasets** (``eval_datasets``; FedTPG cross-data and cross-domain): evaluated on all their classes, never
   trained; they count as *novel* for every client.
+- **Client 0's sets** (``global_eval_set: official_client0``, which a method asks for through
+  :attr:`fedlit.methods.base.FedMethod.global_eval_set`; FedDnC's released code, spec 3a §2.6): every client's *base*
+  is the first client's test split (among all base classes) and its *novel* the first client's share of the novel
+  classes — the novel half split by the same partitioner and seed — classified among all novel classes (sets
+  ``client0/base``, ``client0/novel``); Local is unchanged. ``full_split`` (default): the whole splits.
 - **One client per domain** (``partition: domain``; FedPGP Table 2, pFedPG): every dataset of the list is a domain
   with the same classes; each holds ``num_clients`` clients (iid split); a client's *novel* accuracy is the mean over
   the other domains (leave-one-domain-out), or over the ``leave_out`` domains, which get no client.
@@ -34,6 +39,10 @@ from .partitioners import PARTITIONERS, PartitionSpec, get_partitioner
 from .protocol import base_novel_classes, class_histogram, format_histogram, relabel
 from .concat import concat_datasets
 from .registry import ClassificationData, get_dataset
+
+
+#: which test sets give Base and Novel (:meth:`FederatedData.setup`): the whole splits, or client 0's (FedDnC's code)
+GLOBAL_EVAL_SETS = ("full_split", "official_client0")
 
 
 @dataclass
@@ -202,7 +211,11 @@ class FederatedData:
         return "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1}-more"
 
     # ------------------------------------------------------------------------------------ building
-    def setup(self, seed: int) -> Federation:
+    def setup(self, seed: int, global_eval_set: str = "full_split") -> Federation:
+        """The federation of run seed ``seed``; ``global_eval_set`` (``full_split`` / ``official_client0``) picks the
+        sets that give Base and Novel (module docstring)."""
+        if global_eval_set not in GLOBAL_EVAL_SETS:
+            raise FedlitError(f"global_eval_set={global_eval_set!r}: use one of {', '.join(GLOBAL_EVAL_SETS)}")
         root = self.root or os.environ.get("FEDLIT_DATA")
         for name in self.names + self.eval_datasets:
             _check_dataset_args(name, self.dataset_args)
@@ -210,8 +223,12 @@ class FederatedData:
                     for n in self.names + self.eval_datasets}
         pseed = seed if self.partition_seed is None else self.partition_seed
         if get_partitioner(self.partition).layout == "domains":
+            if global_eval_set != "full_split":
+                raise FedlitError(f"global_eval_set={global_eval_set}: client 0's sets need a class-level partition, "
+                                  f"not data.partition={self.partition}; use global_eval_set full_split")
             return self._domains(datasets, pseed)
-        return self._classes(datasets, pseed)
+        fed = self._classes(datasets, pseed)
+        return self._client0_sets(fed, datasets, pseed) if global_eval_set == "official_client0" else fed
 
     def _classes(self, datasets: dict[str, ClassificationData], pseed: int) -> Federation:
         """Class-level federations: each dataset of ``dataset`` partitioned on its own, side by side."""
@@ -257,6 +274,33 @@ class FederatedData:
                 ce.novel.append(g)
         return Federation(data=data, clients=clients, train_task=first_task, evals=evals,
                           client_evals=client_evals, groups=list(self.names))
+
+    def _client0_sets(self, fed: Federation, datasets: dict[str, ClassificationData], pseed: int) -> Federation:
+        """``official_client0``: per trained dataset, Base / Novel of every client = the sets of its first client."""
+        te_off = _offsets(self.names + self.eval_datasets, lambda n: len(datasets[n].test))
+        multi = len(self.names + self.eval_datasets) > 1
+        for g in self.names:
+            ds = datasets[g]
+            key = (lambda role: f"{g}/{role}") if multi else (lambda role: role)
+            first = next(c for c in fed.clients if c.group == g)
+            base = fed.evals[key("base")]
+            fed.evals[key("client0/base")] = EvalSet(base.task, first.test_idx.copy(), first.test_y.copy(), g)
+            names = [key("client0/base")]
+            novel_names = []
+            if key("novel") in fed.evals:
+                novel_classes = base_novel_classes(len(ds.classnames))[1]
+                _, _, tests = get_partitioner(self.partition)(ds, novel_classes, self._spec(g), pseed)
+                rows = np.asarray(tests[0], dtype=np.int64)
+                fed.evals[key("client0/novel")] = EvalSet(fed.evals[key("novel")].task, rows + te_off[g],
+                                                          relabel(ds.test.labels[rows], novel_classes), g)
+                del fed.evals[key("novel")]  # unused: no client is scored on the whole novel split
+                novel_names = [key("client0/novel")]
+            for c in fed.clients:
+                if c.group == g:
+                    ce = fed.client_evals[c.cid]
+                    ce.base = list(names)
+                    ce.novel = novel_names + [n for n in ce.novel if n != key("novel")]
+        return fed
 
     def _partition(self, ds: ClassificationData, g: str, train_classes: list[int], pseed: int):
         """Per client of one dataset: (classes, train indices, test indices), indices into ``ds``'s splits

@@ -121,6 +121,10 @@ class FedMethod:
     eval_protocol: str = "personalized"
     #: False for methods whose classifier is not text (a linear head, pFedPG/VPT): no novel-class evaluation.
     text_classifier: bool = True
+    #: Which test sets give Base and Novel (:meth:`fedlit.data.federation.FederatedData.setup`): ``full_split`` (the
+    #: whole base / novel test splits) or ``official_client0`` (every client is scored on client 0's test split and
+    #: on client 0's share of the novel classes: FedDnC's released code). Recorded in the run plan.
+    global_eval_set: str = "full_split"
 
     def encodes_any_label(self, classnames) -> bool:
         """Whether the method can build class text features for these names (the OOD protocol's NegLabel words);

@@ -1,9 +1,14 @@
 """FedDnC ("Divide and Conquer", README: ICDM 2026): two decoupled CoOp prompt streams fused per sample by confidence
 (spec 3a §2). **Default = paper**: the released code (``Lynn0925/FedDnC@d2df6c4``) cannot have produced its tables —
 its evaluation never leaves training mode, so every reported number is the P_b stream alone (spec 3a §2.5), and Base /
-Novel are measured on client 0's classes (§2.6). ``eval_logits: official_b_only`` reproduces the first quirk; the
-second (``global_eval_set: official_client0``) is an evaluation-protocol change fedlit does not implement (whole
-splits are always used).
+Novel are measured on client 0's classes (§2.6). ``eval_logits: official_b_only`` reproduces the first quirk;
+``global_eval_set: official_client0`` the second: the code's DataManager keeps no whole test split, so its "global"
+pass falls back to the first client's federated test set — "Base" = the global model on client 0's own test split
+(its ~5 base classes, classified among all base classes; = client 0's Local) and "Novel" = on client 0's share of the
+novel classes (the novel half split like the base half, same seed), classified among all novel classes
+(:mod:`fedlit.data.federation`, sets ``client0/base`` / ``client0/novel``; the run plan and ``results.json`` ``plan``
+say which ran). Default ``full_split`` (the whole base and novel test splits): client 0's 5 of 51 classes cannot be
+what the paper's Base / Novel columns mean, and its numbers would depend on which classes client 0 drew.
 
 Streams ``ctx_b``, ``ctx_n`` ``[N, L, W]`` (N = 2 replicas, L = 4): P_b ~ N(0, 0.02²); P_n = a copy of P_b with its
 first tokens replaced by the embeddings of "a photo of a" in every replica. Both are shared. ``t_s(c)`` = the mean
@@ -76,6 +81,8 @@ class FedDnC(FedMethod):
         ema_alpha: P_n's EMA keep-rate α (0.9 → η 0.1; < 0: η = min(0.4, 0.4/shots)).
         shots: the run's shots per class (the fusion's T_c and α ceiling, the η rule).
         eval_logits: ``fused`` (paper) | ``official_b_only`` (the released code: P_b alone).
+        global_eval_set: ``full_split`` (default: the whole base / novel test splits) | ``official_client0`` (the
+            released code: every client's Base / Novel on client 0's test split and novel share).
         fixed_alpha: a fixed fusion weight instead of the confidence rule (the README's ablation); None.
         lr, momentum, weight_decay, weighted: local SGD (0.002, 0.9, 5e-4), FedAvg weighting.
     """
@@ -84,11 +91,16 @@ class FedDnC(FedMethod):
 
     def __init__(self, n_ctx: int = 4, replicas: int = 2, mu: float = 0.01, lambda_kd: float = 1.0,
                  lambda_align: float = -1.0, beta_div: float = 0.1, temperature: float = 4.0, ema_alpha: float = 0.9,
-                 shots: int = 8, eval_logits: str = "fused", fixed_alpha: float | None = None, lr: float = 0.002,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, weighted: bool = True):
+                 shots: int = 8, eval_logits: str = "fused", fixed_alpha: float | None = None,
+                 global_eval_set: str = "full_split", lr: float = 0.002, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, weighted: bool = True):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=weighted)
         if eval_logits not in ("fused", "official_b_only"):
             raise FedlitError(f"method.init_args.eval_logits={eval_logits!r}: use fused or official_b_only")
+        if global_eval_set not in ("full_split", "official_client0"):
+            raise FedlitError(f"method.init_args.global_eval_set={global_eval_set!r}: use full_split or "
+                              "official_client0")
+        self.global_eval_set = global_eval_set
         if n_ctx < 1 or replicas < 1 or shots < 1 or temperature <= 0 or ema_alpha > 1:
             raise FedlitError("method.init_args: need n_ctx, replicas, shots >= 1, temperature > 0, ema_alpha <= 1")
         if fixed_alpha is not None and not 0 <= fixed_alpha <= 1:

@@ -46,8 +46,9 @@ from torch import nn
 
 from ..aggregation import weighted_mean
 from ..errors import FedlitError
-from ..prompts import Task, clean_classname, prompt_template
+from ..prompts import Task, prompt_template
 from .base import FedMethod, fp32
+from .neglabel import mine_ood_words, negative_labels, vocabulary_words  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -155,33 +156,6 @@ def dro_loss(f: torch.Tensor, t: torch.Tensor, o: torch.Tensor, y: torch.Tensor,
     return loss
 
 
-def negative_labels(clip, id_classes: tuple[str, ...], k: int, candidates: list[str]) -> tuple[str, ...]:
-    """The ``k`` candidates least similar to the ID classes (95-th percentile cosine of "The nice {w}.")."""
-    words = {w for c in id_classes for w in clean_classname(c).lower().split()}
-    cand = list(dict.fromkeys(w for w in candidates if w.lower() not in words))
-    if len(cand) < k:
-        raise FedlitError(f"focoop: only {len(cand)} OOD word candidates for num_ood_prompts={k}; give a longer "
-                          "method.init_args.ood_words_file (one word a line) or fewer prompts")
-    with torch.no_grad():
-        def feats(names):
-            out = torch.cat([clip.encode_tokens(clip.tokenize([f"The nice {w}." for w in names[i:i + 512]])).float()
-                             for i in range(0, len(names), 512)])
-            return F.normalize(out, dim=-1)
-        sim = feats(cand) @ feats([clean_classname(c) for c in id_classes]).t()
-        score = torch.quantile(sim, 0.95, dim=1)
-    return tuple(cand[i] for i in torch.argsort(score, stable=True)[:k].tolist())
-
-
-def vocabulary_words(clip, count: int) -> list[str]:
-    """The first ``count`` whole, alphabetic, ≥ 4-letter words of the backbone's BPE vocabulary (merge order)."""
-    enc = getattr(clip.tokenizer, "encoder", None)
-    if enc is None:
-        raise FedlitError(f"backbone '{clip.name}' has no BPE vocabulary; give method.init_args.ood_words_file")
-    words = [t[:-4] for t, _ in sorted(enc.items(), key=lambda kv: kv[1])
-             if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].islower() and len(t) >= 8]
-    return words[:count]
-
-
 # ------------------------------------------------------------------------------------------------ the method
 class FOCoOpPrompt(nn.Module):
     def __init__(self, classes: int, ood: int, n_ctx: int, width: int):
@@ -245,11 +219,8 @@ class FOCoOp(FedMethod):
     def build(self, clip):
         if not self._classes:
             raise FedlitError("focoop: call method.setup_federation(train_task, num_clients) before build()")
-        if self.ood_words_file:
-            cands = [w.strip() for w in Path(self.ood_words_file).read_text().splitlines() if w.strip()]
-        else:
-            cands = vocabulary_words(clip, self.ood_candidates)
-        self.ood_words = negative_labels(clip, self._classes, self.num_ood_prompts, cands)
+        self.ood_words = mine_ood_words(clip, self._classes, self.num_ood_prompts, self.ood_words_file,
+                                        self.ood_candidates)
         return FOCoOpPrompt(len(self._classes), self.num_ood_prompts, self.n_ctx, clip.text_width)
 
     def is_shared(self, key: str) -> bool:
@@ -318,4 +289,5 @@ class FOCoOp(FedMethod):
         self._round = int(state.get("round", torch.tensor(0)))
 
 
-__all__ = ["FOCoOp", "dro_loss", "mm_unbalanced_kl", "negative_labels", "two_means", "uot_calibrate"]
+__all__ = ["FOCoOp", "dro_loss", "mine_ood_words", "mm_unbalanced_kl", "negative_labels", "two_means",
+           "uot_calibrate"]

@@ -3,7 +3,8 @@
 classifies) and names one of each: ``policy = DASSL_CHAIN`` (the Dassl code bases' loop), ``server = FedAvg()``.
 
 - :class:`ClientPolicy` — frozen: the optimiser's lifecycle across clients and rounds, the training order, the
-  last-batch rule, the augmentation, the restart rule, the lr schedule, the proximal term, round or step mode and
+  last-batch rule, the augmentation, the restart rule, the lr schedule (per participation or per step), the step
+  cadence (every batch, or once per epoch: FedLAPT), the proximal term, round or step mode and
   the step loop. These are the method's *official* loop; the run plan (:mod:`fedlit.run_plan`) resolves the
   trainer's ``method`` settings to them and applies the trainer's overrides (``trainer.optimizer_state``,
   ``drop_last``, ``augment``, ``prox_mu``, ``privacy`` …), so every policy part combines with every prompt model.
@@ -42,8 +43,14 @@ class ClientPolicy:
     drop_last: str = "dassl"  #: ``dassl`` (Dassl's loaders) or ``never`` (FedTPG's loaders)
     augment: str = "dassl"  #: ``dassl`` (random resized crop + flip, a fresh view every epoch) or ``none``
     restart_personal: bool = False  #: every local update from the initial personal tensors (official CoOp baseline)
-    lr_schedule: str = "constant"  #: ``constant`` or ``cosine`` over a client's participations (FedTPG)
+    #: ``constant``, ``cosine`` over a client's participations (FedTPG), or ``cosine_steps``: a per-optimiser-step
+    #: cosine over ``local_epochs × batches per epoch`` steps, each client's step count kept across its rounds
+    #: (FedLAPT's per-client ``LambdaLR``; :meth:`lr_at_step`)
+    lr_schedule: str = "constant"
     schedule_rounds: int = 500
+    #: ``batch`` (an optimiser step after every batch) or ``epoch_last_batch`` (one step per local epoch, on the
+    #: epoch's last batch only: FedLAPT's code, whose loss / backward / step sit outside the batch loop)
+    step_per: str = "batch"
     prox_mu: float = 0.0  #: FedProx's μ (``trainer.prox_mu`` overrides it for any method)
     prox_detached: bool = False  #: the official FedOTP-code-base term on detached tensors (no gradient)
     sync: str = "round"  #: ``round`` (local epochs, then aggregation) or ``step`` (FedSGD: DP-FPL)
@@ -55,6 +62,16 @@ class ClientPolicy:
         if self.lr_schedule == "cosine":
             return 0.5 * lr * (1.0 + math.cos(math.pi * participations / self.schedule_rounds))
         return lr
+
+    def lr_at_step(self, lr: float, step: int, total: int) -> float:
+        """``cosine_steps``: the lr of a client's ``step``-th optimiser step (0-based, counted over all its rounds) of a
+        schedule ``total`` steps long — ``lr·(m + (1 − m)·½(1 + cos(π·step/total)))``, m = 1e-8 (FedLAPT's
+        ``cosine_annealing(step, E·len(loader), 1, 1e-8)``; past ``total`` the cosine rises again, as the official
+        ``LambdaLR`` does). Other schedules: ``lr``."""
+        if self.lr_schedule != "cosine_steps":
+            return lr
+        m = 1e-8
+        return lr * (m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1))))
 
     def replace(self, **changes) -> ClientPolicy:
         return dataclasses.replace(self, **changes)
