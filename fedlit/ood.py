@@ -56,6 +56,11 @@ class OODEval:
         cadence: ``final`` (FOCoOp: once, on the final models) or ``every_eval``.
         subset: fraction of every OOD and covariate set scored (rows drawn with numpy seed 42; FOCoOp's
             ``main_fpl`` uses 10 % subsets, 1.0 = ``test_fpl.py``'s full sets).
+        score_logits: which logits ``msp`` and ``energy`` score: ``method`` (default) the whole vector of a method
+            with OOD prompts (FOCoOp, FedLAPT: their ``full_logits``, C ID + K_o OOD-prompt logits, as FOCoOp's
+            code scores them, spec 3b §2.8) and the C ID logits of every other method; ``id``: the C ID logits
+            always. Accuracies (ID, CACC) and ``neglabel`` always use the C ID logits (FOCoOp's CACC over all
+            logits, Q-F5, is not reproduced).
         dataset_args: keyword arguments of the OOD and covariate sets' factories, over ``data.dataset_args``
             (which they also get, so a corrupted copy is made of the very ID split): e.g. ``{types: [fog, snow],
             severities: [1, 5]}``.
@@ -65,7 +70,7 @@ class OODEval:
                  scores: list[str] | None = None, fpr95: Literal["id_positive", "ood_positive", "focoop"] = "id_positive",
                  neg_labels: list[str] | str | None = None, energy_temperature: float = 1.0,
                  cadence: Literal["final", "every_eval"] = "final", subset: float = 1.0,
-                 dataset_args: dict | None = None):
+                 score_logits: Literal["method", "id"] = "method", dataset_args: dict | None = None):
         scores = list(SCORES if scores is None else scores)
         bad = [s for s in scores if s not in SCORES]
         checks = [(not bad, f"ood.scores: {', '.join(bad)} unknown; use any of {', '.join(SCORES)}"),
@@ -73,6 +78,7 @@ class OODEval:
                    f"ood.fpr95={fpr95!r}: use 'id_positive', 'ood_positive' or 'focoop'"),
                   (cadence in ("final", "every_eval"), f"ood.cadence={cadence!r}: use 'final' or 'every_eval'"),
                   (0 < subset <= 1, f"ood.subset={subset}: a fraction in (0, 1]"),
+                  (score_logits in ("method", "id"), f"ood.score_logits={score_logits!r}: use 'method' or 'id'"),
                   (energy_temperature > 0, f"ood.energy_temperature={energy_temperature}: must be > 0")]
         for ok, msg in checks:
             if not ok:
@@ -80,6 +86,7 @@ class OODEval:
         self.ood_datasets, self.covariate = list(ood_datasets or []), list(covariate or [])
         self.scores, self.fpr95, self.neg_labels = scores, fpr95, neg_labels
         self.energy_temperature, self.cadence, self.subset = energy_temperature, cadence, subset
+        self.score_logits = score_logits
         self.dataset_args = dict(dataset_args or {})
 
     @property
@@ -126,6 +133,8 @@ class OODEvaluator:
                               f"'{orch.method.name}' cannot build a class prompt for them (FedMVP: no attribute "
                               f"phrases for them in method.init_args.attributes_dir) — drop neglabel from ood.scores")
         self.neg_task = Task("neglabels", cfg.words()) if "neglabel" in cfg.scores else None
+        #: msp / energy over the method's whole logit vector (its OOD prompts included): ``score_logits``
+        self.full = cfg.score_logits == "method" and callable(getattr(orch.method, "full_logits", None))
         rng = np.random.default_rng(42)
         pick = (lambda n: np.sort(rng.choice(n, size=max(1, int(round(cfg.subset * n))), replace=False))
                 if cfg.subset < 1 else np.arange(n))
@@ -171,11 +180,11 @@ class OODEvaluator:
             client = o.fed.clients[cid]
             z, neg = self._logits(o.bank, "test", client.test_idx, task)
             y = torch.as_tensor(client.test_y)
-            res = {"ood/acc": _acc(z, y)}
-            id_scores = self._scores(z, neg)
+            res = {"ood/acc": _acc(z[:, :len(task)], y)}
+            id_scores = self._scores(z, neg, len(task))
             for n in self.ood:
                 if n not in cache:
-                    cache[n] = self._scores(*self._logits(self.bank, f"ood/{n}", self.ood_rows[n], task))
+                    cache[n] = self._scores(*self._logits(self.bank, f"ood/{n}", self.ood_rows[n], task), len(task))
             for s in self.cfg.scores:
                 vals = {n: self._detect(s, id_scores[s], cache[n][s]) for n in self.ood}
                 for m in ("auroc", "fpr95"):
@@ -196,7 +205,7 @@ class OODEvaluator:
         sel, y = self._cov_rows(name, cid)
         y = torch.as_tensor(y)
         z, _ = self._logits(self.bank, f"cov/{name}", sel, task, negatives=False)
-        correct = (z.argmax(-1) == y).float().numpy() if len(sel) else np.zeros(0)
+        correct = (z[:, :len(task)].argmax(-1) == y).float().numpy() if len(sel) else np.zeros(0)
         types = getattr(ds.test, "corruptions", None) or [str(t) for t in sorted(set(meta["corruption"].tolist()))]
         t_of, s_of = meta["corruption"][sel], meta["severity"][sel]
         res, per_type, per_sev = {}, [], {}
@@ -233,15 +242,17 @@ class OODEvaluator:
 
         return {"auroc": auroc(id_s, ood_s), "fpr95": fpr_at_95_tpr(id_s, ood_s, self.cfg.convention(score))}
 
-    def _scores(self, z, neg) -> dict[str, np.ndarray]:
+    def _scores(self, z, neg, c: int) -> dict[str, np.ndarray]:
+        """The scores of logits ``z`` whose first ``c`` columns are the ID logits (the rest: OOD-prompt logits)."""
         from .metrics import energy_score, msp_score, neglabel_score
 
         fns = {"msp": lambda: msp_score(z), "energy": lambda: energy_score(z, self.cfg.energy_temperature),
-               "neglabel": lambda: neglabel_score(z, neg)}
+               "neglabel": lambda: neglabel_score(z[:, :c], neg)}
         return {s: fns[s]().numpy().astype(np.float64) for s in self.cfg.scores}
 
     def _logits(self, bank, split: str, rows: np.ndarray, task, negatives: bool = True):
-        """Logits of the loaded model on ``rows`` of ``split`` among ``task`` (and the negative labels), on CPU."""
+        """Logits of the loaded model on ``rows`` of ``split`` among ``task`` (and the negative labels), on CPU;
+        with :attr:`full`, the ID logits followed by the method's OOD-prompt logits."""
         import torch
 
         o = self.orch
@@ -254,11 +265,11 @@ class OODEvaluator:
             prep_neg = method.prepare(m.prompt, m.clip, neg_task) if neg_task is not None else None
             for s in range(0, len(rows), bs):
                 x = bank.inputs(split, rows[s:s + bs])
-                out.append(method.logits(m.prompt, m.clip, x, task, prep).float().cpu())
+                score = method.full_logits if self.full else method.logits
+                out.append(score(m.prompt, m.clip, x, task, prep).float().cpu())
                 if neg_task is not None:
                     negs.append(method.logits(m.prompt, m.clip, x, neg_task, prep_neg).float().cpu())
-        width = len(task)
-        z = torch.cat(out) if out else torch.zeros(0, width)
+        z = torch.cat(out) if out else torch.zeros(0, len(task))
         neg = torch.cat(negs) if negs else torch.zeros(len(z), 0)
         return z, neg
 
@@ -266,6 +277,7 @@ class OODEvaluator:
         """The ``ood`` block of ``results.json``: sets, scores and conventions."""
         return {"ood": {"ood_datasets": self.cfg.ood_datasets, "covariate": self.cfg.covariate,
                         "scores": self.cfg.scores, "fpr95": {s: self.cfg.convention(s) for s in self.cfg.scores},
+                        "score_logits": "id + ood prompts" if self.full else "id",
                         "auroc": "ID positive, ties count 1/2", "score_sign": "higher = more in-distribution",
                         "neg_labels": len(self.neg_task) if self.neg_task is not None else 0,
                         "subset": self.cfg.subset, "cadence": self.cfg.cadence,

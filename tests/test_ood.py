@@ -278,3 +278,29 @@ def test_every_ood_overlay_parses_into_the_ood_section():
     with pytest.raises(FedlitError, match="fpr95"):
         parse_fit(parser, lambda: parser.parse_args(["--config", str(ROOT / "configs" / "promptfl.yaml"),
                                                      "--ood.fpr95", "nearest"]))
+
+
+def test_msp_and_energy_score_the_ood_prompts_of_a_method_that_has_them():
+    import torch
+
+    from fedlit.metrics import neglabel_score
+    from fedlit.ood import OODEval, OODEvaluator
+
+    ev = OODEvaluator.__new__(OODEvaluator)  # the scoring alone, no run
+    ev.cfg = OODEval(scores=["msp", "energy", "neglabel"])
+    z = torch.tensor([[2.0, 0.0, 5.0]])  # two ID logits, then one OOD-prompt logit
+    neg = torch.tensor([[1.0, -1.0]])
+    s = ev._scores(z, neg, 2)
+    e = np.exp([2.0, 0.0, 5.0])
+    assert s["msp"][0] == pytest.approx(e.max() / e.sum())  # the OOD prompt takes the softmax mass
+    assert s["energy"][0] == pytest.approx(np.log(e.sum()), rel=1e-6)
+    assert s["neglabel"][0] == pytest.approx(float(neglabel_score(z[:, :2], neg)[0]))  # ID logits only
+
+
+@pytest.mark.parametrize("score_logits", ["method", "id"])
+def test_focoop_is_scored_over_its_ood_prompts_and_its_accuracy_over_the_id_logits(tmp_path, score_logits):
+    res = _fit_ood(tmp_path, "focoop", "--ood.score_logits", score_logits)
+    _check_ood_results(res)
+    assert res["ood"]["score_logits"] == ("id + ood prompts" if score_logits == "method" else "id")
+    for r in res["per_client"].values():
+        assert r["ood/acc"] == pytest.approx(r["local"])
