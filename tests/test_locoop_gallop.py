@@ -61,11 +61,11 @@ def test_locoop_loss_is_ce_on_the_pooled_token_minus_lambda_entropy_of_the_patch
     t = m.text_features(mod.prompt, toy, TASK)
     z = toy.logit_scale * F.normalize(x, dim=-1) @ t.t()
     torch.testing.assert_close(mod(x, TASK), z[:, 0])  # evaluation: the global logits only
-    assert float(ood_entropy(z[:, 1:].reshape(-1, 4), y.repeat_interleave(6), 5)) == 0.0  # K = 5 ≥ C = 4
+    assert float(ood_entropy(z[:, 1:].reshape(-1, 4), y.repeat_interleave(6), 5).detach()) == 0.0  # K = 5 ≥ C = 4
     m1 = FedLoCoOp(n_ctx=2, top_k=1)
     m1.setup_federation(TASK, 2)
     h1 = ood_entropy(z[:, 1:].reshape(-1, 4), y.repeat_interleave(6), 1)
-    assert float(h1) > 0
+    assert float(h1.detach()) > 0
     with torch.no_grad():
         mod1 = ClientModule(toy, m1)
         mod1.prompt.ctx.copy_(mod.prompt.ctx)
@@ -95,7 +95,8 @@ def test_locoop_ctx_class_specific_by_default_shared_and_the_generic_option(toy)
     g.setup_federation(TASK, 2)
     assert ClientModule(toy, g).export()[0]["ctx"].shape == (3, toy.text_width)  # LoCoOp's generic context
     assert FedLoCoOp.policy == FOCOOP_REPO and FOCOOP_REPO.optimizer_state == "per_client"
-    assert m.momentum == 0.9 and m.weight_decay == 5e-4 and m.lr == 0.001 and m.image_input == "tokens"
+    assert m.momentum == 0.9 and m.weight_decay == 5e-4 and m.lr == 0.001 and m.image_input == "value_tokens"
+    assert FedLoCoOp(local_features="output").image_input == "tokens"
 
 
 @pytest.mark.parametrize("name", ["fedlocoop", "fedgallop"])
@@ -148,7 +149,8 @@ def test_gallop_keys_init_from_the_template_and_identity_projection(toy):
     torch.testing.assert_close(shared["global_prompt"][0], init)
     torch.testing.assert_close(personal["local_prompts"], init.expand(4, -1, -1))
     torch.testing.assert_close(personal["local_proj.weight"], torch.eye(toy.embed_dim))
-    assert FedGalLoP.policy == FOCOOP_REPO and m.image_input == "tokens" and m.lockstep
+    assert FedGalLoP.policy == FOCOOP_REPO and m.image_input == "value_tokens" and m.lockstep
+    assert FedGalLoP(local_features="output").image_input == "tokens"
     assert not FedGalLoP(num_global=3).lockstep
 
 
@@ -189,3 +191,51 @@ def test_gallop_refuses_bad_settings_in_one_line():
         assert "\n" not in str(err.value)
     with pytest.raises(FedlitError, match="lambda_local"):
         FedLoCoOp(lambda_local=-1.0)
+    with pytest.raises(FedlitError, match="local_features"):
+        FedLoCoOp(local_features="attention")
+
+
+# ------------------------------------------------------------------------------------------------ value-path features
+def test_value_tokens_are_the_output_tokens_of_a_last_block_that_attends_only_to_itself(toy):
+    """With the last block's attention replaced by each token attending to itself alone (output = out_proj(v)),
+    the block's output is the value path: the value tokens must then equal the ordinary output tokens."""
+    import copy
+
+    from fedlit.backbones import FrozenCLIP
+
+    g = torch.Generator().manual_seed(1)
+    x = toy.normalize_images(torch.rand(2, 3, toy.image_size, toy.image_size, generator=g))
+    with torch.no_grad():
+        vt = toy.encode_image_value_tokens(x)
+        torch.testing.assert_close(vt[:, 0], toy.encode_image(x))  # token 0: the pooled feature
+        model = copy.deepcopy(toy.model)
+        last = model.visual.transformer.resblocks[-1]
+        attn, w = last.attn, last.attn.embed_dim
+        last.attention = lambda q_x, k_x=None, v_x=None, attn_mask=None: attn.out_proj(
+            F.linear(q_x, attn.in_proj_weight[2 * w:], attn.in_proj_bias[2 * w:]))
+        twin = FrozenCLIP(model, toy.tokenizer, toy.name)
+        torch.testing.assert_close(vt[:, 1:], twin.encode_image_tokens(x)[:, 1:], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(vt[:, 1:], toy.encode_image_tokens(x)[:, 1:], atol=1e-3)  # real attention differs
+
+
+def test_value_tokens_on_a_resnet_tower_and_through_the_feature_bank(toy):
+    from fedlit.backbones import load_backbone
+    from fedlit.data.registry import get_dataset
+    from fedlit.features import FeatureBank
+
+    rn = load_backbone("fedlit-toy-rn", pretrained="none")
+    x = rn.normalize_images(torch.rand(2, 3, rn.image_size, rn.image_size, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        vt = rn.encode_image_value_tokens(x)
+        torch.testing.assert_close(vt[:, 0], rn.encode_image(x))
+        v = rn.model.visual
+        feat = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # [B, C, h, w]
+        ap = v.attnpool
+        ref = ap.c_proj(ap.v_proj(feat[:, :, 0, 1]))  # position (0, 1) = patch 1 (row-major)
+        torch.testing.assert_close(vt[:, 2], ref)
+    data = get_dataset("shapes-dark", seed=0, train_per_class=2, val_per_class=1, test_per_class=1)
+    rows = [0, 3, 5]
+    got = FeatureBank(toy, {"train": data.train}, kind="value_tokens").features("train", rows)
+    with torch.no_grad():
+        plain = toy.encode_image_value_tokens(toy.normalize_images(data.train.images(torch.tensor(rows).numpy())))
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-5)

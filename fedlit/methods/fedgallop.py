@@ -11,8 +11,10 @@ identity-initialised; personal). Every prompt starts as the token embeddings of 
 the ``{}`` removed (n = 4 tokens) [code: clip_gallop.py:166-177, 236-254, 512-530]. Text features of prompt j and
 class c: ``t_jc = norm(TextEnc([SOS, prompt_j, name_c, ".", EOT]))``.
 
-Forward [code: clip_gallop.py:381-432; FedGalLop/loss.py:11-34] on the cached projected tokens (``image_input =
-"tokens"``; token 0 = the pooled image feature f, tokens 1..M the patches f_m)::
+Forward [code: clip_gallop.py:381-432; FedGalLop/loss.py:11-34] on cached tokens: token 0 = the pooled image
+feature f, tokens 1..M the patches' local features f_m, ``local_features`` ``value`` (**default = code**, the last
+block's value path, ``image_input = "value_tokens"``, as in :mod:`fedlit.methods.fedlocoop`) or ``output`` (the
+final output tokens, ``tokens``)::
 
     g[b, c, j] = ⟨norm(f), t_jc⟩                      global prompts j = 1..G
     l[b, m, c, i] = ⟨norm(P f_m), t_ic⟩               local prompts i = 1..L, P = local_proj
@@ -36,11 +38,10 @@ Loop: as FedLoCoOp (:mod:`fedlit.methods.fedlocoop`; policy :data:`~fedlit.metho
 drop_last, no augmentation; server: mean of the global prompts weighted by training batches (``weights``),
 broadcast to every client; local prompts and projection never leave the client.
 
-Departures (not reproduced): the official local features are the last block's value path (ViT: ``ln_post(v)`` of
-the last block's value projection; RN50: ``c_proj(v_proj(x))`` per position), projected by ``local_proj`` in the
-ViT's **width** space before ``visual.proj``; here ``local_proj`` acts on the cached **projected** patch tokens
-(D × D, after ``proj``; for RN50 both are the embedding space). The official text prompt has no "." after the
-class name. fp16 CLIP; batches of one image are trained on (the official loop skips them).
+Departures (not reproduced): on a ViT the official ``local_proj`` acts in the tower's **width** space, before
+``visual.proj``; here it acts on the cached **projected** patch features (D × D, after ``proj``; for RN50 both are
+the embedding space). The official text prompt has no "." after the class name. fp16 CLIP; batches of one image are
+trained on (the official loop skips them).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from ..aggregation import weighted_mean
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
 from .base import FedMethod, fp32
-from .fedlocoop import batch_counts
+from .fedlocoop import batch_counts, local_image_input
 from .roles import FOCOOP_REPO
 
 
@@ -117,19 +118,23 @@ class FedGalLoP(FedMethod):
         eval_output: ``probs`` (official: the probabilities of global + local), ``logits`` (their logits) or
             ``global`` (global logits only).
         weights: ``batches`` (official: the number of training batches) or ``samples`` (FedAvg).
+        local_features: ``value`` (official: the last block's value path) or ``output`` (the final output tokens).
         lr, momentum, weight_decay: SGD (0.001, 0.9, 5e-4).
     """
 
     name = "fedgallop"
     policy = FOCOOP_REPO
-    image_input = "tokens"
+    image_input = "value_tokens"
 
     def __init__(self, ctx_init: str = "A photo of a {}", num_global: int = 1, num_local: int = 4,
                  top_k: list[int] | None = None, global_dropout: float = 0.9, prompts_batch_size: int = 2,
                  eval_output: Literal["probs", "logits", "global"] = "probs",
-                 weights: Literal["batches", "samples"] = "batches", lr: float = 0.001, momentum: float = 0.9,
+                 weights: Literal["batches", "samples"] = "batches",
+                 local_features: Literal["value", "output"] = "value", lr: float = 0.001, momentum: float = 0.9,
                  weight_decay: float = 5e-4):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=True)
+        self.local_features = local_features
+        self.image_input = local_image_input(local_features)
         top_k = [5, 10, 15, 20] if top_k is None else [int(k) for k in top_k]
         checks = [
             (bool(template_context(ctx_init)), f"method.init_args.ctx_init={ctx_init!r}: needs at least one word"),
@@ -184,7 +189,7 @@ class FedGalLoP(FedMethod):
         """Cosines ``g [B, C, G]`` (pooled feature × global prompts) and ``l [B, M, C, L]`` (projected patches ×
         local prompts)."""
         if x.dim() != 3:
-            raise FedlitError("fedgallop needs per-patch image tokens [B, 1+M, D] (image_input='tokens')")
+            raise FedlitError("fedgallop needs per-patch image tokens [B, 1+M, D] (image_input value_tokens/tokens)")
         tg, tl = text
         f = F.normalize(x[:, 0].float(), dim=-1)
         loc = F.normalize(prompt.local_proj(x[:, 1:].float()), dim=-1)

@@ -11,8 +11,13 @@ class-specific, ``[C, n_ctx, W]``, although ``--csc`` is False [code: clip_locoo
 false`` is LoCoOp's (and the spec's) one generic context ``[n_ctx, W]``. A class outside the federation's training
 classes (a novel class) uses the mean context over the training classes.
 
-Forward [code: clip_locoop.py:158-174] on the cached projected tokens (``image_input = "tokens"``: token 0 = the
-pooled image feature, tokens 1..M = the patches; no image-tower pass per step)::
+Forward [code: clip_locoop.py:158-174] on cached tokens (no image-tower pass per step): token 0 = the pooled image
+feature, tokens 1..M = the patches' local features, ``local_features``: ``value`` (**default = code**,
+``image_input = "value_tokens"``: each patch through the last block's value path, MaskCLIP-style — ViT
+``x + out_proj(v_proj(ln_1 x))``, its MLP, ``ln_post``, ``@ proj``; RN50 ``c_proj(v_proj(x))`` per position
+[code: clip_w_local/modified_clip_model_locoop.py:79-113, 223-241, 341-379]) or ``output`` (the final output tokens
+as FedOTP uses them, ``image_input = "tokens"``: ViT ``ln_post(x) @ proj``, RN attention pooling with every
+position as a query)::
 
     t_c = norm(TextEnc([SOS, ctx_c, name_c, ".", EOT]))
     z   = s · norm(f_0) · tᵀ              global logits [B, C]   (the only logits evaluation uses)
@@ -31,11 +36,8 @@ persists across rounds: ``per_client``), no drop_last, Resize + CenterCrop (no a
 server: the mean weighted by each client's number of training batches (``weights: batches`` = the official
 ``len(loader)``; ``samples``: FedAvg), broadcast to every client.
 
-Departures (not reproduced): the official local features are the last block's value path (MaskCLIP-style: ViT
-``ln_post(v) @ proj`` of the last block's value projection, RN50 ``c_proj(v_proj(x))`` per position); here they are
-the cached final output tokens (ViT: ``ln_post(x) @ proj`` per patch; ModifiedResNet: attention pooling with every
-position as a query), as FedOTP uses them. fp16 CLIP and the optional AMP of ``--precision amp``; batches of one
-image are trained on (the official loop skips them).
+Departures (not reproduced): fp16 CLIP and the optional AMP of ``--precision amp``; batches of one image are
+trained on (the official loop skips them).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def ood_entropy(patch_logits: torch.Tensor, labels: torch.Tensor, top_k: int) ->
     return -(sel * torch.log(sel + 1e-5)).sum(dim=-1).mean()
 
 
+def local_image_input(local_features: str) -> str:
+    """The cached input kind of a ``local_features`` setting: ``value`` → ``value_tokens``, ``output`` → ``tokens``."""
+    kinds = {"value": "value_tokens", "output": "tokens"}
+    if local_features not in kinds:
+        raise FedlitError(f"method.init_args.local_features={local_features!r}: use one of value, output")
+    return kinds[local_features]
+
+
 def batch_counts(trainer, method, num_samples) -> list[int]:
     """Each client's number of training batches per epoch under the run's last-batch rule (the official weights,
     ``len(DataLoader)``: a last batch of one image counts too)."""
@@ -90,15 +100,17 @@ class FedLoCoOp(FedMethod):
         n_ctx: context tokens (16). class_specific: one context per class (True, the official code) or one generic
             context (False, LoCoOp). lambda_local: λ (0.1). top_k: K of the patch selection (5).
         weights: ``batches`` (official: the number of training batches) or ``samples`` (FedAvg).
+        local_features: ``value`` (official: the last block's value path) or ``output`` (the final output tokens).
         lr, momentum, weight_decay: SGD (0.001, 0.9, 5e-4).
     """
 
     name = "fedlocoop"
     policy = FOCOOP_REPO
-    image_input = "tokens"
+    image_input = "value_tokens"
 
     def __init__(self, n_ctx: int = 16, class_specific: bool = True, lambda_local: float = 0.1, top_k: int = 5,
-                 weights: Literal["batches", "samples"] = "batches", lr: float = 0.001, momentum: float = 0.9,
+                 weights: Literal["batches", "samples"] = "batches",
+                 local_features: Literal["value", "output"] = "value", lr: float = 0.001, momentum: float = 0.9,
                  weight_decay: float = 5e-4):
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, weighted=True)
         if n_ctx < 1 or top_k < 1:
@@ -109,6 +121,8 @@ class FedLoCoOp(FedMethod):
             raise FedlitError(f"method.init_args.weights={weights!r}: use one of batches, samples")
         self.n_ctx, self.class_specific, self.lambda_local, self.top_k = n_ctx, class_specific, lambda_local, top_k
         self.weights = weights
+        self.local_features = local_features
+        self.image_input = local_image_input(local_features)
         self._classes: tuple[str, ...] = ()
         self._batches: list[int] = []
 
@@ -149,12 +163,12 @@ class FedLoCoOp(FedMethod):
 
     def logits(self, prompt, clip, x, task, prepared=None):
         if x.dim() != 3:
-            raise FedlitError("fedlocoop needs per-patch image tokens [B, 1+M, D] (image_input='tokens')")
+            raise FedlitError("fedlocoop needs per-patch image tokens [B, 1+M, D] (image_input value_tokens/tokens)")
         return super().logits(prompt, clip, x, task, prepared)
 
     def loss(self, module, x, y, task, classes=None):
         if x.dim() != 3:
-            raise FedlitError("fedlocoop needs per-patch image tokens [B, 1+M, D] (image_input='tokens')")
+            raise FedlitError("fedlocoop needs per-patch image tokens [B, 1+M, D] (image_input value_tokens/tokens)")
         prompt, clip = module.prompt, module.clip
         t = self.text_features(prompt, clip, task)
         with fp32(x):
@@ -176,4 +190,4 @@ class FedLoCoOp(FedMethod):
                              [float(self._batches[u.cid]) if use else float(u.num_samples) for u in updates])
 
 
-__all__ = ["FedLoCoOp", "batch_counts", "ood_entropy"]
+__all__ = ["FedLoCoOp", "batch_counts", "local_image_input", "ood_entropy"]
