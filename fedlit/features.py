@@ -1,9 +1,9 @@
 """Frozen image work, done once.
 
-When a method leaves the image tower untouched (``FedMethod.image_input`` is ``features`` or ``tokens``) and the
-images are not augmented, CLIP's image features are a pure function of the image: :class:`FeatureBank` encodes
-each image of a split at most once, on demand, and serves rows by index afterwards. Methods that change the image
-tower get the normalised images instead (:meth:`FeatureBank.inputs`).
+When a method leaves the image tower untouched (``FedMethod.image_input`` is ``features``, ``tokens`` or
+``value_tokens``) and the images are not augmented, CLIP's image features are a pure function of the image:
+:class:`FeatureBank` encodes each image of a split at most once, on demand, and serves rows by index afterwards.
+Methods that change the image tower get the normalised images instead (:meth:`FeatureBank.inputs`).
 
 Where the cache lives (``trainer.feature_cache``):
 
@@ -187,7 +187,8 @@ class FeatureBank:
             always sits at position ``r % block`` (:func:`block_layout`), so a cached feature never depends on
             which rows were asked for first, by which process, or whether it was re-encoded after damage.
         autocast: a context-manager factory for mixed precision (e.g. ``fabric.autocast``).
-        kind: ``features`` (pooled), ``tokens`` (all projected tokens, FedOTP) or ``images`` (no cache:
+        kind: ``features`` (pooled), ``tokens`` (all projected tokens, FedOTP), ``value_tokens`` (the pooled
+            feature then each patch's value path, LoCoOp / GalLoP) or ``images`` (no cache:
             :meth:`inputs` returns normalised images, for methods that prompt the image tower).
         cache: ``memory`` (a tensor per split in this process) or ``disk`` (memory-mapped files under
             ``cache_dir``, reused across runs; see the module docstring).
@@ -206,7 +207,7 @@ class FeatureBank:
                  cache_dir: str | os.PathLike | None = None, augment_views: int = 0, seed: int = 0,
                  augment_split: str = "train", epoch_views: int = 0, local_epochs: int = 1,
                  cache_views: bool = True):
-        if kind not in ("features", "tokens", "images"):
+        if kind not in ("features", "tokens", "value_tokens", "images"):
             raise ValueError(f"unknown image input kind '{kind}'")
         if cache not in ("memory", "disk"):
             raise FedlitError(f"trainer.feature_cache={cache!r}: use 'memory' or 'disk'")
@@ -323,7 +324,8 @@ class FeatureBank:
 
     def _tower(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen image tower on normalised images, under the run's autocast: pooled features or tokens (fp32)."""
-        encode = self.clip.encode_image_tokens if self.kind == "tokens" else self.clip.encode_image
+        encode = {"tokens": self.clip.encode_image_tokens, "value_tokens": self.clip.encode_image_value_tokens}.get(
+            self.kind, self.clip.encode_image)
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             return encode(x).float()
 

@@ -29,7 +29,7 @@ def test_every_registered_method_is_listed():
     assert set(list_methods()) >= {"zeroshot", "coop", "promptfl", "fedprox", "fedkgcoop", "fedcocoop", "fedmaple",
                                    "fedvlp", "fedotp", "fedpgp", "fedtpg", "pfedpg", "fedvpt", "localvpt", "central", "ivlp",
                                    "promptfolio", "fedpha", "pfedmma", "dpfpl", "plot", "prograd", "promptsrc", "proda",
-                                   "feddnc", "focoop", "fedlapt"}
+                                   "feddnc", "focoop", "fedlapt", "fedlocoop", "fedgallop"}
 
 
 @pytest.mark.parametrize("name", list_methods())

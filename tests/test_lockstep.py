@@ -68,7 +68,7 @@ def test_lockstep_equals_one_client_at_a_time(method, lockstep, argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, argv", [
     ("coop", ()), ("fedprox", ()), ("fedkgcoop", ()), ("promptfolio", ()), ("fedpha", ()), ("fedotp", ()),
-    ("fedcocoop", ()), ("central", ()),
+    ("fedcocoop", ()), ("central", ()), ("fedlocoop", ()), ("fedgallop", ()),
     ("fedtpg", ("--method.init_args.depth", "2")),  # deep prompts in the joint pass
     ("promptfl", ("--backbone.text_path", "plain")),
     ("fedtpg", ("--backbone.text_path", "plain")),

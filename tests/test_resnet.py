@@ -36,7 +36,8 @@ RN = "fedlit-toy-rn"
 #: methods that only prompt the text side (or nothing): they must run on a ResNet tower
 TEXT_METHODS = ["zeroshot", "coop", "promptfl", "fedprox", "fedpgp", "fedotp", "fedtpg", "fedkgcoop", "fedcocoop",
                 "central", "promptfolio", "fedpha", "dpfpl", "pfedmoap", "plot", "prograd", "proda", "feddnc",
-                "fedsept", "focoop", "fedlapt"]
+                "fedsept", "focoop", "fedlapt", "fedlocoop",
+                "fedgallop"]
 #: methods with prompts / adapters inside the image tower -> the fix their one-line error must name
 VISION_METHODS = {"fedmaple": "vision_prompts false", "fedvlp": "ViT-B-16", "ivlp": "ViT-B-16",
                   "fedvpt": "ViT-B-16", "localvpt": "ViT-B-16", "pfedpg": "ViT-B-16", "pfedmma": "ViT-B-16",

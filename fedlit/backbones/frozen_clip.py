@@ -330,6 +330,46 @@ class FrozenCLIP(nn.Module):
         x = v.ln_post(x)
         return x @ v.proj if v.proj is not None else x
 
+    def encode_image_value_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """LoCoOp's / GalLoP's local features [B, 1+M, embed_dim]: token 0 = ``encode_image``, 1..M each patch
+        through the last block's **value path** (MaskCLIP-style, no attention; FOCoOp repository
+        ``src/models/clip_w_local/modified_clip_model_locoop.py``).
+
+        ViT: with x the input of the last block, ``u = x + out_proj(v_proj(ln_1(x)))``, ``u + mlp(ln_2(u))``, then
+        ``ln_post`` and ``@ proj``. ModifiedResNet: ``c_proj(v_proj(x))`` on every position of layer4's output
+        (no positional embedding).
+        """
+        if not self.is_vit:
+            v = self.model.visual
+            if not hasattr(v, "attnpool") or not hasattr(v, "stem"):
+                raise FedlitError(f"backbone '{self.name}': local features need a ViT or ModifiedResNet tower")
+            x = v.stem(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
+            x = v.layer4(v.layer3(v.layer2(v.layer1(x))))
+            ap = v.attnpool
+            local = ap.c_proj(ap.v_proj(x.flatten(2).transpose(1, 2)))
+            return torch.cat([ap(x).unsqueeze(1), local], dim=1)
+        v = self.model.visual
+        if v.attn_pool is not None:
+            raise FedlitError(f"backbone '{self.name}' pools with attention; per-patch tokens are not available")
+        last = v.transformer.resblocks[-1]
+        attn = getattr(last, "attn", None)
+        if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
+            raise FedlitError(f"backbone '{self.name}': the value path needs nn.MultiheadAttention blocks")
+        seen = []
+        hook = last.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        try:
+            x = self._vit_tokens(images, None, None, "after_cls", 1)
+        finally:
+            hook.remove()
+        h = seen[0] if v.transformer.batch_first else seen[0].transpose(0, 1)
+        w = attn.embed_dim
+        u = F.linear(last.ln_1(h), attn.in_proj_weight[2 * w:], attn.in_proj_bias[2 * w:])
+        u = h + last.ls_1(attn.out_proj(u))
+        u = u + last.ls_2(last.mlp(last.ln_2(u)))
+        local = v.ln_post(u[:, 1:])
+        local = local @ v.proj if v.proj is not None else local
+        return torch.cat([self._vit_pool(x).unsqueeze(1), local], dim=1)
+
     def _resnet_tokens(self, images: torch.Tensor) -> torch.Tensor:
         v = self.model.visual
         if not hasattr(v, "attnpool") or not hasattr(v, "stem"):

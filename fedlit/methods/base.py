@@ -113,7 +113,8 @@ class FedMethod:
     #: False for methods with nothing to train (zero-shot CLIP).
     trainable: bool = True
     #: What ``logits``/``loss`` receive as ``x``: ``features`` (pooled image features; the image tower is
-    #: untouched so they are cached exactly), ``tokens`` (all projected output tokens, cached likewise) or
+    #: untouched so they are cached exactly), ``tokens`` (all projected output tokens, cached likewise),
+    #: ``value_tokens`` (the pooled feature, then every patch through the last block's value path: LoCoOp) or
     #: ``images`` (normalised pixels: the method changes the image tower, nothing is cached).
     image_input: str = "features"
     #: ``personalized`` (FedPGP): every client's model is evaluated on Local, Base and Novel;
@@ -237,7 +238,7 @@ class FedMethod:
         tower override this to pass their visual prompts)."""
         if self.image_input == "images":
             return clip.encode_image(x)
-        if self.image_input == "tokens":
+        if self.image_input in ("tokens", "value_tokens"):
             return x[:, 0]
         return x
 

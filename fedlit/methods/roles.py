@@ -84,6 +84,9 @@ DASSL_CHAIN = ClientPolicy(optimizer_state="chain", train_order="drawn")
 DASSL_FORK = ClientPolicy(optimizer_state="chain")
 #: FedTPG's code base: per-client momentum and cosine lr over participations, no drop_last, no augmentation
 FEDTPG_CLIENT = ClientPolicy(optimizer_state="per_client", drop_last="never", augment="none", lr_schedule="cosine")
+#: the FOCoOp repository's baselines (FedLoCoOp, FedGalLoP; PengyangZhou/FOCoOp main_fpl.py, client_base.py): one SGD
+#: optimiser per client created once and kept (its momentum persists across rounds), no drop_last, Resize + CenterCrop
+FOCOOP_REPO = ClientPolicy(optimizer_state="per_client", drop_last="never", augment="none")
 
 
 class ServerAlgorithm:
@@ -158,5 +161,5 @@ class legacy_property:
         obj.policy = obj.policy.replace(**{self.key: value})
 
 
-__all__ = ["ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FedAvg", "LEGACY", "ServerAlgorithm",
-           "fold_legacy_flags", "legacy_property"]
+__all__ = ["ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FOCOOP_REPO", "FedAvg", "LEGACY",
+           "ServerAlgorithm", "fold_legacy_flags", "legacy_property"]
