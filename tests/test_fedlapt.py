@@ -99,7 +99,7 @@ def test_keys_logits_and_batch_weights(toy):
     assert full.shape == (2, 4 + 3)
     torch.testing.assert_close(mod(x, TASK), full[:, :4])
     m.plan_rounds(FedTrainer(batch_size=8), [10, 40])  # len(loader), no drop_last: 2 and 5 batches
-    assert m._batches == [2, 5]
+    assert m._batches == (2, 5)
     ups = [Update(0, {"ctx": torch.zeros(1)}, {}, 10, 0.0), Update(1, {"ctx": torch.ones(1) * 7}, {}, 40, 0.0)]
     assert float(m.aggregate(ups, {})["ctx"]) == pytest.approx(5.0)  # 7 · 5/7, not 7 · 40/50
     with pytest.raises(FedlitError, match="step_per"):

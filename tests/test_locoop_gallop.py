@@ -239,3 +239,23 @@ def test_value_tokens_on_a_resnet_tower_and_through_the_feature_bank(toy):
     with torch.no_grad():
         plain = toy.encode_image_value_tokens(toy.normalize_images(data.train.images(torch.tensor(rows).numpy())))
     torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_training_batches_and_the_batch_weighted_server_by_hand():
+    from types import SimpleNamespace
+
+    from fedlit.methods.roles import BatchWeightedFedAvg, FedAvg, batch_weighted, training_batches
+    from fedlit.trainer import FedTrainer
+
+    method = SimpleNamespace(default_drop_last="never")
+    t = FedTrainer(batch_size=4, drop_last="never")
+    # 9 samples: batches of 4, 4, 1 -> 3 (len(loader)); FOCoOp skips the batch of one -> 2; 1 sample -> at least 1
+    assert training_batches(t, method, [9, 8, 1]) == (3, 2, 1)
+    assert training_batches(t, method, [9, 8, 1], min_size=2) == (2, 2, 1)
+    ups = [SimpleNamespace(cid=0, shared={"w": torch.tensor([0.0])}, num_samples=9),
+           SimpleNamespace(cid=1, shared={"w": torch.tensor([3.0])}, num_samples=1)]
+    server = batch_weighted((3, 1), "batches")
+    assert isinstance(server, BatchWeightedFedAvg)
+    assert server.aggregate(ups, {})["w"].item() == pytest.approx(3.0 * 1 / 4)  # (3·0 + 1·3) / 4
+    assert isinstance(batch_weighted((), "batches"), FedAvg) and isinstance(batch_weighted((3, 1), "samples"), FedAvg)
+    assert batch_weighted((3, 1), "samples").aggregate(ups, {})["w"].item() == pytest.approx(0.3)  # (9·0 + 1·3) / 10

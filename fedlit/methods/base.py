@@ -98,6 +98,14 @@ class StepPlan:
 METHODS: dict[str, type[FedMethod]] = {}
 
 
+def local_image_input(local_features: str) -> str:
+    """The cached input kind of a ``local_features`` setting: ``value`` → ``value_tokens``, ``output`` → ``tokens``."""
+    kinds = {"value": "value_tokens", "output": "tokens"}
+    if local_features not in kinds:
+        raise FedlitError(f"method.init_args.local_features={local_features!r}: use one of value, output")
+    return kinds[local_features]
+
+
 class FedMethod:
     """Base class of every method.
 

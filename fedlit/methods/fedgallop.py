@@ -54,12 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aggregation import weighted_mean
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
-from .base import FedMethod, fp32
-from .fedlocoop import batch_counts, local_image_input
-from .roles import FOCOOP_REPO
+from .base import FedMethod, fp32, local_image_input
+from .roles import FOCOOP_REPO, batch_weighted, training_batches
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -155,14 +153,14 @@ class FedGalLoP(FedMethod):
         self.global_dropout, self.prompts_batch_size = global_dropout, prompts_batch_size
         self.eval_output, self.weights = eval_output, weights
         self.n_ctx = 0
-        self._batches: list[int] = []
+        self._batches: tuple[int, ...] = ()
 
     @property
     def lockstep(self) -> bool:
         return self.num_global == 1  # several global prompts: per-step random draws from the global RNG
 
     def plan_rounds(self, trainer, num_samples) -> None:
-        self._batches = batch_counts(trainer, self, num_samples)
+        self._batches = training_batches(trainer, self, num_samples)
 
     def build(self, clip):
         words = template_context(self.ctx_init)
@@ -220,12 +218,9 @@ class FedGalLoP(FedMethod):
             return global_loss + local_loss
 
     # ----------------------------------------------------------------------------- server
-    def aggregate(self, updates, global_state):
-        if not updates:
-            return global_state
-        use = self.weights == "batches" and self._batches
-        return weighted_mean([u.shared for u in updates],
-                             [float(self._batches[u.cid]) if use else float(u.num_samples) for u in updates])
+    @property
+    def server(self):
+        return batch_weighted(self._batches, self.weights)
 
 
 __all__ = ["FedGalLoP", "keep_count", "prompt_dropout", "template_context", "topk_reduce"]

@@ -54,12 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aggregation import weighted_mean
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, handcrafted_features, init_context, prompt_template
 from .base import FedMethod, fp32
-from .neglabel import mine_ood_words
-from .roles import ClientPolicy
+from .neglabel import OODPromptLogits, mine_ood_words
+from .roles import ClientPolicy, batch_weighted, training_batches
 
 #: ``src/prompt/prompt_tip.txt`` (TIP-Adapter's 7 ImageNet templates), each line as the code reads it
 TIP_TEMPLATES_OFFICIAL = tuple(t + ".'," for t in (
@@ -114,7 +113,7 @@ class LAPTPrompt(nn.Module):
         return self.ctx_ood if hasattr(self, "ctx_ood") else self.ctx
 
 
-class FedLAPT(FedMethod):
+class FedLAPT(OODPromptLogits, FedMethod):
     """FedLAPT: CoOp context + NegLabel OOD prompts, cross-modal mixing, soft CE over C + K_o classes.
 
     Args:
@@ -161,7 +160,7 @@ class FedLAPT(FedMethod):
         self.ood_words_file, self.ood_candidates = ood_words_file, ood_candidates
         self.policy = self.policy.replace(step_per=step_per, lr_schedule=schedule)
         self._classes: tuple[str, ...] = ()
-        self._batches: list[int] = []
+        self._batches: tuple[int, ...] = ()
         self.ood_words: tuple[str, ...] = ()
         self._draws = 0
 
@@ -173,8 +172,7 @@ class FedLAPT(FedMethod):
         self._classes = tuple(train_task.classnames)
 
     def plan_rounds(self, trainer, num_samples) -> None:
-        rule = trainer.drop_last_of(self)
-        self._batches = [max(len(trainer.batch_starts(n, rule)), 1) for n in num_samples]  # len(train_loader)
+        self._batches = training_batches(trainer, self, num_samples)  # len(train_loader)
 
     def build(self, clip):
         if not self._classes:
@@ -195,16 +193,6 @@ class FedLAPT(FedMethod):
 
     def text_features(self, prompt, clip, task):
         return self.prepare(prompt, clip, task)[0]
-
-    def full_logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
-        """``[B, C + K_o]``: the ID logits then the OOD-prompt logits (OOD scores use the whole vector)."""
-        t, o = prepared if prepared is not None else self.prepare(prompt, clip, task)
-        f = self.image_features(prompt, clip, x)
-        with fp32(f):
-            return clip.logit_scale * F.normalize(f.float(), dim=-1) @ torch.cat([t, o]).t()
-
-    def logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
-        return self.full_logits(prompt, clip, x, task, prepared)[:, :len(task)]
 
     def class_text_bank(self, clip, task: Task) -> torch.Tensor:
         """Frozen hand-crafted features ``[C, T, D]`` of ``task``'s classes, normalised per template."""
@@ -228,11 +216,9 @@ class FedLAPT(FedMethod):
             return self.loss_weight * soft_cross_entropy(z, padded_onehot(y, t.shape[0], o.shape[0]))
 
     # ----------------------------------------------------------------------------- server
-    def aggregate(self, updates, global_state):
-        if not updates:
-            return global_state
-        w = [self._batches[u.cid] if self.weights == "batches" and self._batches else u.num_samples for u in updates]
-        return weighted_mean([u.shared for u in updates], w)
+    @property
+    def server(self):
+        return batch_weighted(self._batches, self.weights)
 
     def server_state_dict(self):
         return {"draws": torch.tensor(self._draws)}

@@ -49,11 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aggregation import weighted_mean
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, prompt_template
-from .base import FedMethod, fp32
-from .roles import FOCOOP_REPO
+from .base import FedMethod, fp32, local_image_input
+from .roles import FOCOOP_REPO, batch_weighted, training_batches
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -68,21 +67,6 @@ def ood_entropy(patch_logits: torch.Tensor, labels: torch.Tensor, top_k: int) ->
     if sel.shape[0] == 0:
         return patch_logits.sum() * 0.0
     return -(sel * torch.log(sel + 1e-5)).sum(dim=-1).mean()
-
-
-def local_image_input(local_features: str) -> str:
-    """The cached input kind of a ``local_features`` setting: ``value`` → ``value_tokens``, ``output`` → ``tokens``."""
-    kinds = {"value": "value_tokens", "output": "tokens"}
-    if local_features not in kinds:
-        raise FedlitError(f"method.init_args.local_features={local_features!r}: use one of value, output")
-    return kinds[local_features]
-
-
-def batch_counts(trainer, method, num_samples) -> list[int]:
-    """Each client's number of training batches per epoch under the run's last-batch rule (the official weights,
-    ``len(DataLoader)``: a last batch of one image counts too)."""
-    rule = trainer.drop_last_of(method)
-    return [max(len(trainer.batch_starts(int(n), rule)), 1) for n in num_samples]
 
 
 class LoCoOpPrompt(nn.Module):
@@ -124,13 +108,13 @@ class FedLoCoOp(FedMethod):
         self.local_features = local_features
         self.image_input = local_image_input(local_features)
         self._classes: tuple[str, ...] = ()
-        self._batches: list[int] = []
+        self._batches: tuple[int, ...] = ()
 
     def setup_federation(self, train_task: Task, num_clients: int) -> None:
         self._classes = tuple(train_task.classnames)
 
     def plan_rounds(self, trainer, num_samples) -> None:
-        self._batches = batch_counts(trainer, self, num_samples)
+        self._batches = training_batches(trainer, self, num_samples)  # len(train_loader): a batch of one counts
 
     def build(self, clip):
         if self.class_specific and not self._classes:
@@ -182,12 +166,9 @@ class FedLoCoOp(FedMethod):
             return loss
 
     # ----------------------------------------------------------------------------- server
-    def aggregate(self, updates, global_state):
-        if not updates:
-            return global_state
-        use = self.weights == "batches" and self._batches
-        return weighted_mean([u.shared for u in updates],
-                             [float(self._batches[u.cid]) if use else float(u.num_samples) for u in updates])
+    @property
+    def server(self):
+        return batch_weighted(self._batches, self.weights)
 
 
-__all__ = ["FedLoCoOp", "batch_counts", "local_image_input", "ood_entropy"]
+__all__ = ["FedLoCoOp", "ood_entropy"]

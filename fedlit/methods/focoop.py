@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aggregation import weighted_mean
 from ..errors import FedlitError
 from ..prompts import Task, prompt_template
 from .base import FedMethod, fp32
-from .neglabel import mine_ood_words, negative_labels, vocabulary_words  # noqa: F401 (re-exported)
+from .roles import batch_weighted, training_batches
+from .neglabel import OODPromptLogits, mine_ood_words, negative_labels, vocabulary_words  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -166,7 +166,7 @@ class FOCoOpPrompt(nn.Module):
         self.register_buffer("gammas", torch.full((2,), 10.0))
 
 
-class FOCoOp(FedMethod):
+class FOCoOp(OODPromptLogits, FedMethod):
     """FOCoOp: class-specific local/global prompts + OOD prompts, bi-level DRO, UOT calibration.
 
     Args:
@@ -201,7 +201,7 @@ class FOCoOp(FedMethod):
         self.uot, self.uot_reg_m, self.uot_update, self.weights = uot, uot_reg_m, uot_update, weights
         self.ood_words_file, self.ood_candidates = ood_words_file, ood_candidates
         self._classes: tuple[str, ...] = ()
-        self._batches: list[int] = []
+        self._batches: tuple[int, ...] = ()
         self.ood_words: tuple[str, ...] = ()
         self._round = 0
 
@@ -213,8 +213,7 @@ class FOCoOp(FedMethod):
         self._classes = tuple(train_task.classnames)
 
     def plan_rounds(self, trainer, num_samples) -> None:
-        bs = trainer.batch_size
-        self._batches = [max(sum(1 for s in trainer.batch_starts(n, trainer.drop_last_of(self)) if min(bs, n - s) > 1), 1) for n in num_samples]
+        self._batches = training_batches(trainer, self, num_samples, min_size=2)  # its loop skips batches of one
 
     def build(self, clip):
         if not self._classes:
@@ -246,17 +245,6 @@ class FOCoOp(FedMethod):
     def text_features(self, prompt, clip, task):
         return self.prepare(prompt, clip, task)[0]
 
-    def full_logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
-        """``[B, C + K_o]``: the ID logits then the OOD-prompt logits (OOD scores use the whole vector)."""
-        t, o = prepared if prepared is not None else self.prepare(prompt, clip, task)
-        f = self.image_features(prompt, clip, x)
-        with fp32(f):
-            return clip.logit_scale * F.normalize(f.float(), dim=-1) @ torch.cat([t, o]).t()
-
-    def logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
-        t, _ = prepared if prepared is not None else self.prepare(prompt, clip, task)
-        return self.full_logits(prompt, clip, x, task, prepared)[:, :t.shape[0]]
-
     def loss(self, module, x, y, task, classes=None):
         prompt, clip = module.prompt, module.clip
         t, o = self.prepare(prompt, clip, task)
@@ -268,11 +256,14 @@ class FOCoOp(FedMethod):
             return dro_loss(f, t, o, y, float(clip.logit_scale), prompt.gammas, self.tau, floor=self.gamma_floor)
 
     # ----------------------------------------------------------------------------- server
+    @property
+    def server(self):
+        return batch_weighted(self._batches, self.weights)
+
     def aggregate(self, updates, global_state):
         if not updates:
             return global_state
-        w = [self._batches[u.cid] if self.weights == "batches" and self._batches else u.num_samples for u in updates]
-        new = weighted_mean([u.shared for u in updates], w)
+        new = self.server.aggregate(updates, global_state)
         if self.uot:
             gen = torch.Generator().manual_seed(0xF0C0 + self._round)
             o_all = torch.cat([u.shared["O"] for u in updates])

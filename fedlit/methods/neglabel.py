@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import FedlitError
 from ..prompts import clean_classname
+from .base import fp32
 
 
 def negative_labels(clip, id_classes: tuple[str, ...], k: int, candidates: list[str]) -> tuple[str, ...]:
@@ -52,4 +53,24 @@ def mine_ood_words(clip, id_classes: tuple[str, ...], k: int, words_file: str | 
     return negative_labels(clip, id_classes, k, cands)
 
 
-__all__ = ["mine_ood_words", "negative_labels", "vocabulary_words"]
+
+
+class OODPromptLogits:
+    """Classification of a method with OOD prompts (FOCoOp, FedLAPT; mixed in before :class:`FedMethod`), whose
+    ``prepare`` returns the normalised class features ``[C, D]`` and OOD-prompt features ``[K_o, D]``."""
+
+    def full_logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
+        """``[B, C + K_o]``: the ID logits then the OOD-prompt logits (the OOD protocol's msp / energy use them all:
+        ``ood.score_logits``)."""
+        t, o = prepared if prepared is not None else self.prepare(prompt, clip, task)
+        f = self.image_features(prompt, clip, x)
+        with fp32(f):
+            return clip.logit_scale * F.normalize(f.float(), dim=-1) @ torch.cat([t, o]).t()
+
+    def logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
+        """The C ID logits (accuracy)."""
+        return self.full_logits(prompt, clip, x, task, prepared)[:, :len(task)]
+
+
+
+__all__ = ["OODPromptLogits", "mine_ood_words", "negative_labels", "vocabulary_words"]

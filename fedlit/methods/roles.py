@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..aggregation import fedavg, uniform_mean
+from ..aggregation import fedavg, uniform_mean, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,35 @@ class FedAvg(ServerAlgorithm):
         return fedavg(grads, num_samples) if self.weighted else uniform_mean(grads)
 
 
+@dataclass(frozen=True)
+class BatchWeightedFedAvg(ServerAlgorithm):
+    """The mean of the uploads weighted by each client's number of training batches per epoch (the FOCoOp
+    repository's ``len(train_loader)`` weights, spec 3b §2.4 / §2.9): ``batches[cid]``, from
+    :func:`training_batches`."""
+
+    batches: tuple[int, ...]
+
+    def aggregate(self, updates: Sequence, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        states = [u.shared for u in updates]
+        if not states or not states[0]:
+            return global_state
+        return weighted_mean(states, [float(self.batches[u.cid]) for u in updates])
+
+
+def batch_weighted(batches: Sequence[int], weights: str) -> ServerAlgorithm:
+    """The FOCoOp-repository server of ``weights``: ``batches`` (official) → :class:`BatchWeightedFedAvg` once the
+    counts are known (:func:`training_batches`), ``samples`` → FedAvg by sample count."""
+    return BatchWeightedFedAvg(tuple(batches)) if weights == "batches" and batches else FedAvg(True)
+
+
+def training_batches(trainer, method, num_samples: Sequence[int], min_size: int = 1) -> tuple[int, ...]:
+    """Each client's training batches per epoch under the run's last-batch rule, counting the batches of at least
+    ``min_size`` images (FOCoOp's loop skips batches of one: ``min_size=2``), at least 1 a client."""
+    rule, bs = trainer.drop_last_of(method), trainer.batch_size
+    return tuple(max(sum(1 for s in trainer.batch_starts(int(n), rule) if min(bs, int(n) - s) >= min_size), 1)
+                 for n in num_samples)
+
+
 #: legacy flag → (policy field, how a value maps to it)
 LEGACY = {
     "official_optimizer_state": "optimizer_state", "train_order": "train_order", "default_drop_last": "drop_last",
@@ -161,5 +190,5 @@ class legacy_property:
         obj.policy = obj.policy.replace(**{self.key: value})
 
 
-__all__ = ["ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FOCOOP_REPO", "FedAvg", "LEGACY",
+__all__ = ["BatchWeightedFedAvg", "ClientPolicy", "DASSL_CHAIN", "DASSL_FORK", "FEDTPG_CLIENT", "FOCOOP_REPO", "FedAvg", "LEGACY",
            "ServerAlgorithm", "fold_legacy_flags", "legacy_property"]
