@@ -340,12 +340,8 @@ class FrozenCLIP(nn.Module):
         (no positional embedding).
         """
         if not self.is_vit:
-            v = self.model.visual
-            if not hasattr(v, "attnpool") or not hasattr(v, "stem"):
-                raise FedlitError(f"backbone '{self.name}': local features need a ViT or ModifiedResNet tower")
-            x = v.stem(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
-            x = v.layer4(v.layer3(v.layer2(v.layer1(x))))
-            ap = v.attnpool
+            x = self._resnet_layer4(images, "local features")
+            ap = self.model.visual.attnpool
             local = ap.c_proj(ap.v_proj(x.flatten(2).transpose(1, 2)))
             return torch.cat([ap(x).unsqueeze(1), local], dim=1)
         v = self.model.visual
@@ -370,13 +366,17 @@ class FrozenCLIP(nn.Module):
         local = local @ v.proj if v.proj is not None else local
         return torch.cat([self._vit_pool(x).unsqueeze(1), local], dim=1)
 
-    def _resnet_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def _resnet_layer4(self, images: torch.Tensor, what: str) -> torch.Tensor:
+        """A ModifiedResNet tower's layer-4 feature map of ``images`` (``what``: the caller's need, for the error)."""
         v = self.model.visual
         if not hasattr(v, "attnpool") or not hasattr(v, "stem"):
-            raise FedlitError(f"backbone '{self.name}': per-patch tokens need a ViT or ModifiedResNet tower")
+            raise FedlitError(f"backbone '{self.name}': {what} need a ViT or ModifiedResNet tower")
         x = v.stem(images.to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype))
-        x = v.layer4(v.layer3(v.layer2(v.layer1(x))))
-        ap = v.attnpool
+        return v.layer4(v.layer3(v.layer2(v.layer1(x))))
+
+    def _resnet_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._resnet_layer4(images, "per-patch tokens")
+        ap = self.model.visual.attnpool
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # (HW)NC
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
         x = x + ap.positional_embedding[:, None, :].to(x.dtype)
