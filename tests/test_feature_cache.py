@@ -110,6 +110,27 @@ def test_disk_cache_is_reused_across_orchestrators_with_the_same_results(clip, t
         assert torch.equal(v, second.global_state[k])
 
 
+def test_a_finished_fit_claims_its_rows_for_the_next_run_in_the_same_process(clip, tmp_path, monkeypatch):
+    """A grid runs its cells in one process: the next cell must read what a finished one encoded, while the
+    finished run's objects may still be alive (no finaliser has flushed) and the periodic flush not yet due."""
+    monkeypatch.setattr("fedlit.feature_store._FLUSH_EVERY_S", 1e9)
+    fed = FederatedData(num_clients=2, shots=2, dataset_args={"train_per_class": 4, "test_per_class": 1}).setup(seed=0)
+
+    def orch():
+        trainer = FedTrainer(rounds=1, batch_size=4, checkpoint_every=0, progress=False, feature_cache="disk",
+                             cache_dir=str(tmp_path / "cache"))
+        return Orchestrator(trainer.make_fabric(), clip, fed, PromptFL(n_ctx=4, ctx_init="a photo of a", lr=0.01),
+                            trainer, seed=0, callbacks=[])
+
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run2").mkdir()
+    first = orch()
+    first.fit(tmp_path / "run1")
+    second = orch()  # ``first`` still alive
+    second.fit(tmp_path / "run2")
+    assert first.bank.encoded > 0 and second.bank.encoded == 0
+
+
 def test_rows_are_claimed_only_after_a_flush_and_a_dropped_bank_flushes(clip, data, tmp_path, monkeypatch):
     monkeypatch.setattr("fedlit.feature_store._FLUSH_EVERY_S", 1e9)  # no periodic flush during this test
     bank = _disk(clip, data, tmp_path)
