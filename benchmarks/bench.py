@@ -296,7 +296,7 @@ def speed(args) -> dict:
     orch, clip, fed = _orchestrator(args, _method(args.method))
     orch2, _, _ = _orchestrator(args, _method(args.method))  # naive: same start, data order, hyper-parameters
     naive_rt = _naive_runtime(orch2)
-    best_b, rates = best_image_batch(clip, autocast=orch.fabric.autocast)
+    best_b, rates = best_image_batch(clip, tuple(args.image_batches), autocast=orch.fabric.autocast)
     t_fedlit, t_naive, t_text, t_old_floor, t_tower, t_crop, floor_fwd = [], [], [], [], [], [], []
     seen: set = set()
     for r in range(R):
@@ -313,7 +313,7 @@ def speed(args) -> dict:
         floor_fwd.append(n)
         t, steps = _floor_round(orch, "new", r)
         t_text.append(t)
-        t_old_floor.append(_floor_round(orch, "old", r)[0])
+        t_old_floor.append(_floor_round(orch, "old", r)[0] if args.old_floor else float("nan"))
     fedlit_fwd = orch.bank.encoded  # training views only (evaluation encodes the test split below)
     acc_fedlit = orch.evaluate(R - 1)["mean"]
     acc_naive = orch2.evaluate(R - 1)["mean"]
@@ -508,7 +508,7 @@ def scaling(args) -> dict:
     from fedlit.backbones import load_backbone
 
     clip = load_backbone(args.backbone, args.pretrained)
-    args.floor_batch = best_image_batch(clip)[0]
+    args.floor_batch = best_image_batch(clip, tuple(args.image_batches))[0]
     out = {"method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "rounds": args.rounds,
            "batch": args.batch or 8, "floor_image_batch": args.floor_batch, "augment": args.augment,
            "optimizer_state": args.optimizer_state,
@@ -843,6 +843,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--figure", default=None, help="scaling: write the PNG figure here")
     p.add_argument("--grid-methods", nargs="+", default=list(TABLE1_METHODS), help="grid: the grid's methods")
     p.add_argument("--grid-dataset", default="oxford_pets", help="grid: Table-1 dataset (embedded stand-in on fedlit-toy)")
+    p.add_argument("--no-old-floor", dest="old_floor", action="store_false",
+                   help="speed: skip the old floor (the text pass before issue 15: slow on a ViT-B-16)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
