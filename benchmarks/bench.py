@@ -1,8 +1,12 @@
 """Speed and memory, measured as ratios within one run (no timed assertions anywhere in tests).
 
-    python benchmarks/bench.py speed  --method promptfl                  # (a) vs naive, (b) vs compute floor
+    python benchmarks/bench.py speed  --method promptfl                  # (a) naive, fedlit, floor at the DEFAULTS
+    python benchmarks/bench.py speed  --method promptfl --augment none   #     the same with exact cached features
     python benchmarks/bench.py speed  --method fedtpg                    #     FedTPG's protocol (own classes)
     python benchmarks/bench.py speed  --method fedpgp                    #     FedPGP (two contexts per step)
+    python benchmarks/bench.py image  --rounds 8                         # the view bank vs open_clip encode_image
+    python benchmarks/bench.py scaling --json benchmarks/figures/scaling.json --figure benchmarks/figures/scaling.png
+    python benchmarks/bench.py grid                                      # Table-1 grid: image forwards shared vs alone
     python benchmarks/bench.py text   --backbone ViT-B-16 --pretrained none   # one text step: today vs cut vs shared
     python benchmarks/bench.py speed  --backbone ViT-B-16 --pretrained none --clients 2 --shots 1 --batch 12 --rounds 2
     python benchmarks/bench.py memory --method fedpgp --clients-list 10 100 1000   # (c) peak memory vs clients
@@ -10,21 +14,33 @@
     python benchmarks/bench.py cache                                   # disk feature cache: first vs second run
     python benchmarks/bench.py lockstep --method fedtpg               # clients in lock-step vs one at a time
 
-(a) fedlit's round vs a *naive* round that re-runs the frozen image encoder on every step and deep-copies
-    the client model (backbone included) per client (what the official code bases do, spec §9), same
-    data order and hyper-parameters, compared at the final accuracy and global state;
-(b) fedlit's round vs the *compute floor*: per local step one forward+backward of the method's text side
-    over the classes the client trains among, nothing else; plus one image encoding per distinct training
-    image, paid once per run. The *old floor* runs that text side as before issue 15 (every class prompt at the
-    full context length, the plain path); the *new floor* runs it as fedlit now does (cut at the last EOT, the
-    shared ``[SOS][ctx]`` prefix encoded once per context: ``backbone.text_path=shared_prefix``). The naive path
-    keeps the old text pass (the official code bases encode all 77 positions of every prompt);
+(a) ``speed`` runs at the run's defaults (``--augment``, ``--optimizer-state``, ``--drop-last``: ``method``, what
+    ``fedlit fit`` resolves: Dassl random-resized-crop views through the view bank, the ``chain`` optimiser and
+    Dassl's last-batch rule for the Dassl family). Three paths, interleaved round by round:
+    *fedlit* = ``Orchestrator.train_round`` (what ``fedlit fit`` runs per round; its first round fills the view
+    bank: every view of the run encoded once, batched);
+    *naive* = the official pattern: per client a deep copy of the model (backbone included), and every step
+    decodes/crops the augmented view of each sample (the SAME views: the bank's ``train_views`` /
+    ``augmented_images``) and runs the frozen image tower on it, with the old text pass (all 77 positions of every
+    prompt); same client order (``chain``: the official order), batches, optimiser lifecycle;
+    *floor* = one image-tower forward per distinct (image, view) actually trained (at open_clip's best batch size,
+    :func:`best_image_batch`) + per local step one forward+backward of the method's text side over the classes the
+    client trains among, cut at the last EOT with the shared ``[SOS][ctx]`` prefix (``backbone.text_path:
+    shared_prefix``, the *new floor*); the view crops are timed beside it. Headline ratios are on the totals of the
+    R rounds (fedlit pays its image work up front); steady-state medians are beside them. The final accuracy and
+    global state of fedlit and naive are compared;
+(image) the training views of a run encoded by fedlit's view bank, by its per-batch path and by open_clip's own
+    ``model.encode_image`` at its best batch size, same views, interleaved;
+(scaling) round time of fedlit and the floor vs classes, clients and shots (procedural noise datasets of any
+    class count, ``benchmarks/gpu.py``), JSON + PNG;
+(grid) image-tower forwards of the Table-1 grid (one dataset, one seed, one shared disk cache) vs its cells alone;
 (text) one text step (forward+backward of CoOp's context, n_ctx 16, 50 CoOp-length class names) on the old
     path, the truncated plain path and the shared-prefix path, interleaved, medians;
 (c) peak resident memory of whole runs (``fedlit fit``) with 10, 100 and 1,000 clients on the same data
     (FedPGP: every client keeps personal U, V); (d) wall time with 1 and 2 processes;
 (lockstep) a round with the clients in lock-step (``trainer.lockstep``: ``--lockstep`` M, 0 = all) vs one at a
-    time, interleaved round by round, same start and data order; the final global states compared;
+    time, interleaved round by round, same start and data order (``optimizer_state: fresh`` on both); the final
+    global states compared;
 (cache) feature encoding with ``trainer.feature_cache=disk``: a first process encodes and writes the cache,
     a second, fresh process reads it.
 
@@ -36,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -107,7 +124,10 @@ def _text_side(method, m, clip, task):
     return method.text_features(m.prompt, clip, task)
 
 
-def _orchestrator(args, method, lockstep: int = 1):
+def _orchestrator(args, method, lockstep: int = 1, **pins):
+    """The run as ``fedlit fit`` builds it: ``trainer.augment`` / ``optimizer_state`` / ``drop_last`` from
+    ``--augment`` / ``--optimizer-state`` / ``--drop-last`` (default ``method``: the method's own, what a user gets);
+    ``pins`` override them (``lockstep`` compares the same optimiser lifecycle: ``fresh``)."""
     import lightning as L
 
     from fedlit.backbones import load_backbone
@@ -116,17 +136,17 @@ def _orchestrator(args, method, lockstep: int = 1):
     from fedlit.trainer import FedTrainer
 
     clip = load_backbone(args.backbone, args.pretrained)
-    fed = FederatedData(dataset="shapes-dark", num_clients=args.clients, shots=args.shots,
+    fed = FederatedData(dataset=getattr(args, "dataset", "shapes-dark"), num_clients=args.clients, shots=args.shots,
                         dataset_args=json.loads(args.dataset_args)).setup(seed=0)
-    # augment none / drop_last never: the naive path and the floor do the same work (exact features, every batch);
-    # optimizer_state fresh: lock-step and the sequential loop compare the same optimiser lifecycle
-    trainer = FedTrainer(rounds=args.rounds, local_epochs=1, batch_size=args.batch or args.shots * 2,
-                         checkpoint_every=0, progress=False, lockstep=lockstep, augment="none", drop_last="never",
-                         optimizer_state="fresh",
+    policy = {"augment": getattr(args, "augment", "method"), "optimizer_state": getattr(args, "optimizer_state", "method"),
+              "drop_last": getattr(args, "drop_last", "method"), **pins}
+    trainer = FedTrainer(rounds=args.rounds, local_epochs=getattr(args, "local_epochs", 1),
+                         batch_size=args.batch or args.shots * 2,
+                         checkpoint_every=0, progress=False, lockstep=lockstep, **policy,
                          accelerator="cpu" if not torch.cuda.is_available() else "auto")
     fabric = trainer.make_fabric()
     L.seed_everything(0, verbose=False)
-    orch = Orchestrator(fabric, clip, fed, method, trainer, seed=0)
+    orch = Orchestrator(fabric, clip, fed, method, trainer, seed=0, callbacks=[])
     return orch, clip, fed
 
 
@@ -142,56 +162,119 @@ def _client_setup(orch, m, cid: int, rnd: int):
     return client, task, classes, {k: v.clone() for k, v in sent.items()}
 
 
-def _optimizer_for(orch, m, cid: int):
-    """The client's optimiser for module ``m``, built by the client runtime's own rule (fresh, or restored from the
-    client's persistent state with its scheduled lr) -> (optimizer, tracked)."""
-    opt, tracked, _ = orch.runtime.optimizer(m, orch.protocol.state_of(cid))
-    return opt, tracked
+class NaiveBank:
+    """The official pattern's image side, behind the feature bank's interface: every training step decodes and
+    crops the augmented view of each of its samples (the SAME view fedlit's view bank holds: ``train_views`` and
+    ``augmented_images`` are the bank's) and runs the frozen image tower on the batch; nothing is kept."""
+
+    def __init__(self, bank):
+        self.bank, self.encoded = bank, 0
+
+    def train_views(self, *a):
+        return self.bank.train_views(*a)
+
+    @torch.no_grad()
+    def inputs(self, split: str, idx, views=None) -> torch.Tensor:
+        b = self.bank
+        x = b.images(split, idx) if views is None else b.augmented_images(split, idx, views)
+        self.encoded += len(idx)
+        return x if b.kind == "images" else b._tower(x)
 
 
-def _naive_round(orch, rnd: int) -> None:
-    """The official pattern: per client a deep copy of the model, the image encoder re-run every step."""
-    from fedlit.methods.base import Update
+def _naive_runtime(orch):
+    import dataclasses
 
+    return dataclasses.replace(orch.runtime, bank=NaiveBank(orch.bank))
+
+
+def _naive_round(orch, rnd: int, rt=None) -> None:
+    """The official pattern: per client a deep copy of the model (backbone included), the augmented view of every
+    sample decoded, cropped and encoded by the frozen image tower at every step; the same client loop, order
+    (``chain``: the official training order), batches, views and optimiser lifecycle as ``fedlit fit``."""
+    from fedlit.engine import LocalRun, train_alone
+    from fedlit.optimizer_state import training_order
+
+    rt = rt or _naive_runtime(orch)
+    sent = orch.protocol.configure(rnd)
+    cids = list(sent)
+    if orch.plan.optimizer_state == "chain":
+        cids = training_order(orch.seed, rnd, cids, orch.plan.train_order == "drawn", orch.cfg.first_round_all)
     updates = []
-    for cid in range(len(orch.fed.clients)):
+    for cid in cids:
         m = copy.deepcopy(orch.module)  # per-client model copy (backbone included)
-        client, task, classes, sent = _client_setup(orch, m, cid, rnd)
-        opt, _ = _optimizer_for(orch, m, cid)
-        y = torch.as_tensor(client.train_y)
-        losses, step = [], 0
-        for epoch in range(orch.cfg.local_epochs):
-            order = np.random.default_rng([orch.seed, rnd, cid, epoch]).permutation(client.num_samples)  # fedlit's
-            for s in range(0, client.num_samples, orch.cfg.batch_size):
-                rows = order[s : s + orch.cfg.batch_size]
-                x = orch.bank.images("train", client.train_idx[rows])
-                with torch.no_grad():
-                    feats = m.clip.encode_image(x)  # frozen work, repeated every step
-                loss = m.training_step((feats, y[rows]), step, task, classes, sent)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-                step += 1
-        shared, personal = m.export()
-        optim = orch.runtime.optim.finish(opt, orch.protocol.state_of(cid))  # as fedlit keeps it (chain / per client)
-        updates.append(Update(cid, shared, personal, client.num_samples, float(np.mean(losses)), step, optim=optim))
+        updates.append(train_alone(orch.fabric, LocalRun(rt, m, cid, rnd, sent[cid], orch.protocol.state_of(cid))))
     orch.apply(updates)
 
 
-def _floor_round(orch, mode: str = "new") -> tuple[float, int]:
-    """Per local step, one forward+backward of the method's text side over the classes the client trains
-    among (FedTPG: its own classes), on the live module, with the ``old`` or ``new`` text pass (see
-    :func:`text_mode`); returns (seconds, steps)."""
+def _round_views(orch, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The distinct (image, view) pairs the round trains on (every client's batches of every local epoch, after
+    the last-batch rule): (train rows, views or ``None`` without augmentation)."""
+    rt, pairs = orch.runtime, set()
+    for cid in orch.protocol.select(rnd):
+        client = rt.federation.clients[cid]
+        for epoch in range(orch.cfg.local_epochs):
+            for rows in rt.epoch_rows(cid, rnd, epoch):
+                v = rt.bank.train_views((rt.seed, rnd, cid, epoch), client.num_samples, rows)
+                v = np.full(len(rows), -1) if v is None else v
+                pairs.update(zip(client.train_idx[rows].tolist(), v.tolist()))
+    pairs = sorted(pairs)
+    idx = np.array([i for i, _ in pairs], dtype=np.int64)
+    views = np.array([v for _, v in pairs], dtype=np.int64)
+    return idx, (None if len(views) and views[0] < 0 else views)
+
+
+def best_image_batch(clip, sizes=(8, 16, 32, 64, 128, 256), reps: int = 2, autocast=None) -> tuple[int, dict]:
+    """open_clip's ``model.encode_image`` throughput (images/s) at each batch size on random images of the tower's
+    size, best of ``reps``; returns (best batch, {batch: images/s})."""
+    size = clip.image_size if isinstance(clip.image_size, tuple) else (clip.image_size,) * 2
+    rates = {}
+    for b in sizes:
+        x = torch.randn(b, 3, *size, device=clip.device)
+        best = float("inf")
+        with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+            clip.model.encode_image(x[:1])
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                clip.model.encode_image(x)
+                best = min(best, time.perf_counter() - t0)
+        rates[b] = round(b / best, 1)
+    return max(rates, key=rates.get), rates
+
+
+def _floor_image(orch, rnd: int, batch: int, seen: set) -> tuple[float, float, int]:
+    """The image side of the floor for round ``rnd``: one tower forward per distinct (image, view) the round trains
+    that no earlier round of the run trained (``seen``), at ``batch`` images a pass -> (tower s, crop s, forwards)."""
+    idx, views = _round_views(orch, rnd)
+    keys = list(zip(idx.tolist(), (views if views is not None else np.full(len(idx), -1)).tolist()))
+    keep = np.array([k not in seen for k in keys], dtype=bool)
+    seen.update(keys)
+    idx, views = idx[keep], (views[keep] if views is not None else None)
+    bank, t_crop, t_tower = orch.bank, 0.0, 0.0
+    with torch.no_grad():
+        for s in range(0, len(idx), batch):
+            t0 = time.perf_counter()
+            x = (bank.images("train", idx[s:s + batch]) if views is None
+                 else bank.augmented_images("train", idx[s:s + batch], views[s:s + batch]))
+            t1 = time.perf_counter()
+            bank._tower(x)
+            t_tower += time.perf_counter() - t1
+            t_crop += t1 - t0
+    return t_tower, t_crop, int(len(idx))
+
+
+def _floor_round(orch, mode: str = "new", rnd: int = 0) -> tuple[float, int]:
+    """Per local step (after the plan's last-batch rule), one forward+backward of the method's text side over the
+    classes the client trains among (FedTPG: its own classes), on the live module, with the ``old`` or ``new``
+    text pass (see :func:`text_mode`); returns (seconds, steps)."""
     from fedlit.data.task import client_task
 
     m, method, clip = orch.module, orch.method, orch.clip
     steps, t = 0, 0.0
-    for cid in range(len(orch.fed.clients)):
+    for cid in orch.protocol.select(rnd):
         client, task, classes, _ = _client_setup(orch, m, cid, 0)
         if method.name == "fedtpg":
             task = client_task(task, classes, torch.as_tensor(client.train_y))[0]
-        n_steps = -(-client.num_samples // orch.cfg.batch_size) * orch.cfg.local_epochs
+        n_steps = len(orch.plan.batch_starts(client.num_samples)) * orch.cfg.local_epochs
         t0 = time.perf_counter()
         with text_mode(clip, mode):
             for _ in range(n_steps):
@@ -204,52 +287,62 @@ def _floor_round(orch, mode: str = "new") -> tuple[float, int]:
 
 
 def speed(args) -> dict:
-    """The three paths interleaved round by round (fedlit, naive, floor), so that load from other jobs on a
-    shared machine hits them alike; steady state = median over rounds 2..R (round 1 also fills fedlit's cache)."""
+    """Naive, fedlit and floor interleaved round by round, so that load from other jobs on a shared machine hits
+    them alike, at the run's defaults (``--augment`` / ``--optimizer-state`` / ``--drop-last``: ``method``).
+    fedlit = ``Orchestrator.train_round`` (what ``fedlit fit`` runs per round; its first round also fills the view
+    bank: every view of the run, encoded once). Headline = totals over the R rounds (the image work is paid
+    up front by fedlit, round by round by the naive path and the floor); steady state = median over rounds 2..R."""
     R = args.rounds
     orch, clip, fed = _orchestrator(args, _method(args.method))
     orch2, _, _ = _orchestrator(args, _method(args.method))  # naive: same start, data order, hyper-parameters
-    t_fedlit, t_naive, t_floor, t_old_floor = [], [], [], []
+    naive_rt = _naive_runtime(orch2)
+    best_b, rates = best_image_batch(clip, tuple(args.image_batches), autocast=orch.fabric.autocast)
+    t_fedlit, t_naive, t_text, t_old_floor, t_tower, t_crop, floor_fwd = [], [], [], [], [], [], []
+    seen: set = set()
     for r in range(R):
         t0 = time.perf_counter()
-        orch.apply([orch.safe_update(c, r) for c in range(len(fed.clients))])
+        orch.train_round(r)
         t_fedlit.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with text_mode(clip, args.naive_text):
-            _naive_round(orch2, r)
+            _naive_round(orch2, r, naive_rt)
         t_naive.append(time.perf_counter() - t0)
-        t, steps = _floor_round(orch, "new")
-        t_floor.append(t)
-        t_old_floor.append(_floor_round(orch, "old")[0])
+        tt, tc, n = _floor_image(orch, r, best_b, seen)
+        t_tower.append(tt)
+        t_crop.append(tc)
+        floor_fwd.append(n)
+        t, steps = _floor_round(orch, "new", r)
+        t_text.append(t)
+        t_old_floor.append(_floor_round(orch, "old", r)[0] if args.old_floor else float("nan"))
+    fedlit_fwd = orch.bank.encoded  # training views only (evaluation encodes the test split below)
     acc_fedlit = orch.evaluate(R - 1)["mean"]
     acc_naive = orch2.evaluate(R - 1)["mean"]
     state_fedlit = orch.global_state
-    distinct = sorted({int(i) for c in fed.clients for i in c.train_idx})
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(distinct), 256):
-            clip.encode_image(orch.bank.images("train", distinct[s : s + 256]))
-    t_img = time.perf_counter() - t0
-
+    t_floor = [a + b for a, b in zip(t_text, t_tower)]
     steady = lambda ts: float(np.median(ts[1:])) if len(ts) > 1 else ts[0]  # noqa: E731
-    fl, nv, fo, old = steady(t_fedlit), steady(t_naive), steady(t_floor), steady(t_old_floor)
+    tot = lambda ts: float(sum(ts))  # noqa: E731
+    fl, nv, fo = tot(t_fedlit), tot(t_naive), tot(t_floor)
+    rnd3 = lambda ts: [round(t, 3) for t in ts]  # noqa: E731
     return {
         "method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "image_size": clip.image_size,
-        "clients": len(fed.clients), "train_images": len(distinct), "batch": orch.cfg.batch_size,
-        "steps_per_round": steps, "rounds": R,
-        "fedlit_round_s": [round(t, 3) for t in t_fedlit], "naive_round_s": [round(t, 3) for t in t_naive],
-        "fedlit_steady_round_s": round(fl, 3), "naive_steady_round_s": round(nv, 3),
-        "speedup_vs_naive": round(nv / fl, 2),
-        "floor_round_s": [round(t, 3) for t in t_floor], "floor_steady_round_s": round(fo, 3),
-        "fedlit_over_floor": round(fl / fo, 2),
-        "old_floor_round_s": [round(t, 3) for t in t_old_floor], "old_floor_steady_round_s": round(old, 3),
-        "fedlit_over_old_floor": round(fl / old, 2), "old_floor_over_new_floor": round(old / fo, 2),
-        "best_of_rounds (min over rounds 2..R)": {
-            "fedlit_s": round(min(t_fedlit[1:] or t_fedlit), 3), "naive_s": round(min(t_naive[1:] or t_naive), 3),
-            "floor_s": round(min(t_floor[1:] or t_floor), 3),
-            "speedup_vs_naive": round(min(t_naive[1:] or t_naive) / min(t_fedlit[1:] or t_fedlit), 2),
-            "fedlit_over_floor": round(min(t_fedlit[1:] or t_fedlit) / min(t_floor[1:] or t_floor), 2)},
-        "image_encoding_once_s": round(t_img, 3),
+        "plan": orch.plan.describe(), "augment": orch.plan.augment, "optimizer_state": orch.plan.optimizer_state,
+        "drop_last": orch.plan.drop_last, "views_cached": bool(orch.plan.cache_views and orch.plan.epoch_views),
+        "clients": len(fed.clients), "train_images": len({int(i) for c in fed.clients for i in c.train_idx}),
+        "batch": orch.cfg.batch_size, "steps_per_round": steps, "rounds": R,
+        "image_forwards": {"naive": naive_rt.bank.encoded, "fedlit": fedlit_fwd,
+                           "floor": int(sum(floor_fwd))},
+        "open_clip_encode_image_images_per_s": rates, "floor_image_batch": best_b,
+        "naive_round_s": rnd3(t_naive), "fedlit_round_s": rnd3(t_fedlit), "floor_round_s": rnd3(t_floor),
+        "floor_parts_round_s": {"text (new: EOT cut, shared prefix)": rnd3(t_text), "image tower": rnd3(t_tower),
+                                "view decode+crop (not in the floor)": rnd3(t_crop)},
+        "total_s": {"naive": round(nv, 3), "fedlit": round(fl, 3), "floor": round(fo, 3),
+                    "floor + view crops": round(fo + tot(t_crop), 3), "old floor (text only)": round(tot(t_old_floor), 3)},
+        "speedup_vs_naive": round(nv / fl, 2), "fedlit_over_floor": round(fl / fo, 2),
+        "fedlit_over_floor_with_crops": round(fl / (fo + tot(t_crop)), 2),
+        "steady (median rounds 2..R)": {"naive_s": round(steady(t_naive), 3), "fedlit_s": round(steady(t_fedlit), 3),
+                                         "floor_s": round(steady(t_floor), 3),
+                                         "speedup_vs_naive": round(steady(t_naive) / steady(t_fedlit), 2),
+                                         "fedlit_over_floor": round(steady(t_fedlit) / steady(t_floor), 2)},
         "acc_fedlit": {k: round(v, 2) for k, v in acc_fedlit.items()},
         "acc_naive": {k: round(v, 2) for k, v in acc_naive.items()},
         "max_acc_diff_points": round(max(abs(acc_fedlit[k] - acc_naive[k]) for k in acc_fedlit), 3),
@@ -257,10 +350,297 @@ def speed(args) -> dict:
     }
 
 
+class _Spent(list):
+    images = 0
+
+
+def _timed_tower(bank) -> list:
+    """Wrap ``bank._tower`` (the image-tower call of the feature bank) to record its seconds (and ``.images``: the
+    images it ran, zero slots of a pass included); returns the list."""
+    spent, tower = _Spent(), bank._tower
+
+    def timed(x):
+        t0 = time.perf_counter()
+        out = tower(x)
+        spent.append(time.perf_counter() - t0)
+        spent.images += len(x)
+        return out
+
+    bank._tower = timed
+    return spent
+
+
+def image(args) -> dict:
+    """The image side at its own floor: the training views of a run (``E = rounds × local_epochs`` per image at the
+    defaults; the images themselves with ``--augment none``) encoded (1) by fedlit's view bank (all views once,
+    batched, :meth:`fedlit.features.FeatureBank.features`), (2) by fedlit's per-batch path (``cache_views`` off:
+    partial participation), (3) by open_clip's own ``model.encode_image`` on the same crops at each batch size of
+    ``--image-batches`` (the best taken). Interleaved ``--reps`` times; medians. The crops (decode + random-resized
+    crop + resize, once per view) are timed apart: every path needs them once per (image, view)."""
+    from fedlit.features import FeatureBank
+
+    orch, clip, fed = _orchestrator(args, _method(args.method))
+    plan, bank0 = orch.plan, orch.bank
+    rows = np.unique(np.concatenate([c.train_idx for c in fed.clients]))
+    E = plan.epoch_views if plan.augment == "dassl" else 0
+    if E:
+        idx, views = np.repeat(rows, E), np.tile(np.arange(E), len(rows))
+    else:
+        idx, views = rows, None
+    splits = {"train": fed.data.train}
+    kw = dict(autocast=orch.fabric.autocast, kind="features", seed=orch.seed, epoch_views=E,
+              local_epochs=orch.cfg.local_epochs)
+    sizes = [b for b in args.image_batches if b <= len(idx)] or [len(idx)]
+    times: dict[str, list[float]] = {"fedlit view bank": [], "fedlit view bank: tower calls": [],
+                                     "fedlit per-batch (views not cached)": [], "view crops (once per view)": [],
+                                     **{f"open_clip encode_image @ {b}": [] for b in sizes}}
+    ref = got = None
+    for _ in range(args.reps):
+        bank = FeatureBank(clip, splits, cache_views=True, **kw)
+        spent = _timed_tower(bank)
+        bank.expect("train", rows)
+        t0 = time.perf_counter()
+        got = bank.features("train", idx, views) if E else bank.features("train", idx)
+        times["fedlit view bank"].append(time.perf_counter() - t0)
+        times["fedlit view bank: tower calls"].append(sum(spent))
+        n_bank, n_tower = bank.encoded, spent.images
+        if E:
+            per = FeatureBank(clip, splits, cache_views=False, **kw)
+            t0 = time.perf_counter()
+            for s in range(0, len(idx), orch.cfg.batch_size):
+                per.features("train", idx[s:s + orch.cfg.batch_size], views[s:s + orch.cfg.batch_size])
+            times["fedlit per-batch (views not cached)"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        crops = torch.cat([bank0.augmented_images("train", idx[s:s + 256], views[s:s + 256]) if E
+                           else bank0.images("train", idx[s:s + 256]) for s in range(0, len(idx), 256)])
+        times["view crops (once per view)"].append(time.perf_counter() - t0)
+        for b in sizes:
+            t0 = time.perf_counter()
+            with torch.no_grad(), orch.fabric.autocast():
+                out = torch.cat([clip.model.encode_image(crops[s:s + b]).float() for s in range(0, len(crops), b)])
+            times[f"open_clip encode_image @ {b}"].append(time.perf_counter() - t0)
+            ref = out if ref is None else ref
+    med = {k: float(np.median(v)) for k, v in times.items() if v}
+    best = min(sizes, key=lambda b: med[f"open_clip encode_image @ {b}"])
+    oc = med[f"open_clip encode_image @ {best}"]
+    crop = med["view crops (once per view)"]
+    res = {"method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "augment": plan.augment,
+           "views_per_image": E or 1, "train_images": int(len(rows)), "forwards": int(len(idx)),
+           "fedlit_bank_encoded": n_bank, "fedlit_tower_images (zero slots of a pass included)": n_tower,
+           "fedlit_pass_padding": round(n_tower / max(n_bank, 1), 3), "fedlit_block_images": bank.block_rows("train", bool(E)) * (E or 1),
+           "median_s": {k: round(v, 4) for k, v in med.items()},
+           "images_per_s": {k: round(len(idx) / v, 1) for k, v in med.items()},
+           "open_clip_best_batch": best,
+           "fedlit_bank_over_open_clip_best (crops + tower, both)": round(med["fedlit view bank"] / (crop + oc), 3),
+           "fedlit_bank_tower_over_open_clip_best (tower only)":
+               round(med["fedlit view bank: tower calls"] / oc, 3),
+           "max_abs_diff_fedlit_vs_open_clip": float((got - ref).abs().max())}
+    if E:
+        res["fedlit_per_batch_over_open_clip_best (crops + tower)"] = round(
+            med["fedlit per-batch (views not cached)"] / (crop + oc), 3)
+    return res
+
+
+def _scaling_point(args, classes: int, clients: int, per_client: int, partition: str) -> dict:
+    """One point of the scaling curves: a procedural noise dataset of ``classes`` classes (``benchmarks/gpu.py``'s
+    datasets: any class count), ``clients`` clients, ~``per_client`` training images each; fedlit's rounds
+    (``Orchestrator.train_round`` at the defaults) and the floor's (text per step + one tower forward per new
+    (image, view) at the best batch), interleaved; per round = the run's total / rounds (the view bank is filled
+    in round 1)."""
+    gpu = _sibling_gpu()
+    if partition == "disjoint":  # every client its own classes_per_client classes, per_client / those shots each
+        cpc = max(1, classes // clients)
+        shots, tpc = max(1, per_client // cpc), max(1, per_client // cpc)
+        data = dict(partition="disjoint", subsample="all", shots=shots)
+    else:  # iid clients over the pool of every class (``partition: domain``): PromptFL's CE runs over all ``classes``
+        tpc = max(1, -(-per_client * clients // classes))
+        data = dict(partition="domain", subsample="all", shots=-1)
+    test = max(1, -(-2 * clients // classes))
+    name = gpu.register_datasets({f"scale-c{classes}-t{tpc}-e{test}": classes}, img_size=args.img_size,
+                                 train_per_class=tpc, test_per_class=test)[0]
+    a = argparse.Namespace(**{**vars(args), "dataset": name, "clients": clients})
+    import lightning as L
+
+    from fedlit.backbones import load_backbone
+    from fedlit.data.federation import FederatedData
+    from fedlit.orchestrator import Orchestrator
+    from fedlit.trainer import FedTrainer
+
+    clip = load_backbone(args.backbone, args.pretrained)
+    fed = FederatedData(dataset=[name] if data["partition"] == "domain" else name, num_clients=clients,
+                        **data).setup(seed=0)
+    trainer = FedTrainer(rounds=a.rounds, local_epochs=1, batch_size=args.batch or 8, checkpoint_every=0,
+                         progress=False, augment=args.augment, optimizer_state=args.optimizer_state,
+                         drop_last=args.drop_last, accelerator="cpu" if not torch.cuda.is_available() else "auto")
+    fabric = trainer.make_fabric()
+    L.seed_everything(0, verbose=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        orch = Orchestrator(fabric, clip, fed, _method(args.method), trainer, seed=0, callbacks=[])
+    t_fedlit, t_floor, seen = [], [], set()
+    for r in range(a.rounds):
+        t0 = time.perf_counter()
+        orch.train_round(r)
+        t_fedlit.append(time.perf_counter() - t0)
+        tt, _, _ = _floor_image(orch, r, args.floor_batch, seen)
+        t_floor.append(tt + _floor_round(orch, "new", r)[0])
+    return {"plan": orch.plan.describe(), "classes": classes, "clients": len(fed.clients), "train_images": int(sum(c.num_samples for c in fed.clients)),
+            "per_client_images": round(float(np.mean([c.num_samples for c in fed.clients])), 1),
+            "classes_in_softmax": round(float(np.mean([len(orch.fed.task_of(c.cid)) for c in fed.clients])), 1),
+            "fedlit_round_s": round(sum(t_fedlit) / a.rounds, 4), "floor_round_s": round(sum(t_floor) / a.rounds, 4),
+            "fedlit_over_floor": round(sum(t_fedlit) / sum(t_floor), 2),
+            "rounds_s": {"fedlit": [round(t, 3) for t in t_fedlit], "floor": [round(t, 3) for t in t_floor]}}
+
+
+def _sibling_gpu():
+    import importlib.util
+
+    key = "fedlit_benchmarks_gpu"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parent / "gpu.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
+def scaling(args) -> dict:
+    """Round time of fedlit and of the floor vs classes, vs clients and vs shots (``--classes-list``,
+    ``--clients-list``, ``--shots-list``) at the defaults; writes ``--json`` and the figure ``--figure``."""
+    from fedlit.backbones import load_backbone
+
+    clip = load_backbone(args.backbone, args.pretrained)
+    args.floor_batch = best_image_batch(clip, tuple(args.image_batches))[0]
+    out = {"method": args.method, "backbone": f"{args.backbone}:{args.pretrained}", "rounds": args.rounds,
+           "batch": args.batch or 8, "floor_image_batch": args.floor_batch, "augment": args.augment,
+           "optimizer_state": args.optimizer_state,
+           "setting": {"classes": f"{args.scale_clients} clients, iid over the pool of all classes, "
+                                  f"~{args.per_client} images per client",
+                       "clients": f"{args.scale_classes} classes, iid, ~{args.per_client} images per client",
+                       "shots": f"{args.scale_clients} clients, disjoint classes ({args.scale_classes} classes: "
+                                f"{max(1, args.scale_classes // args.scale_clients)} per client), K shots"},
+           "classes": [_scaling_point(args, c, args.scale_clients, args.per_client, "iid") for c in args.classes_list],
+           "clients": [_scaling_point(args, args.scale_classes, n, args.per_client, "iid") for n in args.clients_list],
+           "shots": [_scaling_point(args, args.scale_classes, args.scale_clients,
+                                    k * max(1, args.scale_classes // args.scale_clients), "disjoint")
+                     for k in args.shots_list]}
+    out["plan"] = out["classes"][0]["plan"]
+    for key, s in (("classes", "classes"), ("clients", "clients"), ("shots", "shots")):
+        for pt, k in zip(out[key], {"classes": args.classes_list, "clients": args.clients_list,
+                                    "shots": args.shots_list}[key]):
+            pt["x"] = k
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.figure:
+        scaling_figure(out, args.figure)
+    return out
+
+
+def scaling_figure(res: dict, path) -> None:
+    """Three panels (vs classes, clients, shots), fedlit and floor round time, log-log (fedlit/figures.py style)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    from fedlit.figures import figure
+
+    fig = figure(11, 3.4)
+    labels = {"classes": "classes (all in every client's softmax)", "clients": "clients", "shots": "shots per class"}
+    for i, key in enumerate(("classes", "clients", "shots")):
+        ax = fig.add_subplot(1, 3, i + 1)
+        xs = [p["x"] for p in res[key]]
+        ax.plot(xs, [p["fedlit_round_s"] for p in res[key]], "o-", color="#4C72B0", label="fedlit")
+        ax.plot(xs, [p["floor_round_s"] for p in res[key]], "s--", color="#55A868", label="floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(labels[key])
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(xs)
+        ax.grid(True, which="both", alpha=0.3)
+        if i == 0:
+            ax.set_ylabel("seconds per round")
+            ax.legend(frameon=False)
+    fig.suptitle(f"{res['plan']}\n{res['backbone']}: round time = run total / {res['rounds']} rounds",
+                 fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+TABLE1_METHODS = ("zeroshot", "coop", "promptfl", "fedprox", "fedmaple", "fedcocoop", "fedotp", "fedpgp")
+
+
+def _count_tower_images():
+    """Count the images that enter any loaded backbone's image tower (a forward hook on its patch embedding /
+    stem, registered on every backbone in :mod:`fedlit.backbones`' cache as it appears): returns a callable
+    giving the count so far (zero slots of a full encoding pass count too: they are forwards)."""
+    from fedlit import backbones
+
+    count, hooked = [0], set()
+
+    def hook(_m, inputs):
+        count[0] += int(inputs[0].shape[0])
+
+    def refresh():
+        for clip in list(backbones._CACHE.values()):
+            v = getattr(getattr(clip, "model", None), "visual", None)
+            first = getattr(v, "conv1", None) or getattr(v, "stem", None) if v is not None else None
+            if first is not None and id(first) not in hooked:
+                hooked.add(id(first))
+                first.register_forward_pre_hook(hook)
+        return count[0]
+
+    return refresh
+
+
+def grid(args) -> dict:
+    """Image-tower forwards of the Table-1 grid (``--grid-methods``, one dataset, one seed, the embedded backbone,
+    the grid's own cell commands: ``fedlit.apps.table1.fit_command``) run as a grid — every cell on one disk
+    feature cache (``trainer.feature_cache: disk``: the views of a seed and the test features are shared) — vs
+    the sum of its cells run alone (each its own empty cache). Counts, not seconds."""
+    from fedlit.apps.table1 import fit_command
+    from fedlit.experiment import fit_argv
+
+    count = _count_tower_images()
+    from fedlit.backbones import load_backbone
+
+    load_backbone(args.backbone, args.pretrained)  # in the cache before the first cell: its tower is hooked
+    count()
+    out = {"methods": list(args.grid_methods), "dataset": args.grid_dataset, "seed": 1, "backbone": args.backbone,
+           "cells": {}}
+    import atexit
+    import shutil
+
+    tmp = args.cache_dir or tempfile.mkdtemp(prefix="fedlit-grid-")
+    if not args.cache_dir:  # removed at exit, after the disk stores' own exit flush (atexit runs last-in first-out)
+        atexit.register(shutil.rmtree, tmp, True)
+    if True:
+        for mode in ("grid (one shared disk cache)", "alone (each cell its own cache)"):
+            for m in args.grid_methods:
+                cache = f"{tmp}/shared" if mode.startswith("grid") else f"{tmp}/alone-{m}"
+                run = Path(tmp) / mode[:4] / m
+                cmd = fit_command(m, args.grid_dataset, 1, args.backbone, run, rounds=args.rounds,
+                                  extra=["--trainer.feature_cache", "disk", "--trainer.cache_dir", cache,
+                                         "--trainer.progress", "false"])
+                before = count()
+                with contextlib.redirect_stdout(sys.stderr):
+                    rc = fit_argv(cmd[cmd.index("fit") + 1:])
+                gc.collect()  # as the grid runner does between in-process cells
+                n = count() - before
+                res = json.loads((run / "results.json").read_text()) if rc == 0 else {}
+                out["cells"].setdefault(m, {})[mode.split(" ")[0]] = {
+                    "tower_images": n, "bank_encoded": res.get("images_encoded"), "rc": rc,
+                    "augment": (res.get("plan") or {}).get("augment"),
+                    "cache_dirs": sorted(p.name for p in Path(cache).glob("*/*"))}
+    tot = {k: sum(c[k]["tower_images"] for c in out["cells"].values()) for k in ("grid", "alone")}
+    out["total_tower_images"] = tot
+    out["grid_over_alone"] = round(tot["grid"] / max(tot["alone"], 1), 3)
+    return out
+
+
 def lockstep(args) -> dict:
     """Rounds with the clients in lock-step vs one at a time (interleaved; steady = median over rounds 2..R)."""
-    seq, clip, fed = _orchestrator(args, _method(args.method))
-    lock, _, _ = _orchestrator(args, _method(args.method), lockstep=args.lockstep)
+    seq, clip, fed = _orchestrator(args, _method(args.method), optimizer_state="fresh")
+    lock, _, _ = _orchestrator(args, _method(args.method), lockstep=args.lockstep, optimizer_state="fresh")
     cids = list(range(len(fed.clients)))
     times: dict[str, list[float]] = {"sequential": [], "lockstep": []}
     for r in range(args.rounds):
@@ -424,9 +804,9 @@ def cache(args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
-    p.add_argument("which", choices=["speed", "memory", "procs", "cache", "text", "lockstep"])
+    p.add_argument("which", choices=["speed", "image", "scaling", "grid", "memory", "procs", "cache", "text", "lockstep"])
     p.add_argument("--method", default=None,
                    help="speed: promptfl (default), fedtpg or fedpgp; memory: fedpgp (default), coop …")
     p.add_argument("--backbone", default="fedlit-toy")
@@ -445,14 +825,37 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=16, help="text: context tokens")
     p.add_argument("--naive-text", choices=["old", "new"], default="old",
                    help="speed: the naive path's text pass (old: full length, plain, as the official code bases)")
+    p.add_argument("--augment", choices=["method", "dassl", "none"], default="method",
+                   help="speed/scaling/image: trainer.augment (default method: the method's own, PromptFL/FedPGP dassl)")
+    p.add_argument("--optimizer-state", choices=["method", "chain", "fresh", "per_client"], default="method",
+                   help="speed/scaling: trainer.optimizer_state (default method: e.g. chain for the Dassl family)")
+    p.add_argument("--drop-last", choices=["method", "dassl", "never"], default="method",
+                   help="speed/scaling: trainer.drop_last (default method)")
+    p.add_argument("--image-batches", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
+                   help="image: open_clip encode_image batch sizes swept (the best is the reference)")
+    p.add_argument("--classes-list", type=int, nargs="+", default=[10, 25, 50, 100, 200], help="scaling: classes")
+    p.add_argument("--shots-list", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="scaling: shots")
+    p.add_argument("--scale-clients", type=int, default=10, help="scaling: clients of the classes and shots curves")
+    p.add_argument("--scale-classes", type=int, default=20, help="scaling: classes of the clients and shots curves")
+    p.add_argument("--per-client", type=int, default=8, help="scaling: training images per client (classes, clients)")
+    p.add_argument("--img-size", type=int, default=32, help="scaling: procedural image side")
+    p.add_argument("--json", default=None, help="scaling: write the result here")
+    p.add_argument("--figure", default=None, help="scaling: write the PNG figure here")
+    p.add_argument("--grid-methods", nargs="+", default=list(TABLE1_METHODS), help="grid: the grid's methods")
+    p.add_argument("--grid-dataset", default="oxford_pets", help="grid: Table-1 dataset (embedded stand-in on fedlit-toy)")
+    p.add_argument("--no-old-floor", dest="old_floor", action="store_false",
+                   help="speed: skip the old floor (the text pass before issue 15: slow on a ViT-B-16)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.method = args.method or {"speed": "promptfl", "memory": "fedpgp", "lockstep": "promptfl"}.get(args.which)
-    res = {"speed": speed, "memory": memory, "procs": procs, "cache": cache, "text": text,
-           "lockstep": lockstep}[args.which](args)
-    print(json.dumps({"machine": machine(), "command": " ".join(["python", *sys.argv]), "result": res}, indent=2))
+    args.method = args.method or {"speed": "promptfl", "image": "promptfl", "scaling": "promptfl", "memory": "fedpgp",
+                                  "lockstep": "promptfl"}.get(args.which)
+    res = {"speed": speed, "image": image, "scaling": scaling, "grid": grid, "memory": memory, "procs": procs,
+           "cache": cache, "text": text, "lockstep": lockstep}[args.which](args)
+    cmd = " ".join(["python", "benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    print(json.dumps({"machine": machine(), "command": cmd, "result": res}, indent=2))
+    return res
 
 
 if __name__ == "__main__":

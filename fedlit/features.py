@@ -121,6 +121,12 @@ def tower_digest(clip: FrozenCLIP) -> str:
     return d
 
 
+def _rows_digest(rows: np.ndarray | None) -> str | None:
+    if rows is None:
+        return None
+    return hashlib.blake2b(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))[:60] or "x"
 
@@ -154,16 +160,20 @@ def augment_params(seed: int, row: int, view: int, height: int, width: int) -> t
     return top, left, h, w, bool(rng.random() < AUG_FLIP)
 
 
-def block_layout(rows: np.ndarray, block: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Encoding passes for ``rows`` (sorted, distinct): row ``r`` always sits at slot ``r % block`` of a pass of
-    exactly ``block`` images, so its feature is the same computation whichever other rows are encoded with it
-    (CPU kernels are not batch-invariant on every processor: a row encoded in another batch composition can
-    differ in its last bits). Returns ``[(rows, slots), …]``, each with distinct slots; the slots of a pass that
-    no row fills are zeros. A whole split costs ``ceil(n / block)`` passes; a scattered subset a few more."""
+def block_layout(rows: np.ndarray, block: int, positions: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encoding passes for ``rows`` (sorted, distinct): row ``r`` always sits at slot ``position(r) % block`` of a
+    pass of exactly ``block`` images, so its feature is the same computation whichever other rows are encoded
+    with it (CPU kernels are not batch-invariant on every processor: a row encoded in another batch composition
+    can differ in its last bits). ``positions`` (distinct, aligned with ``rows``; default the rows themselves) is a
+    fixed function of the row: the bank passes each row's rank in its split's *layout* (the rows the run said it
+    would ask for, :meth:`FeatureBank.expect`), so a scattered subset of a split packs ``ceil(n / block)`` full
+    passes instead of leaving most slots empty (``r % block`` of a K-shot subset collides: up to 2× the forwards
+    on the embedded default, more on a sparse subset). Returns ``[(rows, slots), …]``, each with distinct slots;
+    the slots of a pass that no row fills are zeros."""
     rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         return []
-    slots = rows % block
+    slots = (rows if positions is None else np.asarray(positions, dtype=np.int64)) % block
     order = np.lexsort((rows, slots))  # by slot, then row
     sorted_slots = slots[order]
     starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
@@ -176,6 +186,17 @@ def block_layout(rows: np.ndarray, block: int) -> list[tuple[np.ndarray, np.ndar
     return passes
 
 
+def layout_positions(rows: np.ndarray, layout: np.ndarray | None) -> np.ndarray:
+    """Each row's position in the pass layout: its rank in ``layout`` (sorted, distinct) if it is there, else
+    ``len(layout) + row`` (rows nobody announced keep a fixed, distinct position after the dense range)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if layout is None or not len(layout):
+        return rows
+    rank = np.searchsorted(layout, rows)
+    inside = (rank < len(layout)) & (layout[np.minimum(rank, len(layout) - 1)] == rows)
+    return np.where(inside, rank, len(layout) + rows)
+
+
 # ----------------------------------------------------------------------------------------------- the bank
 class FeatureBank:
     """Per-split cache of frozen image features, filled lazily in batches.
@@ -184,8 +205,9 @@ class FeatureBank:
         clip: the frozen backbone.
         splits: name → split (``train``, ``test`` …).
         block_size: images per encoding pass. Every pass has exactly this many images and row ``r`` of a split
-            always sits at position ``r % block`` (:func:`block_layout`), so a cached feature never depends on
-            which rows were asked for first, by which process, or whether it was re-encoded after damage.
+            always sits at slot ``position(r) % block`` (:func:`block_layout`; the position is its rank among the
+            rows announced by :meth:`expect`, else the row), so a cached feature never depends on which rows were
+            asked for first, by which process, or whether it was re-encoded after damage.
         autocast: a context-manager factory for mixed precision (e.g. ``fabric.autocast``).
         kind: ``features`` (pooled), ``tokens`` (all projected tokens, FedOTP), ``value_tokens`` (the pooled
             feature then each patch's value path, LoCoOp / GalLoP) or ``images`` (no cache:
@@ -228,6 +250,7 @@ class FeatureBank:
         self.cache_views = bool(cache_views)
         self._stores: dict[tuple[str, bool], _MemoryStore | _DiskStore] = {}
         self._expected: dict[str, np.ndarray] = {}
+        self._layouts: dict[tuple[str, bool], np.ndarray | None] = {}  # the pass layout each store was opened with
         self.encoded = 0  # images (views) encoded so far (a cache that works keeps this at one per image)
 
     # -------------------------------------------------------------------------------------------- images
@@ -280,6 +303,13 @@ class FeatureBank:
                 "resize": "bicubic-antialias", "param_dtype": str(param.dtype), "device_type": dev.type,
                 "autocast": amp}
 
+    def layout(self, split: str, augmented: bool = False) -> np.ndarray | None:
+        """The rows whose ranks place them in the encoding passes of ``split`` (:func:`block_layout`): the
+        expected rows (:meth:`expect`) when its store was opened, fixed for the store's life; ``None``: by row."""
+        if (split, augmented) in self._layouts:
+            return self._layouts[(split, augmented)]
+        return self._expected.get(split)
+
     def cache_key(self, split: str, augmented: bool = False) -> dict:
         """Everything the cached rows of ``split`` depend on (JSON-able); its digest names the disk cache."""
         data = self.splits[split]
@@ -293,7 +323,8 @@ class FeatureBank:
                    "ratio": list(AUG_RATIO), "flip": AUG_FLIP, "algorithm": "rrc-original-image-v2"}
         return {"format": FORMAT_VERSION, "backbone": self._backbone_identity(),
                 "dataset": getattr(data, "_dataset_identity", None), "split": split, "split_content": key_fn(),
-                "rows": len(data), "kind": self.kind, "augment": aug, "block": self.block_rows(split, augmented)}
+                "rows": len(data), "kind": self.kind, "augment": aug, "block": self.block_rows(split, augmented),
+                "layout": _rows_digest(self.layout(split, augmented))}
 
     def cache_path(self, split: str, augmented: bool = False) -> Path:
         """Directory of the disk cache of ``split`` (readable prefix + 32-hex digest of :meth:`cache_key`)."""
@@ -307,6 +338,7 @@ class FeatureBank:
     def _store(self, split: str, augmented: bool):
         st = self._stores.get((split, augmented))
         if st is None:
+            self._layouts[(split, augmented)] = self.layout(split, augmented)
             n = len(self.splits[split])
             if self.cache == "disk":
                 st = _DiskStore(self.cache_path(split, augmented), self.cache_key(split, augmented), n)
@@ -345,7 +377,9 @@ class FeatureBank:
     def expect(self, split: str, rows: Sequence[int] | np.ndarray) -> None:
         """Rows of ``split`` that will be asked for: the first request that encodes anything encodes the missing
         ones of them too, in the same passes (a scattered subset asked for client by client would otherwise cost
-        a pass per slot collision each time). Values do not change: only how many passes the rows take."""
+        a pass per slot collision each time), and — announced before the split's first request — they are the
+        split's pass layout: each sits at the slot of its rank among them (:func:`block_layout`), so the passes are
+        full. Values are a fixed function of (row, layout); the layout's digest is part of the cache key."""
         self._expected[split] = np.unique(np.asarray(rows, dtype=np.int64))
 
     @torch.no_grad()
@@ -367,7 +401,7 @@ class FeatureBank:
         if len(todo) and split in self._expected:  # fill the passes with rows asked for later, not with zeros
             todo = np.union1d(todo, store.missing(self._expected[split]))
         block = self.block_rows(split, augmented)
-        for rows, slots in block_layout(todo, block):
+        for rows, slots in block_layout(todo, block, layout_positions(todo, self._layouts[(split, augmented)])):
             store.write(rows, self._encode(split, rows, augmented, slots, block))
             self.encoded += len(rows) * (self.augment_views if augmented else 1)
         if len(todo):

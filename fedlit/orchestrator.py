@@ -127,6 +127,7 @@ class Orchestrator:
             if not self.method.trainable:  # nothing changes between rounds: one evaluation is the result
                 break
         self.call("on_fit_end")
+        self.bank.flush()  # disk cache: the rows this run encoded are claimed now, for the next cell of a grid
         return self.finish(metrics, time.time() - t0)
 
     def train_round(self, rnd: int) -> float:

@@ -26,6 +26,9 @@ def test_gpu_benchmark_runs_at_tiny_scale_on_cpu(capsys):
     flops = tpg["floor_flops"]
     assert flops["total_500_rounds"] == flops["image_once"] + 500 * flops["text_per_round"] > 0
     assert 0 < tpg["fraction_of_floor"] < 1
+    pf = out["promptfl_defaults"]  # the default pipeline: Dassl views through the view bank, chain
+    assert "augment=dassl (views cached)" in pf["plan"] and "optimizer_state=chain" in pf["plan"]
+    assert pf["image_forwards"]["fedlit"] == pf["image_forwards"]["floor (one per distinct (image, view))"] > 0
     assert '"fedtpg_cross_class"' in capsys.readouterr().out
 
 

@@ -176,6 +176,36 @@ def test_file_views_are_cut_from_the_original_image(tmp_path):
     assert torch.equal(got[0], torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
 
 
+def test_file_views_decode_each_file_once_per_call(tmp_path, monkeypatch):
+    """The view bank asks for all E views of a row at once: one decode of the file, the same crops as one
+    decode per view (each view cut from its own decode)."""
+    from PIL import Image
+
+    from fedlit.data.coop import FileImageSplit
+    from fedlit.features import augment_params
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for k, (h, w) in enumerate([(60, 90), (80, 50)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(paths[-1])
+    split = FileImageSplit(labels=np.array([0, 1]), paths=paths, image_size=32)
+    rows, views = np.array([1, 0, 1, 1, 0]), np.array([0, 3, 1, 2, 0])
+
+    def params(k, h, w):
+        return augment_params(7, int(rows[k]), int(views[k]), h, w)
+
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **kw: opened.append(p) or real_open(p, *a, **kw))
+    got = split.view_crops(rows, params, (16, 16))
+    assert sorted(opened) == sorted(paths)  # 2 files, 5 views: 2 decodes
+    for k in range(len(rows)):  # each view alone (its own decode) is the same crop, bit for bit
+        one = split.view_crops(rows[k:k + 1], lambda _, h, w, k=k: params(k, h, w), (16, 16))
+        assert torch.equal(got[k], one[0])
+    assert len(opened) == 2 + len(rows)
+
+
 def test_dassl_augmentation_end_to_end_encodes_each_training_image_once_per_epoch(tmp_path):
     import json
 

@@ -163,24 +163,29 @@ class FileImageSplit(ImageSplit):
 
     def view_crops(self, indices, params, size: tuple[int, int]) -> torch.Tensor:
         """Augmented views cut from the ORIGINAL file (any size), as Dassl's ``RandomResizedCrop`` does: the box
-        ``params(row, H, W)`` resized to ``size`` with PIL bicubic, then flipped; decoded on the thread pool."""
+        ``params(k, H, W)`` resized to ``size`` with PIL bicubic, then flipped; decoded on the thread pool. Each
+        distinct file is decoded once per call, all its views cut from that one decode (the view bank asks for
+        the ``E`` views of a row at once: ``E`` decodes of the same file before, identical crops)."""
         from PIL import Image
 
         rows = self._rows(indices)
         out = torch.empty(len(rows), size[0], size[1], 3, dtype=torch.uint8)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        where = [np.flatnonzero(inverse == u) for u in range(len(uniq))]
 
-        def fill(i: int) -> None:
-            row = int(rows[i])
+        def fill(u: int) -> None:
+            row = int(uniq[u])
             try:
                 with Image.open(self.paths[row]) as im:
                     im = im.convert("RGB")
             except (OSError, ValueError, SyntaxError) as e:
                 raise FedlitError(f"cannot read image {self.paths[row]} ({e}); check data.root") from None
-            top, left, h, w, flip = params(i, im.height, im.width)
-            v = im.resize((size[1], size[0]), Image.BICUBIC, box=(left, top, left + w, top + h))
-            out[i] = torch.from_numpy(np.array(v.transpose(Image.FLIP_LEFT_RIGHT) if flip else v, dtype=np.uint8))
+            for i in where[u]:
+                top, left, h, w, flip = params(int(i), im.height, im.width)
+                v = im.resize((size[1], size[0]), Image.BICUBIC, box=(left, top, left + w, top + h))
+                out[i] = torch.from_numpy(np.array(v.transpose(Image.FLIP_LEFT_RIGHT) if flip else v, dtype=np.uint8))
 
-        for fut in [_pool().submit(fill, i) for i in range(len(rows))]:
+        for fut in [_pool().submit(fill, u) for u in range(len(uniq))]:
             fut.result()
         return out.permute(0, 3, 1, 2).float().div_(255.0)
 

@@ -125,13 +125,18 @@ class ImageSplit(abc.ABC):
     def view_crops(self, indices: np.ndarray, params, size: tuple[int, int]) -> torch.Tensor:
         """Augmented views ``[n, 3, *size]`` in [0, 1]: ``params(k, H, W) -> (top, left, h, w, flip)`` is a box of
         the ORIGINAL image of ``indices[k]`` (``H × W``), resized to ``size`` (bicubic) and flipped. This default crops
-        :meth:`images` (the original for in-memory splits); file-backed splits crop the decoded file."""
+        :meth:`images` (the original for in-memory splits; each distinct image fetched once per call); file-backed
+        splits crop the decoded file."""
         import torch.nn.functional as F
 
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        x = self.images(rows).float()
+        uniq, inverse = np.unique(rows, return_inverse=True)  # each image decoded once, however many views
+        x = self.images(uniq).float()
+        if not len(rows):
+            return x.new_zeros(0, 3, *size)
         out = []
-        for k, img in enumerate(x):
+        for k in range(len(rows)):
+            img = x[inverse[k]]
             top, left, h, w, flip = params(k, img.shape[-2], img.shape[-1])
             crop = F.interpolate(img[None, :, top : top + h, left : left + w], size=size, mode="bicubic",
                                  antialias=True, align_corners=False).clamp_(0, 1)
