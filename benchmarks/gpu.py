@@ -84,6 +84,7 @@ def register_datasets(counts: dict[str, int], img_size: int, train_per_class: in
         full = f"gpu-{name}"
 
         def build(root, seed, _n=n, _k=k, _full=full, **kw):
+            """Procedural noise images (benchmarks/gpu.py): any class count, no data root."""
             g = torch.Generator().manual_seed(1000 * _k + seed)
 
             def split(per: int):

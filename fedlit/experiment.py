@@ -333,20 +333,22 @@ def trainer_class(parser) -> type:
 def config_digest(parser, cfg) -> str:
     """Digest of the settings that change results (not the run directory, the round count or the devices): every
     section but ``trainer:`` whole, of ``trainer:`` the fields :func:`~fedlit.trainer.digest_fields` names (an
-    option added later, :data:`~fedlit.trainer.ADDED`, only where it differs from its default)."""
+    option added later, :data:`~fedlit.settings.ADDED_AT_DEFAULT`, only where it differs from its default)."""
     import hashlib
     import json
 
     import yaml
 
-    from .trainer import default_not_in_digest, digest_fields
+    from .settings import drop_added_defaults
+    from .trainer import digest_fields
 
     d = yaml.safe_load(parser.dump(cfg, skip_validation=True))
     for key in ("out_dir", "overwrite", "config"):
         d.pop(key, None)
     if isinstance(d.get("trainer"), dict):
-        keep, added = set(digest_fields(trainer_class(parser))), default_not_in_digest(trainer_class(parser))
-        d["trainer"] = {k: v for k, v in d["trainer"].items() if k in keep and not (k in added and v == added[k])}
+        keep = set(digest_fields(trainer_class(parser)))
+        d["trainer"] = {k: v for k, v in d["trainer"].items() if k in keep}
+    d = drop_added_defaults(d, trainer_class(parser))
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import fields
 
+from .ood import ADDED as OOD_ADDED
 from .trainer import FedTrainer, default_not_in_digest, result_fields
 
 #: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run;
@@ -21,7 +22,19 @@ NOT_NUMBERS = frozenset({"seed", "out_dir", "overwrite", "config", "print_config
 
 #: Options added after runs existed (:data:`~fedlit.trainer.ADDED`): at their default they are left out, so a run
 #: from before the option groups with one that sets it to the default.
-ADDED_AT_DEFAULT = {f"trainer.{k}": v for k, v in default_not_in_digest(FedTrainer).items()}
+ADDED_AT_DEFAULT = {**{f"trainer.{k}": v for k, v in default_not_in_digest(FedTrainer).items()},
+                    **{f"ood.{k}": v for k, v in OOD_ADDED.items()}}
+
+
+def drop_added_defaults(config: dict, trainer_cls=FedTrainer) -> dict:
+    """``config`` (nested sections) without the options added later that sit at their default (a copy)."""
+    added = {**ADDED_AT_DEFAULT, **{f"trainer.{k}": v for k, v in default_not_in_digest(trainer_cls).items()}}
+    out = dict(config)
+    for dotted, default in added.items():
+        section, key = dotted.split(".", 1)
+        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] == default:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def flatten(obj, prefix: str = "") -> dict:

@@ -89,3 +89,13 @@ def test_reports_group_a_run_from_before_the_option_with_one_at_its_default():
     flip = {"method": {"class_path": "promptfl"}, "trainer": {"rounds": 2, "train_pixel_norm": "none"}}
     assert report_config(before) == report_config(default) != report_config(flip)
     assert report_config(flip)["trainer.train_pixel_norm"] == "none"
+
+
+def test_an_ood_option_added_later_is_left_out_at_its_default_too():
+    from fedlit.settings import drop_added_defaults, report_config
+
+    old = {"ood": {"scores": ["msp"]}, "trainer": {"rounds": 2}}
+    new = {"ood": {"scores": ["msp"], "score_logits": "method"}, "trainer": {"rounds": 2, "train_pixel_norm": "clip"}}
+    assert drop_added_defaults(new) == old and report_config(new) == report_config(old)
+    ids = {"ood": {"scores": ["msp"], "score_logits": "id"}, "trainer": {"rounds": 2}}
+    assert drop_added_defaults(ids) == ids and report_config(ids)["ood.score_logits"] == "id"

@@ -278,7 +278,8 @@ def describe_dataset(name: str) -> str:
     for k in (key, name):
         if k in _FAMILIES:
             return _FAMILIES[k]
-    return (fn.__doc__ or "").strip().split("\n")[0]
+    doc = (fn.__doc__ or "").strip().split("\n")[0]
+    return doc or f"registered at run time by {fn.__module__} (no description)"
 
 
 def _cache_key(name: str, root: str | None, seed: int, kwargs: dict[str, Any]) -> tuple:
