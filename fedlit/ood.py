@@ -28,9 +28,6 @@ import numpy as np
 from .errors import FedlitError
 
 SCORES = ("msp", "energy", "neglabel")
-#: ``ood:`` options added after runs existed, with their defaults: left out of the run digest and the report groups
-#: at their default (:data:`fedlit.settings.ADDED_AT_DEFAULT`), so earlier runs are still found and grouped alike
-ADDED = {"score_logits": "method"}
 
 #: default negative labels of the ``neglabel`` score: generic nouns far from any ID class of the shapes world
 #: (NegLabel mines ~10,000 WordNet words per ID dataset; pass such a list with ``ood.neg_labels`` on real data).

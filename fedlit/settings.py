@@ -12,7 +12,6 @@ import hashlib
 import json
 from dataclasses import fields
 
-from .ood import ADDED as OOD_ADDED
 from .trainer import FedTrainer, default_not_in_digest, result_fields
 
 #: Keys that never change the numbers beyond kernel rounding (the resume digest drops them too), or name the run;
@@ -22,6 +21,9 @@ NOT_NUMBERS = frozenset({"seed", "out_dir", "overwrite", "config", "print_config
 
 #: Options added after runs existed (:data:`~fedlit.trainer.ADDED`): at their default they are left out, so a run
 #: from before the option groups with one that sets it to the default.
+#: ``ood:`` options (:class:`fedlit.ood.OODEval`) added after runs existed, with their defaults (a test checks them
+#: against the signature)
+OOD_ADDED = {"score_logits": "method"}
 ADDED_AT_DEFAULT = {**{f"trainer.{k}": v for k, v in default_not_in_digest(FedTrainer).items()},
                     **{f"ood.{k}": v for k, v in OOD_ADDED.items()}}
 

@@ -99,3 +99,13 @@ def test_an_ood_option_added_later_is_left_out_at_its_default_too():
     assert drop_added_defaults(new) == old and report_config(new) == report_config(old)
     ids = {"ood": {"scores": ["msp"], "score_logits": "id"}, "trainer": {"rounds": 2}}
     assert drop_added_defaults(ids) == ids and report_config(ids)["ood.score_logits"] == "id"
+
+
+def test_the_listed_ood_defaults_are_the_sections_own():
+    import inspect
+
+    from fedlit.ood import OODEval
+    from fedlit.settings import OOD_ADDED
+
+    params = inspect.signature(OODEval).parameters
+    assert all(params[k].default == v for k, v in OOD_ADDED.items())
