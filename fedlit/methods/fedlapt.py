@@ -46,7 +46,6 @@ binary / entropy losses).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -57,7 +56,7 @@ from torch import nn
 from ..errors import FedlitError
 from ..prompts import Task, encode_context, handcrafted_features, init_context, prompt_template
 from .base import FedMethod, fp32
-from .neglabel import OODPromptLogits, mine_ood_words
+from .neglabel import OODPrompts
 from .roles import ClientPolicy, batch_weighted, training_batches
 
 #: ``src/prompt/prompt_tip.txt`` (TIP-Adapter's 7 ImageNet templates), each line as the code reads it
@@ -113,7 +112,7 @@ class LAPTPrompt(nn.Module):
         return self.ctx_ood if hasattr(self, "ctx_ood") else self.ctx
 
 
-class FedLAPT(OODPromptLogits, FedMethod):
+class FedLAPT(OODPrompts, FedMethod):
     """FedLAPT: CoOp context + NegLabel OOD prompts, cross-modal mixing, soft CE over C + K_o classes.
 
     Args:
@@ -152,33 +151,23 @@ class FedLAPT(OODPromptLogits, FedMethod):
                              ("weights", weights, ("batches", "samples"))):
             if val not in ok:
                 raise FedlitError(f"method.init_args.{key}={val!r}: use one of {', '.join(ok)}")
-        if ood_words_file is not None and not Path(ood_words_file).is_file():
-            raise FedlitError(f"method.init_args.ood_words_file={ood_words_file}: no such file (one word a line)")
-        self.n_ctx, self.num_ood_prompts, self.prompt_type = n_ctx, num_ood_prompts, prompt_type
+        self.word_source(num_ood_prompts, ood_words_file, ood_candidates)
+        self.n_ctx, self.prompt_type = n_ctx, prompt_type
         self.mix_strategy, self.alpha_mixup, self.loss_weight, self.templates = mix_strategy, alpha_mixup, loss_weight, templates
         self.step_per, self.schedule, self.weights = step_per, schedule, weights
-        self.ood_words_file, self.ood_candidates = ood_words_file, ood_candidates
         self.policy = self.policy.replace(step_per=step_per, lr_schedule=schedule)
-        self._classes: tuple[str, ...] = ()
         self._batches: tuple[int, ...] = ()
-        self.ood_words: tuple[str, ...] = ()
         self._draws = 0
 
     @property
     def lockstep(self) -> bool:
         return False  # λ and the template picks come from one counter-seeded stream, in training order
 
-    def setup_federation(self, train_task: Task, num_clients: int) -> None:
-        self._classes = tuple(train_task.classnames)
-
     def plan_rounds(self, trainer, num_samples) -> None:
         self._batches = training_batches(trainer, self, num_samples)  # len(train_loader)
 
     def build(self, clip):
-        if not self._classes:
-            raise FedlitError("fedlapt: call method.setup_federation(train_task, num_clients) before build()")
-        self.ood_words = mine_ood_words(clip, self._classes, self.num_ood_prompts, self.ood_words_file,
-                                        self.ood_candidates)
+        self.mine_words(clip)
         return LAPTPrompt(clip, self.n_ctx, self.prompt_type == "dis_aware")
 
     def is_shared(self, key: str) -> bool:

@@ -37,7 +37,6 @@ subsets, NegLabel mining always with ViT-B/16 (here: the run's backbone).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,7 +47,7 @@ from ..errors import FedlitError
 from ..prompts import Task, prompt_template
 from .base import FedMethod, fp32
 from .roles import batch_weighted, training_batches
-from .neglabel import OODPromptLogits, mine_ood_words, negative_labels, vocabulary_words  # noqa: F401 (re-exported)
+from .neglabel import OODPrompts, mine_ood_words, negative_labels, vocabulary_words  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -166,7 +165,7 @@ class FOCoOpPrompt(nn.Module):
         self.register_buffer("gammas", torch.full((2,), 10.0))
 
 
-class FOCoOp(OODPromptLogits, FedMethod):
+class FOCoOp(OODPrompts, FedMethod):
     """FOCoOp: class-specific local/global prompts + OOD prompts, bi-level DRO, UOT calibration.
 
     Args:
@@ -194,32 +193,22 @@ class FOCoOp(OODPromptLogits, FedMethod):
                              ("weights", weights, ("batches", "samples"))):
             if val not in ok:
                 raise FedlitError(f"method.init_args.{key}={val!r}: use one of {', '.join(ok)}")
-        if ood_words_file is not None and not Path(ood_words_file).is_file():
-            raise FedlitError(f"method.init_args.ood_words_file={ood_words_file}: no such file (one word a line)")
-        self.n_ctx, self.num_ood_prompts, self.theta = n_ctx, num_ood_prompts, theta
+        self.word_source(num_ood_prompts, ood_words_file, ood_candidates)
+        self.n_ctx, self.theta = n_ctx, theta
         self.dro, self.tau, self.gamma_floor = dro, tau, gamma_floor
         self.uot, self.uot_reg_m, self.uot_update, self.weights = uot, uot_reg_m, uot_update, weights
-        self.ood_words_file, self.ood_candidates = ood_words_file, ood_candidates
-        self._classes: tuple[str, ...] = ()
         self._batches: tuple[int, ...] = ()
-        self.ood_words: tuple[str, ...] = ()
         self._round = 0
 
     @property
     def lockstep(self) -> bool:
         return False  # the DRO's γ update and inner loops are per client and per step
 
-    def setup_federation(self, train_task: Task, num_clients: int) -> None:
-        self._classes = tuple(train_task.classnames)
-
     def plan_rounds(self, trainer, num_samples) -> None:
         self._batches = training_batches(trainer, self, num_samples, min_size=2)  # its loop skips batches of one
 
     def build(self, clip):
-        if not self._classes:
-            raise FedlitError("focoop: call method.setup_federation(train_task, num_clients) before build()")
-        self.ood_words = mine_ood_words(clip, self._classes, self.num_ood_prompts, self.ood_words_file,
-                                        self.ood_candidates)
+        self.mine_words(clip)
         return FOCoOpPrompt(len(self._classes), self.num_ood_prompts, self.n_ctx, clip.text_width)
 
     def is_shared(self, key: str) -> bool:

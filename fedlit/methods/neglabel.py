@@ -55,9 +55,30 @@ def mine_ood_words(clip, id_classes: tuple[str, ...], k: int, words_file: str | 
 
 
 
-class OODPromptLogits:
-    """Classification of a method with OOD prompts (FOCoOp, FedLAPT; mixed in before :class:`FedMethod`), whose
-    ``prepare`` returns the normalised class features ``[C, D]`` and OOD-prompt features ``[K_o, D]``."""
+class OODPrompts:
+    """The parts a method with OOD prompts on NegLabel words shares (FOCoOp, FedLAPT; mixed in before
+    :class:`FedMethod`): the federation's training classes, the mined words (``num_ood_prompts``,
+    ``ood_words_file``, ``ood_candidates``), and classification from a ``prepare`` that returns the normalised class
+    features ``[C, D]`` and OOD-prompt features ``[K_o, D]``."""
+
+    _classes: tuple[str, ...] = ()
+    ood_words: tuple[str, ...] = ()
+
+    def word_source(self, num_ood_prompts: int, ood_words_file: str | None, ood_candidates: int) -> None:
+        """Where the OOD words come from (checked: a named file must exist)."""
+        if ood_words_file is not None and not Path(ood_words_file).is_file():
+            raise FedlitError(f"method.init_args.ood_words_file={ood_words_file}: no such file (one word a line)")
+        self.num_ood_prompts, self.ood_words_file, self.ood_candidates = num_ood_prompts, ood_words_file, ood_candidates
+
+    def setup_federation(self, train_task, num_clients: int) -> None:
+        self._classes = tuple(train_task.classnames)
+
+    def mine_words(self, clip) -> None:
+        """The K_o OOD words for the run's backbone (:func:`mine_ood_words`), before the prompts are built."""
+        if not self._classes:
+            raise FedlitError(f"{self.name}: call method.setup_federation(train_task, num_clients) before build()")
+        self.ood_words = mine_ood_words(clip, self._classes, self.num_ood_prompts, self.ood_words_file,
+                                        self.ood_candidates)
 
     def full_logits(self, prompt, clip, x, task, prepared=None) -> torch.Tensor:
         """``[B, C + K_o]``: the ID logits then the OOD-prompt logits (the OOD protocol's msp / energy use them all:
@@ -73,4 +94,4 @@ class OODPromptLogits:
 
 
 
-__all__ = ["OODPromptLogits", "mine_ood_words", "negative_labels", "vocabulary_words"]
+__all__ = ["OODPrompts", "mine_ood_words", "negative_labels", "vocabulary_words"]
