@@ -28,7 +28,7 @@ import torch
 from .atomic import atomic_write as _atomic_write
 
 #: Bump when anything that changes cached values without changing the key inputs changes (e.g. the resize).
-FORMAT_VERSION = 3  # 2: rows encoded in fixed blocks (features.block_layout); 3: slots by rank in the layout
+FORMAT_VERSION = 3  # 2: rows encoded in fixed blocks (feature_layout.block_layout); 3: slots by rank in the layout
 _FILLED = np.int64(1 << 32)
 _CRC_MASK = np.int64((1 << 32) - 1)
 _FLUSH_EVERY_S = 2.0

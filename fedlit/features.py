@@ -21,7 +21,7 @@ Where the cache lives (``trainer.feature_cache``):
 Augmentation. Views are cut from the ORIGINAL image (:meth:`~fedlit.data.registry.ImageSplit.view_crops`: the
 decoded file for file-backed datasets, not the 224-px centre crop): torchvision's random-resized-crop algorithm
 (scale (0.08, 1), ratio (3/4, 4/3)), bicubic resize to the tower's size, horizontal flip (p = 0.5); view ``v`` of
-image ``i`` is drawn from ``(seed, i, v)`` only (:func:`augment_params`). Evaluation is never augmented.
+image ``i`` is drawn from ``(seed, i, v)`` only (:func:`~fedlit.feature_layout.augment_params`). Evaluation is never augmented.
 
 - The **view bank** (``epoch_views: E``, what ``trainer.augment: dassl`` uses): Dassl draws a fresh view of each
   image every epoch, and a client sees each of its images once per epoch, so a run needs at most ``E = rounds ×
@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import weakref
@@ -57,14 +56,13 @@ import torch
 from .backbones import FrozenCLIP
 from .data.registry import ImageSplit
 from .errors import FedlitError
+from .feature_layout import (AUG_FLIP, AUG_RATIO, AUG_SCALE, augment_params, block_layout,  # noqa: F401 (re-exported)
+                             layout_positions, rows_digest)
 from .feature_store import FORMAT_VERSION, _DiskStore, _MemoryStore
 
 __all__ = ["FeatureBank", "FORMAT_VERSION", "TOKEN_VIEW_BUDGET", "view_caching", "default_cache_dir", "tower_digest", "augment_params"]
 
 CACHE_ENV = "FEDLIT_CACHE"
-AUG_SCALE = (0.08, 1.0)
-AUG_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-AUG_FLIP = 0.5
 
 
 #: Largest view bank of patch tokens kept (bytes over all views of the training split): FedOTP's tokens are
@@ -121,80 +119,8 @@ def tower_digest(clip: FrozenCLIP) -> str:
     return d
 
 
-def _rows_digest(rows: np.ndarray | None) -> str | None:
-    if rows is None:
-        return None
-    return hashlib.blake2b(np.ascontiguousarray(rows, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-
-
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))[:60] or "x"
-
-
-# ----------------------------------------------------------------------------------------------- augmentation
-def augment_params(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
-    """``(top, left, h, w, flip)`` of view ``view`` of image ``row``: torchvision's RandomResizedCrop algorithm
-    (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre crop) and a p = 0.5 flip, drawn from
-    ``(seed, row, view)`` only."""
-    rng = np.random.default_rng([int(seed), 0xA116, int(row), int(view)])
-    area = height * width
-    log_ratio = (math.log(AUG_RATIO[0]), math.log(AUG_RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*AUG_SCALE)
-        ar = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * ar)))
-        h = int(round(math.sqrt(target / ar)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            break
-    else:  # centre crop at the closest allowed ratio
-        in_ratio = width / height
-        if in_ratio < AUG_RATIO[0]:
-            w, h = width, int(round(width / AUG_RATIO[0]))
-        elif in_ratio > AUG_RATIO[1]:
-            h, w = height, int(round(height * AUG_RATIO[1]))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    return top, left, h, w, bool(rng.random() < AUG_FLIP)
-
-
-def block_layout(rows: np.ndarray, block: int, positions: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Encoding passes for ``rows`` (sorted, distinct): row ``r`` always sits at slot ``position(r) % block`` of a
-    pass of exactly ``block`` images, so its feature is the same computation whichever other rows are encoded
-    with it (CPU kernels are not batch-invariant on every processor: a row encoded in another batch composition
-    can differ in its last bits). ``positions`` (distinct, aligned with ``rows``; default the rows themselves) is a
-    fixed function of the row: the bank passes each row's rank in its split's *layout* (the rows the run said it
-    would ask for, :meth:`FeatureBank.expect`), so a scattered subset of a split packs ``ceil(n / block)`` full
-    passes instead of leaving most slots empty (``r % block`` of a K-shot subset collides: up to 2× the forwards
-    on the embedded default, more on a sparse subset). Returns ``[(rows, slots), …]``, each with distinct slots;
-    the slots of a pass that no row fills are zeros."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if not len(rows):
-        return []
-    slots = (rows if positions is None else np.asarray(positions, dtype=np.int64)) % block
-    order = np.lexsort((rows, slots))  # by slot, then row
-    sorted_slots = slots[order]
-    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
-    rank = np.empty(len(rows), dtype=np.int64)  # the k-th row of a slot goes to pass k
-    rank[order] = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
-    passes = []
-    for k in range(int(rank.max()) + 1):
-        sel = np.flatnonzero(rank == k)
-        passes.append((rows[sel], slots[sel]))
-    return passes
-
-
-def layout_positions(rows: np.ndarray, layout: np.ndarray | None) -> np.ndarray:
-    """Each row's position in the pass layout: its rank in ``layout`` (sorted, distinct) if it is there, else
-    ``len(layout) + row`` (rows nobody announced keep a fixed, distinct position after the dense range)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if layout is None or not len(layout):
-        return rows
-    rank = np.searchsorted(layout, rows)
-    inside = (rank < len(layout)) & (layout[np.minimum(rank, len(layout) - 1)] == rows)
-    return np.where(inside, rank, len(layout) + rows)
 
 
 # ----------------------------------------------------------------------------------------------- the bank
@@ -205,7 +131,7 @@ class FeatureBank:
         clip: the frozen backbone.
         splits: name → split (``train``, ``test`` …).
         block_size: images per encoding pass. Every pass has exactly this many images and row ``r`` of a split
-            always sits at slot ``position(r) % block`` (:func:`block_layout`; the position is its rank among the
+            always sits at slot ``position(r) % block`` (:func:`~fedlit.feature_layout.block_layout`; the position is its rank among the
             rows announced by :meth:`expect`, else the row), so a cached feature never depends on which rows were
             asked for first, by which process, or whether it was re-encoded after damage.
         autocast: a context-manager factory for mixed precision (e.g. ``fabric.autocast``).
@@ -261,7 +187,7 @@ class FeatureBank:
 
     def augmented_images(self, split: str, idx: Sequence[int] | np.ndarray,
                          views: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """View ``views[k]`` of image ``idx[k]`` (see :func:`augment_params`), resized and normalised."""
+        """View ``views[k]`` of image ``idx[k]`` (see :func:`~fedlit.feature_layout.augment_params`), resized and normalised."""
         idx, views = np.asarray(idx, dtype=np.int64), np.asarray(views, dtype=np.int64)
         if idx.shape != views.shape:
             raise ValueError(f"{len(idx)} images but {len(views)} view numbers")
@@ -304,7 +230,7 @@ class FeatureBank:
                 "autocast": amp}
 
     def layout(self, split: str, augmented: bool = False) -> np.ndarray | None:
-        """The rows whose ranks place them in the encoding passes of ``split`` (:func:`block_layout`): the
+        """The rows whose ranks place them in the encoding passes of ``split`` (:func:`~fedlit.feature_layout.block_layout`): the
         expected rows (:meth:`expect`) when its store was opened, fixed for the store's life; ``None``: by row."""
         if (split, augmented) in self._layouts:
             return self._layouts[(split, augmented)]
@@ -324,7 +250,7 @@ class FeatureBank:
         return {"format": FORMAT_VERSION, "backbone": self._backbone_identity(),
                 "dataset": getattr(data, "_dataset_identity", None), "split": split, "split_content": key_fn(),
                 "rows": len(data), "kind": self.kind, "augment": aug, "block": self.block_rows(split, augmented),
-                "layout": _rows_digest(self.layout(split, augmented))}
+                "layout": rows_digest(self.layout(split, augmented))}
 
     def cache_path(self, split: str, augmented: bool = False) -> Path:
         """Directory of the disk cache of ``split`` (readable prefix + 32-hex digest of :meth:`cache_key`)."""
@@ -349,7 +275,7 @@ class FeatureBank:
 
     # -------------------------------------------------------------------------------------------- features
     def block_rows(self, split: str, augmented: bool = False) -> int:
-        """Rows per encoding pass of ``split`` (see :func:`block_layout`): ``block_size`` images, ``K`` views of a
+        """Rows per encoding pass of ``split`` (see :func:`~fedlit.feature_layout.block_layout`): ``block_size`` images, ``K`` views of a
         row counting as ``K`` images, never more rows than the split has."""
         per = self.augment_views if augmented else 1
         return max(1, min(self.block_size // per, len(self.splits[split])))
@@ -378,7 +304,7 @@ class FeatureBank:
         """Rows of ``split`` that will be asked for: the first request that encodes anything encodes the missing
         ones of them too, in the same passes (a scattered subset asked for client by client would otherwise cost
         a pass per slot collision each time), and — announced before the split's first request — they are the
-        split's pass layout: each sits at the slot of its rank among them (:func:`block_layout`), so the passes are
+        split's pass layout: each sits at the slot of its rank among them (:func:`~fedlit.feature_layout.block_layout`), so the passes are
         full. Values are a fixed function of (row, layout); the layout's digest is part of the cache key."""
         self._expected[split] = np.unique(np.asarray(rows, dtype=np.int64))
 
