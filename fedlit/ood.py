@@ -263,9 +263,9 @@ class OODEvaluator:
         with torch.no_grad(), (o.fabric.autocast() if o.fabric is not None else contextlib.nullcontext()):
             prep = method.prepare(m.prompt, m.clip, task)
             prep_neg = method.prepare(m.prompt, m.clip, neg_task) if neg_task is not None else None
+            score = method.full_logits if self.full else method.logits
             for s in range(0, len(rows), bs):
                 x = bank.inputs(split, rows[s:s + bs])
-                score = method.full_logits if self.full else method.logits
                 out.append(score(m.prompt, m.clip, x, task, prep).float().cpu())
                 if neg_task is not None:
                     negs.append(method.logits(m.prompt, m.clip, x, neg_task, prep_neg).float().cpu())
